@@ -1,0 +1,111 @@
+"""HydraLinear: a frozen linear layer with a stack of LoRA adapters, run as several streams at once."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from hydra_kernels.ops import lora_linear
+
+BASE = "base"
+
+
+class HydraLinear(nn.Module):
+    """y = x·Wᵀ + b, plus scaling·(x·Aᵀ)·Bᵀ of the adapter each stream selects (none for "base").
+
+    Public contract: `weight` [out, in] and `bias` (frozen), `lora_A` Parameter [n_adapters, r, in],
+    `lora_B` Parameter [n_adapters, out, r], `scaling` (alpha / r), `adapters` (names), `default_stream`
+    (what runs outside a `streams(...)` context), `backend` (None = automatic).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 adapters: Sequence[str] = ("actor", "critic"), r: int = 16, alpha: float = 32,
+                 lora_dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                              requires_grad=False)
+        b = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self._setup(weight, b, adapters, r, alpha, lora_dropout)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, adapters: Sequence[str] = ("actor", "critic"), r: int = 16,
+                    alpha: float = 32, lora_dropout: float = 0.0) -> "HydraLinear":
+        """Wrap `linear` without copying its weight (the same Parameter object), and freeze it."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, adapters, r, alpha, lora_dropout)
+        return self
+
+    def _setup(self, weight, bias, adapters, r, alpha, lora_dropout):
+        adapters = tuple(adapters)
+        if lora_dropout:
+            raise ValueError("lora_dropout: not supported; dropout makes PPO's old and new log-probs disagree")
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
+        if len(set(adapters)) != len(adapters) or BASE in adapters or not all(isinstance(a, str) and a for a in adapters):
+            raise ValueError(f"adapters: need distinct non-empty names other than {BASE!r}, got {adapters!r}")
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.adapters = adapters
+        self.r = r
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / r
+        n, dev, dt = len(adapters), weight.device, weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r, device=dev, dtype=dt))
+        self.reset_lora_parameters()
+        self.default_stream = adapters[0] if adapters else BASE
+        self.backend: str | None = None
+        self._index = {BASE: -1, **{name: i for i, name in enumerate(adapters)}}
+        self._stream_layout: tuple[str, ...] | None = None   # set by hydra_kernels.streams(...)
+        self._last_layout: tuple[str, ...] | None = None     # what the last forward ran (for recomputation)
+
+    def reset_lora_parameters(self) -> None:
+        """Standard LoRA init: A like nn.Linear's weight (per adapter), B zero, so every adapter starts as the base."""
+        with torch.no_grad():
+            for i in range(self.lora_A.shape[0]):
+                nn.init.kaiming_uniform_(self.lora_A[i], a=math.sqrt(5))
+            self.lora_B.zero_()
+
+    def stream_indices(self, names: Sequence[str]) -> list[int]:
+        try:
+            return [self._index[name] for name in names]
+        except KeyError as e:
+            raise ValueError(f"streams: unknown stream {e.args[0]!r}; this layer has {(BASE,) + self.adapters}") from None
+
+    def current_layout(self) -> tuple[str, ...]:
+        """The stream names this forward runs.
+
+        Inside a backward pass a forward is a recomputation (activation checkpointing): it must repeat the
+        layout of the original forward even though the `streams` context may have exited by then.
+        """
+        if torch._C._current_graph_task_id() != -1 and self._last_layout is not None:
+            return self._last_layout
+        layout = self._stream_layout or (self.default_stream,)
+        self._last_layout = layout
+        return layout
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """scaling·B·A of one adapter, [out, in], in fp32."""
+        i = self.stream_indices([adapter])[0]
+        if i < 0:
+            return torch.zeros(self.weight.shape, device=self.weight.device, dtype=torch.float32)
+        return self.scaling * (self.lora_B[i].float() @ self.lora_A[i].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.stream_indices(self.current_layout())
+        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, idx,
+                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"adapters={self.adapters}, r={self.r}, alpha={self.alpha:g}")

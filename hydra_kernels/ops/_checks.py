@@ -1,0 +1,36 @@
+"""Argument checks shared by every op. Each raises ValueError naming the offending argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None,
+                 contiguous: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name}: dtype {t.dtype} not supported (expected one of {list(dtypes)})")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device} (all inputs must share a device)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous())")
+
+
+def check_same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
+
+
+def check_positive_float(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise ValueError(f"{name}: must be a finite positive number, got {value!r}")
+    return v

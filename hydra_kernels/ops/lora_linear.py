@@ -1,0 +1,187 @@
+"""ops.lora_linear: one linear layer, several LoRA streams, one launch.
+
+Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous streams; stream s uses
+adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
+The base weight and bias are frozen: gradients flow to x, lora_A and lora_B only.
+
+Registered with torch.library (hydra_kernels::lora_linear and its backward) so torch.compile traces it.
+The forward also returns the fp32 shrink x·Aᵀ (rows of base streams are unspecified); the backward reuses
+it for dB, so only x, the shrink and the (shared) parameters are saved.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_tensor
+from hydra_kernels.ops.backend import choose_backend
+from hydra_kernels.reference import split_streams
+
+__all__ = ["lora_linear"]
+
+
+# ----------------------------------------------------------------------------------------- torch backend
+def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
+    y = F.linear(x, weight, bias)
+    xa = torch.zeros(x.shape[0], lora_A.shape[1], device=x.device, dtype=torch.float32)
+    for s, rows in enumerate(split_streams(x.shape[0], len(stream_adapters))):
+        a = stream_adapters[s]
+        if a < 0:
+            continue
+        xa[rows] = x[rows].float() @ lora_A[a].float().T
+        # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
+        y[rows] = (y[rows].float() + scaling[a] * (xa[rows] @ lora_B[a].float().T)).to(y.dtype)
+    return y, xa
+
+
+def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters, need_dx):
+    dx = dy @ weight if need_dx else None
+    dA = torch.zeros(lora_A.shape, device=x.device, dtype=torch.float32)
+    dB = torch.zeros(lora_B.shape, device=x.device, dtype=torch.float32)
+    for s, rows in enumerate(split_streams(x.shape[0], len(stream_adapters))):
+        a = stream_adapters[s]
+        if a < 0:
+            continue
+        g = dy[rows].float()
+        gB = g @ lora_B[a].float()                                   # [m, r]
+        dB[a] += scaling[a] * (g.T @ xa[rows])
+        dA[a] += scaling[a] * (gB.T @ x[rows].float())
+        if need_dx:
+            dx[rows] = (dx[rows].float() + scaling[a] * (gB @ lora_A[a].float())).to(dx.dtype)
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
+
+
+def _gpu_default(rows_per_stream: int, rank: int) -> str:
+    """Which GPU kernel `auto` picks for a shape (Triton until the CUDA crossover is measured)."""
+    return "triton"
+
+
+def _forward_impl(backend):
+    if backend == "torch":
+        return _torch_forward
+    if backend == "triton":
+        from hydra_kernels.kernels.triton.lora_linear import lora_linear_forward
+        return lora_linear_forward
+    if backend == "cuda":
+        from hydra_kernels.kernels.cuda import lora_linear_forward
+        return lora_linear_forward
+    raise ValueError(f"backend: unknown backend {backend!r}")
+
+
+def _backward_impl(backend):
+    if backend == "torch":
+        return _torch_backward
+    # The CUDA kernel is forward-only (small-batch scoring/decoding); its backward is the Triton one.
+    from hydra_kernels.kernels.triton.lora_linear import lora_linear_backward
+    return lora_linear_backward
+
+
+# ------------------------------------------------------------------------------- torch.library op
+@torch.library.custom_op("hydra_kernels::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: Sequence[float],
+                    stream_adapters: Sequence[int], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(backend)(x, weight, bias, lora_A, lora_B, list(scaling), list(stream_adapters))
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, stream_adapters, backend):
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], lora_A.shape[1], dtype=torch.float32))
+
+
+@torch.library.custom_op("hydra_kernels::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+                             scaling: Sequence[float], stream_adapters: Sequence[int], need_dx: bool,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dA, dB = _backward_impl(backend)(dy.contiguous(), x, weight, lora_A, lora_B, xa, list(scaling),
+                                         list(stream_adapters), need_dx)
+    return (dx if dx is not None else x.new_empty(0)), dA, dB
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters, need_dx, backend):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, stream_adapters, backend = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+    ctx.scaling, ctx.stream_adapters, ctx.backend = scaling, stream_adapters, backend
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+    if not (need_x or need_A or need_B):
+        return None, None, None, None, None, None, None, None
+    dx, dA, dB = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, xa, ctx.scaling,
+                                          ctx.stream_adapters, need_x, ctx.backend)
+    return (dx if need_x else None), None, None, (dA if need_A else None), (dB if need_B else None), \
+        None, None, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------- public op
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
+                scaling: float | Sequence[float] = 1.0, stream_adapters: Sequence[int] = (-1,), *,
+                backend: str | None = None) -> torch.Tensor:
+    """Multi-stream LoRA linear. See the module docstring for the contract.
+
+    x: [..., K]; weight: [N, K] (frozen); bias: [N] or None; lora_A: [n, r, K]; lora_B: [n, N, r];
+    scaling: a float for all adapters or one per adapter; stream_adapters: adapter index per stream (−1 = base).
+    backend: "torch", "triton", "cuda" or None (HYDRA_KERNELS_BACKEND, else automatic).
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dimension, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias: length {bias.shape[0]} does not match weight's out_features {N}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A: lora_A and lora_B must be given together")
+    if lora_A is None:
+        lora_A = x.new_zeros(0, 1, K)
+        lora_B = x.new_zeros(0, N, 1)
+    check_tensor("lora_A", lora_A, ndim=3, dtypes=(x.dtype,), device=x.device)
+    check_tensor("lora_B", lora_B, ndim=3, dtypes=(x.dtype,), device=x.device)
+    n, r = lora_A.shape[0], lora_A.shape[1]
+    if lora_A.shape[2] != K:
+        raise ValueError(f"lora_A: shape {tuple(lora_A.shape)} does not match in_features {K} (expected [n, r, {K}])")
+    if tuple(lora_B.shape) != (n, N, r):
+        raise ValueError(f"lora_B: shape {tuple(lora_B.shape)}, expected {(n, N, r)} to match lora_A and weight")
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.tolist()
+    scales = [float(scaling)] * n if isinstance(scaling, (int, float)) else [float(s) for s in scaling]
+    if len(scales) != n:
+        raise ValueError(f"scaling: expected one value per adapter ({n}), got {len(scales)}")
+    adapters = [int(a) for a in stream_adapters]
+    if not adapters:
+        raise ValueError("stream_adapters: needs at least one stream")
+    for a in adapters:
+        if not -1 <= a < n:
+            raise ValueError(f"stream_adapters: adapter index {a} out of range for {n} adapters (−1 = base)")
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] % len(adapters):
+        raise ValueError(f"stream_adapters: {x2.shape[0]} rows do not split into {len(adapters)} equal streams")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight: lora_linear treats the base weight as frozen; call weight.requires_grad_(False)")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("bias: lora_linear treats the base bias as frozen; call bias.requires_grad_(False)")
+    chosen = choose_backend(backend, x.device, gpu_default=_gpu_default(x2.shape[0] // len(adapters), r))
+    y, _ = _lora_linear_op(x2.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
+                           lora_B.contiguous(), scales, adapters, chosen)
+    return y.reshape(*x.shape[:-1], N)

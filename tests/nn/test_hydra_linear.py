@@ -1,0 +1,95 @@
+"""HydraLinear and the streams context: contract, layouts, checkpointing."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import hydra_kernels as hk
+from hydra_kernels import reference
+
+
+def make_layer(K=13, N=11, r=4, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(K, N)
+    layer = hk.HydraLinear.from_linear(lin, adapters=("actor", "critic"), r=r, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return lin, layer
+
+
+def test_from_linear_shares_weight_and_freezes():
+    lin, layer = make_layer()
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (2, 4, 13) and layer.lora_B.shape == (2, 11, 4)
+    assert layer.scaling == 2.0 and layer.adapters == ("actor", "critic")
+    fresh = hk.HydraLinear.from_linear(nn.Linear(13, 11), r=4)
+    assert torch.count_nonzero(fresh.lora_B) == 0 and torch.count_nonzero(fresh.lora_A) > 0
+
+
+def test_rejects_dropout_and_bad_names():
+    with pytest.raises(ValueError, match="^lora_dropout:"):
+        hk.HydraLinear.from_linear(nn.Linear(4, 4), lora_dropout=0.1)
+    with pytest.raises(ValueError, match="^adapters:"):
+        hk.HydraLinear.from_linear(nn.Linear(4, 4), adapters=("base",))
+    with pytest.raises(ValueError, match="^r:"):
+        hk.HydraLinear.from_linear(nn.Linear(4, 4), r=0)
+    _, layer = make_layer()
+    with pytest.raises(ValueError, match="^streams:"):
+        with hk.streams(layer, "actor", "policy"):
+            pass
+    with pytest.raises(ValueError, match="^module:"):
+        with hk.streams(nn.Linear(3, 3), "actor"):
+            pass
+
+
+@pytest.mark.parametrize("names", [("actor",), ("base", "actor"), ("critic", "base", "actor")])
+def test_streams_layout_matches_reference(names):
+    _, layer = make_layer()
+    x = torch.randn(5, 13)
+    xs = x.repeat(len(names), 1)
+    with hk.streams(layer, *names):
+        y = layer(xs)
+    idx = [{"base": -1, "actor": 0, "critic": 1}[n] for n in names]
+    ref = reference.lora_linear(xs.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                                layer.lora_B.double(), [layer.scaling] * 2, idx)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_stream_outside_context_and_restore():
+    _, layer = make_layer()
+    x = torch.randn(3, 13)
+    y_actor = layer(x)                                   # default: first adapter
+    hk.set_default_stream(layer, "base")
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+    with hk.streams(layer, "actor"):
+        torch.testing.assert_close(layer(x), y_actor)
+        with hk.streams(layer, "critic", "base"):
+            pass
+        torch.testing.assert_close(layer(x), y_actor)     # nested contexts restore
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+
+
+def _grads(layer, x, use_checkpoint, reentrant=False):
+    layer.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_(True)
+    block = nn.Sequential(layer, nn.Tanh(), nn.Linear(11, 11))   # a second op that needs layer's output
+    torch.manual_seed(1)
+    nn.init.normal_(block[2].weight)
+    with hk.streams(layer, "critic", "actor"):
+        out = checkpoint(block, xg, use_reentrant=reentrant) if use_checkpoint else block(xg)
+    # The context has exited: backward (and the recomputation) must still use ("critic", "actor").
+    hk.set_default_stream(layer, "base")
+    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+    return xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_uses_forward_layout(reentrant):
+    _, layer = make_layer()
+    x = torch.randn(8, 13)
+    plain = _grads(layer, x, use_checkpoint=False)
+    ckpt = _grads(layer, x, use_checkpoint=True, reentrant=reentrant)
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b)
+    assert torch.count_nonzero(plain[1][0]) > 0 and torch.count_nonzero(plain[1][1]) > 0

@@ -1,0 +1,125 @@
+"""ops.lora_linear against reference.lora_linear (float64), forward and backward, every backend on CPU."""
+import pytest
+import torch
+
+from hydra_kernels import ops, reference
+from tests._util import assert_rel_close
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(rows, K, N, n, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(n, r, K, generator=g) / K ** 0.5).to(dtype)
+    B = (torch.randn(n, N, r, generator=g) / r ** 0.5).to(dtype)
+    return x, w, b, A, B
+
+
+def ref_forward_backward(x, w, b, A, B, scaling, layout, dy):
+    xd = x.double().requires_grad_(True)
+    Ad = A.double().requires_grad_(True)
+    Bd = B.double().requires_grad_(True)
+    y = reference.lora_linear(xd, w.double(), None if b is None else b.double(), Ad, Bd, scaling, layout)
+    y.backward(dy.double())
+    return y.detach(), xd.grad, Ad.grad, Bd.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", [(0,), (-1, 0), (1, -1, 0), (0, 1)])
+def test_forward_backward_matches_reference(backend, dtype, layout):
+    rows_per_stream, K, N, n, r = 7, 37, 45, 2, 5          # odd shapes: no multiple of any block size
+    S = len(layout)
+    x, w, b, A, B = make(rows_per_stream * S, K, N, n, r, dtype)
+    scaling = [1.7, 0.6]
+    dy = torch.randn(rows_per_stream * S, N).to(dtype)
+    y_ref, dx_ref, dA_ref, dB_ref = ref_forward_backward(x, w, b, A, B, scaling, layout, dy)
+
+    xg, Ag, Bg = x.clone().requires_grad_(True), A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    y = ops.lora_linear(xg, w, b, Ag, Bg, scaling, layout, backend=backend)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    y.backward(dy)
+    assert_rel_close(y, y_ref, dtype, "y")
+    assert_rel_close(xg.grad, dx_ref, dtype, "dx")
+    used = sorted({a for a in layout if a >= 0})
+    for a in range(n):
+        if a in used:
+            assert_rel_close(Ag.grad[a], dA_ref[a], dtype, f"dA[{a}]")
+            assert_rel_close(Bg.grad[a], dB_ref[a], dtype, f"dB[{a}]")
+        else:
+            assert torch.count_nonzero(Ag.grad[a]) == 0 and torch.count_nonzero(Bg.grad[a]) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [1, 16, 33])
+def test_ranks_leading_dims_no_bias(backend, r):
+    x, w, _, A, B = make(2 * 3 * 5, 29, 19, 1, r, torch.float32, bias=False, seed=r)
+    x3 = x.reshape(2, 15, 29)   # leading dims are flattened; 30 rows -> 2 streams of 15
+    y = ops.lora_linear(x3, w, None, A, B, 0.5, (-1, 0), backend=backend)
+    ref = reference.lora_linear(x3.double(), w.double(), None, A.double(), B.double(), [0.5], (-1, 0))
+    assert y.shape == (2, 15, 19)
+    assert_rel_close(y, ref, torch.float32, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_B_adapter_stream_is_bitwise_base(backend, dtype):
+    """With lora_B = 0 an adapter stream returns exactly the base stream's output (KL 0, ratio 1 at init)."""
+    x, w, b, A, B = make(11, 53, 41, 2, 8, dtype)
+    B.zero_()
+    xs = x.repeat(3, 1)
+    y = ops.lora_linear(xs, w, b, A, B, 2.0, (-1, 0, 1), backend=backend)
+    assert torch.equal(y[:11], y[11:22]) and torch.equal(y[:11], y[22:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_x_requires_grad(backend):
+    x, w, b, A, B = make(8, 17, 13, 1, 4, torch.float32)
+    xg = x.clone().requires_grad_(True)
+    ops.lora_linear(xg, w, b, A, B, 1.0, (0, -1), backend=backend).sum().backward()
+    _, dx_ref, _, _ = ref_forward_backward(x, w, b, A, B, [1.0], (0, -1), torch.ones(8, 13))
+    assert_rel_close(xg.grad, dx_ref, torch.float32, "dx")
+
+
+def test_bad_input_names_the_argument():
+    x, w, b, A, B = make(6, 8, 5, 2, 3, torch.float32)
+    cases = [
+        (dict(x=torch.randn(6, 9)), "x"),
+        (dict(stream_adapters=(0, 1, -1, 0)), "stream_adapters"),        # 6 rows into 4 streams
+        (dict(stream_adapters=(0, 2)), "stream_adapters"),               # adapter index out of range
+        (dict(stream_adapters=(-2,)), "stream_adapters"),
+        (dict(A=A.double()), "lora_A"),                                  # mixed dtypes
+        (dict(w=w.half()), "weight"),
+        (dict(b=torch.randn(4)), "bias"),
+        (dict(B=torch.randn(2, 5, 4)), "lora_B"),
+        (dict(scaling=[1.0, 2.0, 3.0]), "scaling"),
+        (dict(backend="cuda"), "backend"),
+        (dict(backend="fast"), "backend"),
+    ]
+    for change, name in cases:
+        args = dict(x=x, w=w, b=b, A=A, B=B, scaling=1.0, stream_adapters=(0, 1), backend="torch") | change
+        with pytest.raises(ValueError, match=rf"^{name}:"):
+            ops.lora_linear(args["x"], args["w"], args["b"], args["A"], args["B"], args["scaling"],
+                            args["stream_adapters"], backend=args["backend"])
+
+
+def test_frozen_weight_is_enforced():
+    x, w, b, A, B = make(4, 8, 5, 1, 2, torch.float32)
+    with pytest.raises(ValueError, match="^weight:"):
+        ops.lora_linear(x, w.requires_grad_(True), b, A, B, 1.0, (0,))
+
+
+def test_mixed_devices_rejected():
+    x, w, b, A, B = make(4, 8, 5, 1, 2, torch.float32)
+    with pytest.raises(ValueError, match="^weight:"):
+        ops.lora_linear(x, w.to("meta"), b, A, B, 1.0, (0,))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, w, b, A, B = make(10, 16, 12, 2, 4, torch.float32)
+    f = lambda x: ops.lora_linear(x, w, b, A, B, [0.5, 1.5], (-1, 1), backend="torch")   # noqa: E731
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
