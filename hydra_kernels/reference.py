@@ -37,3 +37,83 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             ys = ys + scaling[a] * ((xs @ lora_A[a].T) @ lora_B[a].T)
         outs.append(ys)
     return torch.cat(outs, 0).reshape(*lead, weight.shape[0])
+
+
+# ------------------------------------------------------------------------------ log-probs, KL, entropy
+KL_ESTIMATORS = ("k1", "k2", "k3", "full")
+
+
+def _log_softmax_stats(logits: torch.Tensor, temperature: float):
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    p = logp_all.exp()
+    # 0·log 0 = 0: entries at −inf contribute nothing (xlogy-style), never NaN.
+    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
+    return logp_all, p, entropy
+
+
+def _gather(logp_all: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    return logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1), valid
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   ignore_index: int = -100) -> torch.Tensor:
+    """log softmax(logits / T)[target] per token. logits [..., V], targets [...]; 0 where target == ignore_index."""
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp, valid = _gather(logp_all, targets, ignore_index)
+    return torch.where(valid, logp, torch.zeros_like(logp))
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Tensor:
+    """Sampled-token KL(π‖π_ref) estimators (Schulman's k1, k2, k3) from the two log-probs of the target."""
+    d = ref_logp - logp
+    if kl == "k1":
+        return -d
+    if kl == "k2":
+        return 0.5 * d * d
+    if kl == "k3":
+        return torch.expm1(d) - d
+    raise ValueError(f"kl: unknown sampled estimator {kl!r}")
+
+
+def logprobs_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0, kl: str = "k3", ignore_index: int = -100):
+    """(actor log-prob, reference log-prob, per-token KL, actor entropy), each shaped like targets.
+
+    kl: "k1" | "k2" | "k3" (sampled-token estimators) or "full" (exact Σ_v π(v)·(log π(v) − log π_ref(v))).
+    All four are 0 where target == ignore_index.
+    """
+    logp_all, p, entropy = _log_softmax_stats(logits, temperature)
+    ref_all = torch.log_softmax(ref_logits / temperature, dim=-1)
+    logp, valid = _gather(logp_all, targets, ignore_index)
+    ref_logp, _ = _gather(ref_all, targets, ignore_index)
+    if kl == "full":
+        k = torch.where(p > 0, p * (logp_all - ref_all), torch.zeros_like(p)).sum(-1)
+    else:
+        k = kl_estimate(logp, ref_logp, kl)
+    zero = torch.zeros_like(logp)
+    return tuple(torch.where(valid, t, zero) for t in (logp, ref_logp, k, entropy))
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    kl: str | None = None, ignore_index: int = -100):
+    """The LM head fused with the log-probs: hidden [S, T, D] (S streams of the same tokens), weight [V, D],
+    targets [T]. Returns (logp [S, T], entropy [S, T], kl [T] between stream 0 (π) and stream 1 (π_ref) or None).
+    """
+    logits = hidden @ weight.T                                   # [S, T, V]
+    logp_all, p, entropy = _log_softmax_stats(logits, temperature)
+    t = targets.unsqueeze(0).expand(hidden.shape[0], -1)
+    logp, valid = _gather(logp_all, t, ignore_index)
+    zero = torch.zeros_like(logp)
+    logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    k = None
+    if kl is not None:
+        if hidden.shape[0] < 2:
+            raise ValueError("kl: needs at least two streams (stream 0 = policy, stream 1 = reference)")
+        if kl == "full":
+            k = torch.where(p[0] > 0, p[0] * (logp_all[0] - logp_all[1]), torch.zeros_like(p[0])).sum(-1)
+        else:
+            k = kl_estimate(logp[0], logp[1], kl)
+        k = torch.where(valid[0], k, zero[0])
+    return logp, entropy, k
