@@ -1,0 +1,45 @@
+"""The thin Hydra-RLHF stack: config, data, Hydra-SFT, rollout, scoring, advantages, losses, the PPO loop.
+
+Public API (stable; the CLI and the python/ recipes build on it):
+
+config     SFTConfig, PPOConfig (+ sections ModelConfig, LoRAConfig, DataConfig, RunConfig);
+           load_config(cls, path=None, overrides=()) — defaults < JSON/YAML file < dotted "key=value" pairs;
+           apply_overrides(cfg, pairs); config_to_dict / config_from_dict; save_config(cfg, path).
+data       load_sft_jsonl / load_preference_jsonl / load_prompt_jsonl (ValueError "<file>:<line>: field ..."),
+           SFTExample, PreferencePair, check_tokenizer, add_pad_token, tokenize_* and collate helpers.
+sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs=None, callback=None)
+               -> SFTResult(model, reward_head, metrics, history)
+           `model` is a plain transformers causal LM; the result's model holds the SFT weights in its base
+           (mode "lora" merges the adapter and returns an unpatched model), reward_head is nn.Linear(hidden, 1).
+           evaluate_pairs(model, reward_head, tokenizer, pairs, cfg) -> {"lm_loss", "reward_accuracy",
+           "reward_margin"}; save_sft(out_dir, result, tokenizer=None) / load_sft(dir) -> (model, reward_head).
+ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=None, gold_reward_fn=None,
+                     callback=None) -> PPOResult(models, history, counters)
+           model/reward_head: the SFT result. hydra / j-hydra patch `model` IN PLACE (LoRA off = the SFT model);
+           lora / full make their own copies. reward_fn(prompts, completions) -> floats drives PPO when
+           cfg.reward_source == "function"; gold_reward_fn is only logged (objective/gold_reward).
+           callback(step, metrics) after every step. Metrics per step go to <run.output_dir>/<run.metrics_file>.
+models     build_ppo_models(model, reward_head, cfg) -> PPOModels (per-variant forwards, trainable params).
+rollout    generate(models, prompt_ids, prompt_mask, cfg-like args, generator) -> Rollout;
+           sample_completions(models, tokenizer, prompts, *, policy="actor"|"reference", max_new_tokens,
+           temperature=1.0 (0 = greedy), top_p=1.0, seed=0, batch_size=64) -> list[str].
+scoring    score_rollout(models, rollout, cfg) -> Scores (old/ref log-probs, KL, entropy, values, scores).
+advantages per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
+losses     policy_loss, value_loss, entropy_bonus, ppo_loss.
+checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic).
+"""
+from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLController, gae, masked_mean,
+                                           per_token_rewards, whiten)
+from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
+                                       apply_overrides, config_from_dict, config_to_dict, load_config,
+                                       save_config)
+from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, add_pad_token, check_tokenizer,
+                                     load_preference_jsonl, load_prompt_jsonl, load_sft_jsonl)
+from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, value_loss
+
+__all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
+           "apply_overrides", "config_from_dict", "config_to_dict", "save_config",
+           "SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
+           "check_tokenizer", "add_pad_token",
+           "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",
+           "policy_loss", "value_loss", "entropy_bonus", "ppo_loss"]
