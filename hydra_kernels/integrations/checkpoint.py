@@ -1,0 +1,297 @@
+"""Files: atomic writes, the Hydra checkpoint (adapters + heads + JSON config), merged transformers directories.
+
+Everything is safetensors + JSON; nothing is pickled. A file is written to a temporary name in the same
+directory, fsynced, then os.replace'd over the target, so a crash leaves either the old file or the new one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from hydra_kernels.integrations.patch import hydra_modules, patch_info
+
+__all__ = ["atomic_write", "atomic_write_json", "atomic_save_safetensors", "load_safetensors",
+           "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
+           "save_merged", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "hydra_config.json"
+WEIGHTS_NAME = "hydra_model.safetensors"
+FORMAT = "hydra_kernels.HydraModel"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:              # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), fsync the result, then rename it over `path` (same directory, so same filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    if not Path(path).is_file():
+        raise ValueError(f"path: {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+# ------------------------------------------------------------------------------------- adapters in a state dict
+def adapter_key(adapter: str, path: str, which: str) -> str:
+    return f"adapters.{adapter}.{path}.{which}"
+
+
+def adapter_tensors(model: nn.Module, adapters=None) -> dict[str, torch.Tensor]:
+    """{adapters.<name>.<module path>.lora_A: [r, in], ....lora_B: [out, r]} for the given adapters (default all)."""
+    info = patch_info(model)
+    names = info.adapters if adapters is None else tuple(adapters)
+    out = {}
+    for path, layer in hydra_modules(model).items():
+        for name in names:
+            i = layer.stream_indices([name])[0]
+            if i < 0:
+                raise ValueError(f"adapters: {name!r} is the base stream, which has no adapter weights")
+            out[adapter_key(name, path, "lora_A")] = layer.lora_A[i].detach()
+            out[adapter_key(name, path, "lora_B")] = layer.lora_B[i].detach()
+    return out
+
+
+def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], adapters, source: str,
+                         extra_ok: Callable[[str], bool] = lambda k: False) -> None:
+    """Copy adapter tensors into the model, after checking every one of them (nothing changes on error).
+
+    Every (adapter, module) pair must be present with the right shape; any other key must satisfy extra_ok.
+    """
+    layers = hydra_modules(model)
+    plan = []
+    expected = set()
+    for path, layer in layers.items():
+        for name in adapters:
+            i = layer.stream_indices([name])[0]
+            for which, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                key = adapter_key(name, path, which)
+                expected.add(key)
+                if key not in tensors:
+                    raise ValueError(f"{source}: missing tensor {key!r} (the model has adapter {name!r} on {path!r})")
+                t = tensors[key]
+                if tuple(t.shape) != tuple(param.shape[1:]):
+                    raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(param.shape[1:])} (rank {layer.r}, layer {layer.in_features}->"
+                                     f"{layer.out_features})")
+                plan.append((param, i, t))
+    unexpected = [k for k in tensors if k not in expected and not extra_ok(k)]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r}" +
+                         (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") +
+                         "; it names no patched module / adapter of this model")
+    with torch.no_grad():
+        for param, i, t in plan:
+            param[i].copy_(t.to(device=param.device, dtype=param.dtype))
+
+
+# -------------------------------------------------------------------------------------------------- merging
+def _delta(layer, adapter: str | None) -> torch.Tensor | None:
+    if adapter is None or adapter == "base":
+        return None
+    return layer.delta_weight(adapter)
+
+
+def merge_adapter_into_base(model: nn.Module, adapter: str) -> None:
+    """Fold `adapter` into the base weights in place (W ← W + scaling·B·A, in fp32, rounded once), then reset
+    that adapter (B = 0, A re-initialised), so its stream starts again from the new base.
+
+    This is how Hydra-SFT's result becomes the reference policy and the reward model ("LoRA off"). The base
+    Parameters are shared with whatever the model was built from: anything else holding them sees the change.
+    """
+    info = patch_info(model)
+    if adapter not in info.adapters:
+        raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    with torch.no_grad():
+        for layer in hydra_modules(model).values():
+            i = layer.stream_indices([adapter])[0]
+            w = layer.weight
+            w.copy_((w.float() + layer.delta_weight(adapter)).to(w.dtype))
+            layer.lora_B[i].zero_()
+            nn.init.kaiming_uniform_(layer.lora_A[i], a=5 ** 0.5)
+    model.hydra_patch = dataclasses.replace(info, merged=info.merged + (adapter,))
+
+
+def _output_embedding_key(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    for path, module in model.named_modules(remove_duplicate=False):
+        if module is head:
+            return f"{path}.weight" if path else "weight"
+    return None
+
+
+def merged_state_dict(model: nn.Module, adapter: str | None) -> dict[str, torch.Tensor]:
+    """The model's state dict as the unpatched architecture has it, with `adapter` folded into the weights
+    (None or "base": the base weights as they are), on the CPU.
+
+    LoRA stacks are dropped, Conv1D weights transposed back to [in, out], and a tied output embedding left out
+    (transformers re-ties it on load). Merging is done layer by layer in fp32 and rounded once to the weight dtype.
+    """
+    info = patch_info(model)
+    if adapter not in (None, "base") and adapter not in info.adapters:
+        raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    layers = hydra_modules(model)
+    weight_keys = {f"{p}.weight": p for p in layers}
+    lora_keys = {f"{p}.{w}" for p in layers for w in ("lora_A", "lora_B")}
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    tied_head = _output_embedding_key(model)
+    for key, t in state.items():
+        if key in lora_keys:
+            continue
+        if key in weight_keys:
+            layer = layers[weight_keys[key]]
+            delta = _delta(layer, adapter)
+            with torch.no_grad():
+                w = t if delta is None else (t.float() + delta).to(t.dtype)
+                if weight_keys[key] in info.conv1d:
+                    w = w.t()
+                out[key] = w.detach().to("cpu").contiguous()
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if ident is not None and ident in seen:
+            if key == tied_head:
+                continue                     # tied LM head: transformers re-ties it from the input embedding
+            if seen[ident] == tied_head:
+                out[key] = out.pop(tied_head)
+                seen[ident] = key
+                continue
+            out[key] = t.detach().to("cpu").clone()   # some other sharing: safetensors wants distinct tensors
+            continue
+        if ident is not None:
+            seen[ident] = key
+        out[key] = t.detach().to("cpu")
+    return out
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished temporary directory `tmp` to `out`; an existing `out` is swapped out, then removed."""
+    old = None
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"out_dir: {str(out)!r} exists and is not a directory")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
+                max_shard_size: int = 5 * 1024 ** 3) -> Path:
+    """Write a plain transformers model directory (config.json, generation_config.json, model*.safetensors,
+    the tokenizer if given) with `adapter` folded in; AutoModelForCausalLM.from_pretrained loads it.
+
+    The directory is built next to out_dir and renamed into place when complete.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise ValueError(f"model: {type(model).__name__} has no transformers config to write")
+    state = merged_state_dict(model, adapter)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        from safetensors.torch import save_file
+        shards = _shard(state, max_shard_size)
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for s, shard in enumerate(shards):
+                name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=meta)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(tmp / "model.safetensors.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        cfg = copy.deepcopy(config)
+        cfg.architectures = [type(model).__name__]
+        dtype = next(iter(t.dtype for t in state.values() if t.is_floating_point()), None)
+        if dtype is not None:
+            # transformers ≥ 4.56 calls it `dtype`, older versions `torch_dtype`.
+            setattr(cfg, "dtype" if hasattr(cfg, "dtype") else "torch_dtype", dtype)
+        cfg.save_pretrained(str(tmp))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

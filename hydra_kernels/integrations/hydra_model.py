@@ -1,0 +1,381 @@
+"""HydraModel: one patched causal LM, its LM head, a reward head and a value head, run as several streams.
+
+    hydra = HydraModel.from_pretrained_base("path/to/model", adapters=("actor", "critic"), r=16, alpha=32)
+    h = hydra.forward_streams(input_ids, attention_mask, streams=("base", "actor", "critic"))   # [3, B, T, D]
+    ref_logits, act_logits = hydra.lm_logits(h[0]), hydra.lm_logits(h[1])   # or ops.linear_logprobs(h[:2], ...)
+    score = hydra.reward(h[0], attention_mask)          # reward model = LoRA off + reward head
+    values = hydra.values(h[2])                         # critic = critic adapter + value head
+    hydra.generate(prompt_ids, attention_mask=prompt_mask, stream="actor", max_new_tokens=64)
+
+The heads are never applied implicitly: the caller picks which stream's hidden states go through which head
+(peft's modules_to_save stay active with adapters disabled; here nothing is "active").
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams, hydra_modules,
+                                              patch_info, patch_model, position_ids_from_attention_mask,
+                                              repeat_for_streams)
+from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
+from hydra_kernels.nn.streams import streams as hydra_streams
+
+__all__ = ["HydraModel", "last_token_index"]
+
+_HEAD_NAMES = ("reward_head", "value_head")
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
+    import transformers
+    from packaging.version import Version
+    return "dtype" if Version(transformers.__version__.split("+")[0]) >= Version("4.56") else "torch_dtype"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row ([B, T] mask → [B] long); works for left and right padding.
+
+    Read from the mask, never from the token ids, so pad == eos cannot move the reward position.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected [batch, seq], got shape {tuple(attention_mask.shape)}")
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = torch.where(attention_mask.bool(), pos, -1).amax(-1)
+    if bool((last < 0).any()):
+        rows = torch.nonzero(last < 0).flatten().tolist()
+        raise ValueError(f"attention_mask: rows {rows} have no real token")
+    return last
+
+
+class HydraModel(nn.Module):
+    """A patched causal LM (`model`, see patch_model) plus `reward_head` and `value_head`, both nn.Linear(D, 1)
+    in fp32 (D = the LM head's input size). The value head starts as a copy of the reward head.
+
+    `tokenizer` (optional, not a module) is written alongside merged models.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        super().__init__()
+        patch_info(model)
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() returned None); "
+                             "pass a causal LM (AutoModelForCausalLM)")
+        self.model = model
+        self.tokenizer = tokenizer
+        d, device = head.weight.shape[1], head.weight.device
+        # Heads in fp32: they are tiny, train better in fp32, and their scores feed advantages in fp32.
+        self.reward_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
+        self.value_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(d + 1))
+            self.reward_head.bias.zero_()
+        self.init_value_head_from_reward()
+        import inspect
+        self._takes_position_ids = "position_ids" in inspect.signature(self.backbone.forward).parameters
+
+    # ------------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained_base(cls, base, adapters: Sequence[str] | None = None, r: int | None = None,
+                             alpha: float | None = None, target_modules="all-linear", dtype: torch.dtype | None = None,
+                             tokenizer=None, disable_dropout: bool = True, allow_untested: bool = False,
+                             **load_kwargs) -> "HydraModel":
+        """Load (or take) a causal LM, patch it and wrap it.
+
+        base: a local directory (AutoModelForCausalLM.from_pretrained(base, **load_kwargs)) or a model instance
+            (patched in place; an already patched one is used as is, and adapters/r/alpha, if given, must match).
+        adapters, r, alpha: default ("actor", "critic"), 16, 32 for an unpatched base.
+        dtype: load dtype (a model instance is converted with .to(dtype)).
+        tokenizer: a tokenizer, a path to load one from, or None (loaded from `base` when it is a directory
+            that holds one).
+        disable_dropout: set all dropout to 0 (PPO needs old and new log-probs to agree).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if isinstance(base, (str, os.PathLike)):
+            path = Path(base)
+            if not path.is_dir():
+                raise ValueError(f"base: {str(base)!r} is not a local model directory")
+            if dtype is not None:
+                load_kwargs[_dtype_kwarg()] = dtype
+            model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
+            if tokenizer is None and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+                tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        elif isinstance(base, nn.Module):
+            if isinstance(base, HydraModel):
+                raise ValueError("base: already a HydraModel")
+            model = base if dtype is None else base.to(dtype)
+        else:
+            raise ValueError(f"base: expected a directory or a model, got {type(base).__name__}")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        info = getattr(model, "hydra_patch", None)
+        if isinstance(info, PatchInfo):
+            for name, want, have in (("adapters", adapters and tuple(adapters), info.adapters), ("r", r, info.r),
+                                     ("alpha", alpha, info.alpha)):
+                if want is not None and want != have:
+                    raise ValueError(f"{name}: the model is already patched with {name}={have!r}, asked for {want!r}")
+        else:
+            patch_model(model, adapters=("actor", "critic") if adapters is None else adapters,
+                        r=16 if r is None else r, alpha=32 if alpha is None else alpha,
+                        target_modules=target_modules, allow_untested=allow_untested)
+        if disable_dropout:
+            _disable_dropout(model)
+        return cls(model, tokenizer=tokenizer)
+
+    # -------------------------------------------------------------------------------------------- properties
+    @property
+    def patch(self) -> PatchInfo:
+        return patch_info(self.model)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.patch.adapters
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder without the LM head (model.base_model); its output is what the LM head reads."""
+        return self.model.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D], the weight ops.linear_logprobs takes (tied to the input embedding where the model ties it)."""
+        return self.lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        return getattr(self.lm_head, "bias", None)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm_head_weight.shape[1]
+
+    def hydra_layers(self) -> dict:
+        """{module path: HydraLinear} of the patched backbone."""
+        return hydra_modules(self.model)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        """The LoRA A/B stacks of every layer (all adapters: each stack holds them side by side)."""
+        return [p for layer in hydra_modules(self.model).values() for p in (layer.lora_A, layer.lora_B)]
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward_streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        streams: Sequence[str] = (BASE, "actor", "critic"),
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward of the batch repeated once per stream → final hidden states [S, B, T, D].
+
+        input_ids, attention_mask: [B, T] (left or right padding). position_ids default to what generate
+        uses (counted from the attention mask), so scoring a rollout sees the positions it was generated with.
+        Stream s runs adapter streams[s] ("base" = LoRA off). No head is applied.
+        """
+        names = _validate_streams(self.model, streams)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        S = len(names)
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        ids, mask = repeat_for_streams(input_ids, attention_mask, S)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if position_ids is not None:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match input_ids {(B, T)}")
+            if not self._takes_position_ids:
+                raise ValueError(f"position_ids: {type(self.backbone).__name__} does not take position ids")
+            kwargs["position_ids"] = position_ids.repeat(S, 1)
+        with hydra_streams(self.model, *names):
+            out = self.backbone(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden.view(S, B, T, hidden.shape[-1])
+
+    forward = forward_streams
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] in fp32 (the head's matmul runs in fp32: bf16 logits drift by whole nats).
+
+        Materialises the logits; for log-probs over a large vocab use ops.linear_logprobs(hidden,
+        self.lm_head_weight, ...) instead.
+        """
+        b = self.lm_head_bias
+        return F.linear(hidden.float(), self.lm_head_weight.float(), None if b is None else b.float())
+
+    def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]
+        (fp32). Pass the base stream's hidden states for the Hydra reward model."""
+        if hidden.dim() < 3 or tuple(attention_mask.shape) != tuple(hidden.shape[-3:-1]):
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not match hidden "
+                             f"{tuple(hidden.shape)} (expected [..., B, T, D] and [B, T])")
+        last = last_token_index(attention_mask)
+        index = last.view(-1, 1, 1).expand(*hidden.shape[:-3], -1, 1, hidden.shape[-1])
+        h = torch.gather(hidden, -2, index).squeeze(-2)                  # [..., B, D]
+        return self.reward_head(h.float()).squeeze(-1)
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Value head per token: hidden [..., T, D] → [..., T] (fp32). Pass the critic stream's hidden states."""
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def init_value_head_from_reward(self) -> None:
+        """Copy the reward head into the value head (done at construction; call again after training the reward
+        head in Hydra-SFT)."""
+        with torch.no_grad():
+            self.value_head.weight.copy_(self.reward_head.weight)
+            self.value_head.bias.copy_(self.reward_head.bias)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, stream: str = "actor",
+                 **generate_kwargs):
+        """model.generate (KV cache and all) with every layer on one stream ("base" = the reference policy)."""
+        _validate_streams(self.model, (stream,))
+        with hydra_streams(self.model, stream):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
+        """Checkpoint every decoder layer (transformers' own mechanism; it runs only in train mode).
+
+        HydraLinear recomputes with the stream layout of the original forward, so gradients are unchanged.
+        """
+        kw = {"use_reentrant": use_reentrant}
+        m = self.model
+        if hasattr(m, "activation_checkpointing_enable"):          # transformers ≥ 5.2x
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        if use_reentrant and getattr(m, "_require_grads_hook", None) is None:
+            # Reentrant checkpointing only back-propagates if a layer's input requires grad; the embeddings are
+            # frozen, so make their output require it (older transformers do this only for peft models).
+            m.enable_input_require_grads()
+
+    def disable_activation_checkpointing(self) -> None:
+        m = self.model
+        (m.activation_checkpointing_disable if hasattr(m, "activation_checkpointing_disable")
+         else m.gradient_checkpointing_disable)()
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _config_dict(self) -> dict:
+        info = self.patch
+        cfg = self.model.config
+        return {
+            "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION,
+            "adapters": list(info.adapters), "r": info.r, "alpha": info.alpha,
+            "modules": list(info.modules), "conv1d": sorted(info.conv1d), "merged_into_base": list(info.merged),
+            "model_type": getattr(cfg, "model_type", None),
+            "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+            "hidden_size": self.hidden_size, "vocab_size": self.lm_head_weight.shape[0],
+            "heads": {"reward_head": "Linear(hidden, 1) at the last real token",
+                      "value_head": "Linear(hidden, 1) per token"},
+        }
+
+    def save_pretrained(self, save_dir) -> None:
+        """Write adapters + heads (hydra_model.safetensors) and hydra_config.json to save_dir, each atomically.
+
+        The base weights are not written: load with from_pretrained(save_dir, base=...). If an adapter was merged
+        into the base in place (merge_adapter_into_base), write that base with merge(None, dir) and load on it.
+        """
+        save_dir = Path(save_dir)
+        tensors = ckpt.adapter_tensors(self.model)
+        for head in _HEAD_NAMES:
+            for name, p in getattr(self, head).named_parameters():
+                tensors[f"{head}.{name}"] = p.detach()
+        ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, self._config_dict())
+
+    @staticmethod
+    def read_config(load_dir) -> dict:
+        path = Path(load_dir) / ckpt.CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"load_dir: {str(load_dir)!r} has no {ckpt.CONFIG_NAME}")
+        import json
+        with open(path) as f:
+            cfg = json.load(f)
+        if cfg.get("format") != ckpt.FORMAT or cfg.get("format_version") != ckpt.FORMAT_VERSION:
+            raise ValueError(f"load_dir: {str(path)!r} is not a {ckpt.FORMAT} v{ckpt.FORMAT_VERSION} config "
+                             f"(format={cfg.get('format')!r}, version={cfg.get('format_version')!r})")
+        return cfg
+
+    @classmethod
+    def from_pretrained(cls, load_dir, base, dtype: torch.dtype | None = None, tokenizer=None,
+                        disable_dropout: bool = True, allow_untested: bool = False, **load_kwargs) -> "HydraModel":
+        """Rebuild a HydraModel saved by save_pretrained on `base` (a directory or model, as in
+        from_pretrained_base), patching exactly the saved modules, then load adapters and heads."""
+        cfg = cls.read_config(load_dir)
+        hydra = cls.from_pretrained_base(base, adapters=cfg["adapters"], r=cfg["r"], alpha=cfg["alpha"],
+                                         target_modules=cfg["modules"], dtype=dtype, tokenizer=tokenizer,
+                                         disable_dropout=disable_dropout, allow_untested=allow_untested,
+                                         **load_kwargs)
+        hydra.load_adapters(load_dir)
+        return hydra
+
+    def load_adapters(self, load_dir) -> None:
+        """Load adapters and heads saved by save_pretrained into this model. Every tensor is checked first
+        (names, shapes, adapter set, rank/alpha, patched modules); on a mismatch nothing changes."""
+        load_dir = Path(load_dir)
+        cfg = self.read_config(load_dir)
+        info = self.patch
+        where = str(load_dir / ckpt.WEIGHTS_NAME)
+        if set(cfg["adapters"]) != set(info.adapters):
+            raise ValueError(f"adapters: checkpoint {str(load_dir)!r} has adapters {tuple(cfg['adapters'])}, "
+                             f"the model has {info.adapters}")
+        if cfg["r"] != info.r or float(cfg["alpha"]) != info.alpha:
+            raise ValueError(f"r: checkpoint has r={cfg['r']}, alpha={cfg['alpha']}; the model has r={info.r}, "
+                             f"alpha={info.alpha}")
+        saved, have = list(cfg["modules"]), set(info.modules)
+        for path in saved:
+            if path not in have:
+                raise ValueError(f"{where}: tensor 'adapters.*.{path}.lora_A': module {path!r} is not patched in "
+                                 "this model")
+        for path in info.modules:
+            if path not in set(saved):
+                raise ValueError(f"{where}: missing tensors for patched module {path!r}")
+        tensors, _ = ckpt.load_safetensors(load_dir / ckpt.WEIGHTS_NAME)
+        heads = []
+        for head in _HEAD_NAMES:
+            for name, p in getattr(self, head).named_parameters():
+                key = f"{head}.{name}"
+                if key not in tensors:
+                    raise ValueError(f"{where}: missing tensor {key!r}")
+                if tuple(tensors[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
+                                     f"expects {tuple(p.shape)} (hidden size {self.hidden_size})")
+                heads.append((p, tensors[key]))
+        ckpt.load_adapter_tensors(self.model, tensors, info.adapters, source=where,
+                                  extra_ok=lambda k: k.split(".", 1)[0] in _HEAD_NAMES and
+                                  any(k == f"{h}.{n}" for h in _HEAD_NAMES for n in ("weight", "bias")))
+        with torch.no_grad():
+            for p, t in heads:
+                p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+    # ------------------------------------------------------------------------------------ merging and PEFT
+    def merge(self, adapter: str | None, out_dir) -> Path:
+        """Write a plain transformers directory with `adapter` folded into the weights (None or "base": the base
+        as it is now), plus the tokenizer if one is attached. Loads with AutoModelForCausalLM.from_pretrained."""
+        return ckpt.save_merged(self.model, adapter, out_dir, tokenizer=self.tokenizer)
+
+    def merge_adapter_into_base(self, adapter: str) -> None:
+        """Fold `adapter` into the base weights in place and reset it (Hydra-SFT: "LoRA off" = the SFT model)."""
+        ckpt.merge_adapter_into_base(self.model, adapter)
+
+    def export_peft(self, adapter: str, out_dir) -> Path:
+        """Write `adapter` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+        from hydra_kernels.integrations.peft_lora import export_peft
+        return export_peft(self.model, adapter, out_dir)
+
+    def load_peft(self, adapter: str, peft_dir) -> None:
+        """Load a PEFT LoRA directory into `adapter` (rank and alpha must match the model's)."""
+        from hydra_kernels.integrations.peft_lora import import_peft
+        import_peft(self.model, adapter, peft_dir)

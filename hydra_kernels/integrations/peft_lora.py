@@ -1,0 +1,143 @@
+"""PEFT interop: export one adapter as a PEFT LoRA directory, import a PEFT LoRA directory into one adapter.
+
+PEFT's on-disk layout (no peft import needed to write or read it):
+  adapter_config.json          peft_type "LORA", r, lora_alpha, target_modules, fan_in_fan_out, ...
+  adapter_model.safetensors    base_model.model.<module path>.lora_A.weight [r, in]
+                               base_model.model.<module path>.lora_B.weight [out, r]
+with <module path> relative to the causal LM. PEFT's scaling is lora_alpha / r (use_rslora off), as here.
+GPT-2's Conv1D layers use the same A/B shapes; PEFT only transposes the merged delta (fan_in_fan_out=True).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.patch import hydra_modules, patch_info
+
+__all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+def _target_modules(model: nn.Module, paths: tuple[str, ...]):
+    """Leaf names if they select exactly the patched modules (the usual, readable form), else an exact regex.
+
+    peft matches a list entry on the full path or a suffix at a module boundary, and a string as re.fullmatch.
+    """
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    selected = {p for p, _ in model.named_modules() if p and p.rsplit(".", 1)[-1] in leaves}
+    if selected == set(paths):
+        return leaves
+    return "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+
+
+def export_peft(model: nn.Module, adapter: str, out_dir) -> Path:
+    """Write `adapter` of a patched model as a PEFT LoRA directory; PeftModel.from_pretrained(base, out_dir)
+    then reproduces the adapter stream. Each file is written atomically."""
+    info = patch_info(model)
+    if adapter not in info.adapters:
+        raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    out = Path(out_dir)
+    tensors = {}
+    for path, layer in hydra_modules(model).items():
+        i = layer.stream_indices([adapter])[0]
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = layer.lora_A[i].detach()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = layer.lora_B[i].detach()
+    alpha = int(info.alpha) if float(info.alpha).is_integer() else info.alpha
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "revision": None, "inference_mode": True,
+        "r": info.r, "lora_alpha": alpha, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+        "target_modules": _target_modules(model, info.modules),
+        # PEFT sets this itself for Conv1D targets (with a warning if it was False); say it up front.
+        "fan_in_fan_out": bool(info.conv1d),
+        "bias": "none", "modules_to_save": None, "init_lora_weights": True,
+        "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    ckpt.atomic_save_safetensors(out / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    ckpt.atomic_write_json(out / PEFT_CONFIG_NAME, config)
+    return out
+
+
+def _check_config(cfg: dict, info, where: str) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"peft_dir: {where} has peft_type {cfg.get('peft_type')!r}; only LORA adapters import")
+    if cfg.get("r") != info.r or any(v != info.r for v in (cfg.get("rank_pattern") or {}).values()):
+        raise ValueError(f"peft_dir: {where} has rank r={cfg.get('r')} (rank_pattern {cfg.get('rank_pattern') or {}}); "
+                         f"the model's adapters have r={info.r}")
+    alphas = [cfg.get("lora_alpha")] + list((cfg.get("alpha_pattern") or {}).values())
+    if any(a is None or float(a) != info.alpha for a in alphas):
+        raise ValueError(f"peft_dir: {where} has lora_alpha={cfg.get('lora_alpha')} (alpha_pattern "
+                         f"{cfg.get('alpha_pattern') or {}}); the model's adapters have alpha={info.alpha:g}")
+    if cfg.get("use_rslora"):
+        raise ValueError(f"peft_dir: {where} uses rsLoRA (scaling alpha/sqrt(r)); the model scales by alpha/r")
+    if cfg.get("use_dora"):
+        raise ValueError(f"peft_dir: {where} is a DoRA adapter (magnitude vectors); not supported")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise ValueError(f"peft_dir: {where} trains biases (bias={cfg.get('bias')!r}); the base stays frozen here")
+    if cfg.get("modules_to_save"):
+        raise ValueError(f"peft_dir: {where} has modules_to_save {cfg['modules_to_save']}; full-module copies "
+                         "(heads) are not imported: heads are switched explicitly here")
+
+
+def import_peft(model: nn.Module, adapter: str, peft_dir) -> None:
+    """Load a PEFT LoRA directory into `adapter` of a patched model.
+
+    Rank and alpha must match the model's. Patched modules the PEFT adapter does not target get a zero delta
+    (B = 0) for this adapter. Everything is checked before anything is written.
+    """
+    info = patch_info(model)
+    if adapter not in info.adapters:
+        raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    peft_dir = Path(peft_dir)
+    cfg_path, weights = peft_dir / PEFT_CONFIG_NAME, peft_dir / PEFT_WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"peft_dir: {str(peft_dir)!r} has no {PEFT_CONFIG_NAME}")
+    if not weights.is_file():
+        extra = " (adapter_model.bin is a pickle and is not loaded)" if (peft_dir / "adapter_model.bin").exists() else ""
+        raise ValueError(f"peft_dir: {str(peft_dir)!r} has no {PEFT_WEIGHTS_NAME}{extra}")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    _check_config(cfg, info, str(cfg_path))
+    tensors, _ = ckpt.load_safetensors(weights)
+    layers = hydra_modules(model)
+    found: dict[tuple[str, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        rest = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        m = _KEY.match(rest)
+        if m is None:
+            raise ValueError(f"peft_dir: tensor {key!r} in {str(weights)!r} is not a LoRA A/B weight "
+                             "(embeddings, magnitude vectors, biases and saved modules are not imported)")
+        path = m["path"]
+        if path not in layers:
+            raise ValueError(f"peft_dir: tensor {key!r}: module {path!r} is not a patched layer of this model")
+        layer = layers[path]
+        want = (info.r, layer.in_features) if m["which"] == "A" else (layer.out_features, info.r)
+        if tuple(t.shape) != want:
+            raise ValueError(f"peft_dir: tensor {key!r} has shape {tuple(t.shape)}, expected {want} "
+                             f"(rank {info.r}, layer {layer.in_features}->{layer.out_features})")
+        found[(path, m["which"])] = t
+    paths = {p for p, _ in found}
+    for p in paths:
+        for which in "AB":
+            if (p, which) not in found:
+                raise ValueError(f"peft_dir: {str(weights)!r} has no lora_{which} for module {p!r}")
+    if not paths:
+        raise ValueError(f"peft_dir: {str(weights)!r} holds no LoRA weights")
+    with torch.no_grad():
+        for path, layer in layers.items():
+            i = layer.stream_indices([adapter])[0]
+            if path in paths:
+                layer.lora_A[i].copy_(found[(path, "A")].to(layer.lora_A.device, layer.lora_A.dtype))
+                layer.lora_B[i].copy_(found[(path, "B")].to(layer.lora_B.device, layer.lora_B.dtype))
+            else:
+                layer.lora_B[i].zero_()
