@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op (imported lazily by hydra_kernels.ops so CPU use never needs triton)."""
