@@ -1,0 +1,223 @@
+"""Atomic training checkpoints in safetensors + JSON (never pickle), and the saved SFT / PPO results.
+
+A checkpoint is a directory `<root>/step-00000012/` holding
+    tensors.safetensors  trainable parameters ("param/<name>"), optimizer state ("optim/<i>/<key>"),
+                         torch RNG states ("rng/torch", "rng/cuda/<d>"), numpy's key array ("rng/numpy")
+    state.json           step, config, parameter order, optimizer hyper-parameters and scalar state,
+                         python/numpy RNG scalars, the trainer's own state (KL coefficient, counters)
+It is built in a hidden temporary directory and renamed into place when complete, so a kill leaves either
+no checkpoint or a whole one; `latest_checkpoint` only sees complete ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "hydra_kernels.rlhf.checkpoint"
+VERSION = 1
+PREFIX = "step-"
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(out_dir: str | os.PathLike, fill) -> Path:
+    """Call fill(tmp_dir), then rename tmp_dir to out_dir (an existing out_dir is replaced)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------------------ RNG states
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of every RNG the run may touch: python, torch CPU/CUDA, numpy if imported."""
+    meta: dict = {"python": _jsonable(random.getstate())}
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for d, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{d}"] = s
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["rng/numpy"] = torch.from_numpy(keys.astype("int64"))
+        meta["numpy"] = [kind, int(pos), int(has_gauss), float(cached)]
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    random.setstate(_tupled(meta["python"]))
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng/cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][:torch.cuda.device_count()])
+    if "numpy" in meta and "rng/numpy" in tensors:
+        import numpy as np
+        kind, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, tensors["rng/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+# ------------------------------------------------------------------------------------ optimizer state
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensors) of optimizer.state_dict(): tensors go to safetensors, everything else to JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{idx}/{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def unflatten_optimizer(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state: dict = {}
+    for key, t in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = t
+    for idx, st in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer_state: dict
+    config: dict
+    trainer_state: dict
+    rng_meta: dict
+    rng_tensors: dict[str, torch.Tensor]
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, config: dict, trainer_state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `root/step-<step>` atomically and delete all but the newest `keep`."""
+    if keep < 1:
+        raise ValueError(f"keep: must be >= 1, got {keep}")
+    for name, p in params.items():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"params: {name!r} is not finite; refusing to checkpoint NaN/inf weights")
+    opt_meta, opt_tensors = flatten_optimizer(optimizer)
+    rng_meta, rng_tensors = capture_rng()
+    tensors = {f"param/{k}": v for k, v in params.items()}
+    tensors.update(opt_tensors)
+    tensors.update(rng_tensors)
+    state = {"format": FORMAT, "version": VERSION, "step": int(step), "param_names": list(params),
+             "optimizer": opt_meta, "config": config, "trainer_state": trainer_state, "rng": rng_meta}
+
+    def fill(tmp: Path):
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        with open(tmp / "state.json", "w") as f:       # written last: its presence marks a complete checkpoint
+            json.dump(state, f, indent=1, sort_keys=True)
+
+    root = Path(root)
+    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith(PREFIX) and d.name[len(PREFIX):].isdigit() \
+                and (d / "state.json").is_file() and (d / "tensors.safetensors").is_file():
+            found.append((int(d.name[len(PREFIX):]), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    try:
+        with open(path / "state.json") as f:
+            state = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"path: {str(path)!r} is not a readable checkpoint: {e}") from None
+    if state.get("format") != FORMAT:
+        raise ValueError(f"path: {str(path)!r} is not a {FORMAT} checkpoint")
+    with safe_open(str(path / "tensors.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    return Checkpoint(path, state["step"], params, unflatten_optimizer(state["optimizer"], tensors),
+                      state["config"], state["trainer_state"], state["rng"],
+                      {k: v for k, v in tensors.items() if k.startswith("rng/")})
+
+
+def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], source: str) -> None:
+    """Copy saved tensors into parameters after checking names and shapes (nothing changes on error)."""
+    missing = [k for k in target if k not in saved]
+    extra = [k for k in saved if k not in target]
+    if missing or extra:
+        raise ValueError(f"{source}: parameters do not match the model (missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}); was it written by another variant or LoRA configuration?")
+    for k, p in target.items():
+        if tuple(saved[k].shape) != tuple(p.shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {tuple(saved[k].shape)}, the model expects "
+                             f"{tuple(p.shape)}")
+    with torch.no_grad():
+        for k, p in target.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
+           "write_dir_atomically"]

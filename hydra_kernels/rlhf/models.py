@@ -1,0 +1,221 @@
+"""PPO's models for each variant, built from the Hydra-SFT result (a causal LM + a reward head).
+
+    variant   what is in memory                                   trainable
+    hydra     1 base patched with adapters (actor, critic)        actor + critic LoRA, value head
+    j-hydra   1 base patched with one adapter (actor)             the shared LoRA, value head
+    lora      4 copies: reference, reward, actor+LoRA, critic+LoRA actor + critic LoRA, value head
+    full      4 copies: reference, reward, actor, critic          every weight of actor and critic, value head
+
+The reward head is frozen; the value head starts as a copy of it (the paper's critic initialisation). Heads
+are fp32 nn.Linear(hidden, 1) and read fp32 hidden states. Dropout is switched off and every model is in
+eval() mode: PPO's old and new log-probs must come from the same function.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hydra_kernels.integrations.patch import disable_dropout, patch_model, position_ids_from_attention_mask
+from hydra_kernels.nn import streams
+
+BASE, ACTOR, CRITIC = "base", "actor", "critic"
+SHARED_VARIANTS = ("hydra", "j-hydra")
+
+
+def hidden_size(model: nn.Module) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def new_reward_head(model: nn.Module, generator: torch.Generator | None = None) -> nn.Linear:
+    """nn.Linear(hidden, 1) in fp32 on the model's device: weight ~ N(0, 1/(hidden+1)) (as TRL), bias 0."""
+    d = hidden_size(model)
+    head = nn.Linear(d, 1, device=model.get_input_embeddings().weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / (d + 1) ** 0.5, generator=generator)
+        head.bias.zero_()
+    return head
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """The LM head's weight [V, D]; a biased LM head is refused (the fused log-prob op takes none)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"model: {type(model).__name__} has no output embedding (LM head)")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"model: the LM head of {type(model).__name__} has a bias; not supported")
+    return head.weight
+
+
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None, names: tuple[str, ...] | None = None,
+                   past_key_values=None, use_cache: bool = False):
+    """The decoder's final hidden states [S, B, T, D] and the KV cache.
+
+    names: the streams to run (the batch is repeated once per stream, one forward); None for an unpatched
+    model (S = 1). position_ids default to cumsum(mask) − 1 (left padding).
+    """
+    if position_ids is None:
+        position_ids = position_ids_from_attention_mask(attention_mask)
+    decoder = model.get_decoder()
+    B, T = input_ids.shape
+    if names is None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache)
+        h = out.last_hidden_state.unsqueeze(0)
+    else:
+        S = len(names)
+        with streams(model, *names):
+            out = decoder(input_ids=input_ids.repeat(S, 1), attention_mask=attention_mask.repeat(S, 1),
+                          position_ids=position_ids.repeat(S, 1), past_key_values=past_key_values,
+                          use_cache=use_cache)
+        h = out.last_hidden_state.view(S, B, T, -1)
+    return h, (out.past_key_values if use_cache else None)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    disable_dropout(model)
+    return model.eval()
+
+
+@dataclass
+class PolicyHandle:
+    """One policy to sample from: the model, the stream that runs it (None = unpatched), its LM head."""
+    model: nn.Module
+    stream: str | None
+
+    def logits(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        """fp32 logits of the last position [B, V] and the KV cache (one decoding step)."""
+        names = None if self.stream is None else (self.stream,)
+        h, past = decoder_hidden(self.model, input_ids, attention_mask, position_ids, names,
+                                 past_key_values, use_cache)
+        w = self.model.get_output_embeddings().weight
+        return h[0, :, -1].float() @ w.float().T, past
+
+
+@dataclass
+class PPOModels:
+    """The models of one PPO variant (see the module docstring). Shared variants use `model`; separate ones
+    use `reference`, `reward_model`, `actor`, `critic` (the others are None)."""
+    variant: str
+    reward_head: nn.Linear
+    value_head: nn.Linear
+    model: nn.Module | None = None
+    reference: nn.Module | None = None
+    reward_model: nn.Module | None = None
+    actor: nn.Module | None = None
+    critic: nn.Module | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shared(self) -> bool:
+        return self.variant in SHARED_VARIANTS
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def policy(self, which: str = "actor") -> PolicyHandle:
+        """"actor" (the policy being trained) or "reference" (the SFT model: LoRA off / the frozen copy)."""
+        if which not in ("actor", "reference"):
+            raise ValueError(f"policy: must be 'actor' or 'reference', got {which!r}")
+        if self.shared:
+            return PolicyHandle(self.model, ACTOR if which == "actor" else BASE)
+        if which == "reference":
+            return PolicyHandle(self.reference, None)
+        return PolicyHandle(self.actor, ACTOR if self.variant == "lora" else None)
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """Every parameter the optimizer updates, by a stable name (the checkpoint keys)."""
+        out = {}
+        groups = {"model": self.model} if self.shared else {"actor": self.actor, "critic": self.critic}
+        for prefix, m in groups.items():
+            for name, p in m.named_parameters():
+                if p.requires_grad:
+                    out[f"{prefix}.{name}"] = p
+        for name, p in self.value_head.named_parameters():
+            out[f"value_head.{name}"] = p
+        return out
+
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """Every frozen tensor (base weights, reference and reward copies, reward head), for tests and audits."""
+        trainable = {id(p) for p in self.named_trainable().values()}
+        out = {}
+        mods = {"model": self.model, "reference": self.reference, "reward_model": self.reward_model,
+                "actor": self.actor, "critic": self.critic, "reward_head": self.reward_head}
+        for prefix, m in mods.items():
+            if m is None:
+                continue
+            for name, p in m.named_parameters():
+                if id(p) not in trainable:
+                    out[f"{prefix}.{name}"] = p
+        return out
+
+
+def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels:
+    """PPO's models for cfg.variant from the SFT result.
+
+    hydra / j-hydra patch `model` in place (its base weights are shared, so "LoRA off" is the SFT model);
+    lora / full deep-copy it (4 copies, the paper's baselines) and leave the original untouched.
+    """
+    if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
+        raise ValueError("reward_head: expected nn.Linear(hidden, 1)")
+    if reward_head.in_features != hidden_size(model):
+        raise ValueError(f"reward_head: in_features {reward_head.in_features} does not match the model's hidden "
+                         f"size {hidden_size(model)}")
+    variant = cfg.variant
+    reward_head = copy.deepcopy(reward_head).float().requires_grad_(False)
+    value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    lm_head_weight(model)                       # refuse a biased LM head before anything is patched
+    if variant in SHARED_VARIANTS:
+        adapters = (ACTOR, CRITIC) if variant == "hydra" else (ACTOR,)
+        patch_model(model, adapters=adapters, **lora)
+        return PPOModels(variant, reward_head, value_head, model=_prepare(model))
+    if variant not in ("lora", "full"):
+        raise ValueError(f"variant: unknown PPO variant {variant!r}")
+    reference = _prepare(copy.deepcopy(model)).requires_grad_(False)
+    reward_model = _prepare(copy.deepcopy(model)).requires_grad_(False)
+    actor = _prepare(copy.deepcopy(model))
+    critic = _prepare(copy.deepcopy(model))
+    if variant == "lora":
+        patch_model(actor, adapters=(ACTOR,), **lora)
+        patch_model(critic, adapters=(CRITIC,), **lora)
+    else:
+        actor.requires_grad_(True)
+        critic.requires_grad_(True)
+        # The critic's LM head takes no part in the value (and the actor needs no value head).
+        critic.get_output_embeddings().requires_grad_(False)
+        if critic.get_output_embeddings().weight is critic.get_input_embeddings().weight:
+            critic.get_input_embeddings().requires_grad_(True)   # tied: the embedding is still used
+    return PPOModels(variant, reward_head, value_head, reference=reference, reward_model=reward_model,
+                     actor=actor, critic=critic)
+
+
+def load_model_and_tokenizer(model_cfg, device: str | torch.device = "cpu"):
+    """A local transformers causal LM and its tokenizer (never downloads: local_files_only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not model_cfg.path:
+        raise ValueError("model.path: a local model directory is required")
+    dtype = getattr(torch, model_cfg.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.path, local_files_only=True)
+    except OSError as e:
+        raise ValueError(f"model.path: cannot load a model and tokenizer from {model_cfg.path!r}: {e}") from None
+    return model.to(device), tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {name!r} requested but CUDA is not available")
+    return dev
+
+
+__all__ = ["PPOModels", "PolicyHandle", "build_ppo_models", "decoder_hidden", "lm_head_weight", "new_reward_head",
+           "hidden_size", "load_model_and_tokenizer", "resolve_device", "BASE", "ACTOR", "CRITIC"]

@@ -1,0 +1,142 @@
+"""Rollouts: sampling responses from a policy with a KV cache.
+
+Prompts come in left-padded ([B, P] ids and mask); responses go out right-padded ([B, R]): a row stops at its
+first EOS (kept, it is the last response token) and is padded after it. Sampling uses an explicit
+torch.Generator, so a rollout depends only on the weights and the seed it is given (resume-safe).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
+
+
+@dataclass
+class Rollout:
+    """prompt_ids / prompt_mask [B, P] (left-padded); response_ids / response_mask [B, R] (right-padded:
+    mask 1 on response tokens up to and including EOS); ended [B]: the response emitted EOS."""
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], 1)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return position_ids_from_mask(self.attention_mask)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return Rollout(*(getattr(self, f.name)[index] for f in fields(self)))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches top_p (at least one)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from fp32 logits [B, V]; temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+             eos_token_id: int, pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> Rollout:
+    """Sample up to max_new_tokens per prompt from `policy` (a models.PolicyHandle), with the KV cache.
+
+    Stops early once every row has emitted EOS. Tokens after a row's EOS are pad and masked out (they are
+    fed with attention mask 0, so they change nothing for the rows still running).
+    """
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_mask: shape {tuple(prompt_mask.shape)} must equal prompt_ids' "
+                         f"{tuple(prompt_ids.shape)} ([B, P])")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if eos_token_id == pad_token_id:
+        raise ValueError("pad_token_id: must differ from eos_token_id")
+    device = prompt_ids.device
+    mask = prompt_mask.long()
+    logits, past = policy.logits(prompt_ids, mask, position_ids_from_mask(mask), None, True)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+    tokens, alive_cols = [], []
+    for t in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        alive = ~finished
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
+        tokens.append(tok)
+        alive_cols.append(alive)
+        finished = finished | (tok == eos_token_id)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, alive.long()[:, None]], 1)
+        pos = (mask.sum(-1, keepdim=True) - 1).clamp_min(0)
+        logits, past = policy.logits(tok[:, None], mask, pos, past, True)
+    response_ids = torch.stack(tokens, 1)
+    response_mask = torch.stack(alive_cols, 1).long()
+    return Rollout(prompt_ids, prompt_mask.long(), response_ids, response_mask, finished)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Response texts without EOS and padding."""
+    out = []
+    for ids, n, ended in zip(rollout.response_ids.tolist(), rollout.lengths.tolist(), rollout.ended.tolist()):
+        out.append(tokenizer.decode(ids[:n - 1] if ended else ids[:n], skip_special_tokens=True))
+    return out
+
+
+def sample_completions(models, tokenizer, prompts: Sequence[str], *, policy: str = "actor",
+                       max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                       batch_size: int = 64, max_prompt_len: int = 128) -> tuple[list[str], list[bool]]:
+    """(completions, ended) for `prompts` from models.policy(policy) — "actor" or "reference" (the SFT model).
+
+    temperature 0 is greedy. The same seed gives the same completions.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    handle = models.policy(policy)
+    device = models.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    texts, ended = [], []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = tokenize_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_len)
+        ro = generate(handle, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      temperature=temperature, top_p=top_p, generator=gen)
+        texts += decode_responses(tokenizer, ro)
+        ended += ro.ended.tolist()
+    return texts, ended
+
+
+__all__ = ["Rollout", "generate", "sample_next", "top_p_filter", "decode_responses", "sample_completions"]
