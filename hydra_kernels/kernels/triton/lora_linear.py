@@ -3,18 +3,19 @@
 Forward: ONE launch for all streams. Each program owns one BLOCK_M row tile of one stream and N_GROUP
 consecutive BLOCK_N column tiles. Its K-loop loads the x tile once and feeds it to two tensor-core dots:
 the base GEMM (x·Wᵀ) and the LoRA shrink (x·A[a]ᵀ, A tile [BLOCK_K, R_PAD]). The expand (·B[a]ᵀ) runs in
-the epilogue in fp32, then y is rounded once. Base streams take a K-loop without any LoRA work.
+the epilogue in fp32, then y is rounded once. Base streams take a K-loop without any LoRA work
+(no A or B loads, no shrink).
 
   * Streams never straddle a tile: the grid runs over (stream, m-tile within the stream), so a stream whose
     row count is not a multiple of BLOCK_M just has a masked last tile. Every row of every stream therefore
     sits at the same position of a tile with the same K-loop, which is what makes the exactness property hold
     without assuming anything about how a tensor core orders its sums across tile positions.
   * Exactness (lora_B == 0 ⇒ adapter rows == base rows, bit for bit): the base accumulator is built by the
-    same sequence of dots in both K-loops; the LoRA term is computed into its own fresh accumulator and added
-    with a plain fp32 add (acc + lora·s, lora·s == ±0 ⇒ acc unchanged), never as the dot's accumulator input
-    (a tensor core adding exact zeros into a running sum is not promised to leave it untouched). The term is
-    multiplied by the scale *after* its dot so Triton's "dot(a, b, 0) + c -> dot(a, b, c)" rewrite cannot fold
-    the add into the MMA. Bias is added after, in the same order for both kinds of stream.
+    same sequence of dots in both K-loops. The expand then runs as one MMA into that accumulator for *every*
+    tile: adapter tiles add s·xa·B[a]ᵀ, base tiles add 0·0 (xa = 0, scale 0, B tile masked off, no loads).
+    With B = 0 both add only zero products through the same instruction, so the result is identical even if
+    a tensor core were to touch its accumulator when adding zeros (the interpreter adds exact zeros: acc + 0).
+    Bias is added after, in the same order for both kinds of stream.
   * N_GROUP > 1 amortises the shrink: it is computed during the first of the program's N_GROUP column tiles
     and reused for the others. Every program recomputes the shrink for its rows (it needs the full x·Aᵀ for
     its epilogue), so the extra tensor-core work is R_PAD / (BLOCK_N · N_GROUP) of the base GEMM; the
@@ -155,6 +156,7 @@ def _lora_gemm_kernel(
     rows = stream.to(tl.int64) * rows_per_stream + offs_local
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < R
+    r_live = tl.where(adapter >= 0, R, 0)               # B columns a tile may read: none for base streams
     # Base streams (adapter −1) form these pointers but never dereference them.
     a_base = a_ptr + adapter.to(tl.int64) * stride_aa
     b_base = b_ptr + adapter.to(tl.int64) * stride_ba
@@ -181,12 +183,17 @@ def _lora_gemm_kernel(
                 else:
                     acc = _kloop_base(acc, x_ptr, w_ptr, rows, row_mask, offs_n, n_mask, K,
                                       stride_xm, stride_xk, stride_wn, stride_wk, BLOCK_K, UPCAST, DOT_PREC)
-                if adapter >= 0:
-                    scale = tl.load(scale_ptr + stream)
-                    bt = tl.load(b_base + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                                 mask=r_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-                    lora = tl.dot(xa, bt, input_precision=EPI_PREC)
-                    acc = acc + lora * scale
+                # Expand, on the identical path for both kinds of stream: base tiles have xa = 0, scale = 0 and
+                # a fully masked (never read) B tile, so both add only zero products into acc through the same
+                # MMA. Whatever a tensor core does to its accumulator when every product is zero, it does the
+                # same to base and adapter tiles, so lora_B == 0 gives bit-identical rows. The cost for a base
+                # tile is one [BLOCK_M, R_PAD]x[R_PAD, BLOCK_N] MMA (R_PAD/K of its work), no memory traffic.
+                # Accumulating into acc (not a second [BLOCK_M, BLOCK_N] fp32 accumulator) keeps the register
+                # footprint of a plain GEMM, so the wide 128x256 tiles stay usable.
+                scale = tl.load(scale_ptr + stream)              # 0.0 for base streams
+                bt = tl.load(b_base + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                             mask=(offs_r < r_live)[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(xa * scale, bt.to(tl.float32), acc, input_precision=EPI_PREC)
                 if HAS_BIAS:
                     bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
                     acc = acc + bias[None, :]
@@ -441,9 +448,10 @@ def _launch_wgrad(g, q, rows_per_stream, lora_streams_t, n_lora, scales, BIG, R)
     r_pad = _r_pad(R)
     # Enough programs to fill the GPU: split each stream's rows into chunks (a fixed 128-wide tile assumed
     # here so the chunking, and with it the summation order, does not depend on the tuned config).
-    target = 8 if interp else 2 * _sm_count(g.device)
+    # Under the interpreter a small target and 16-row chunks, so CPU tests cover several (and empty) chunks.
+    target, min_chunk = (8, 16) if interp else (2 * _sm_count(g.device), 64)
     tiles = n_lora * triton.cdiv(BIG, 128)
-    n_chunks = max(1, min(triton.cdiv(rows_per_stream, 64), triton.cdiv(target, tiles)))
+    n_chunks = max(1, min(triton.cdiv(rows_per_stream, min_chunk), triton.cdiv(target, tiles)))
     part = torch.empty(n_lora, n_chunks, BIG, R, device=g.device, dtype=torch.float32)
     if BIG == 0:
         return part.sum(1)
