@@ -1,0 +1,195 @@
+"""Checkpoint files: mismatches fail naming the tensor, writes are atomic, merged directories, PEFT errors."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hydra_kernels.integrations import HydraModel, checkpoint as ckpt, export_peft, import_peft
+
+from tests.integrations._models import ALPHA, R, batch, logits, make_model, merged_copy, randomize_adapters
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def saved(tmp_path, arch="llama", **kw):
+    h = HydraModel.from_pretrained_base(make_model(arch), r=R, alpha=ALPHA, **kw)
+    randomize_adapters(h.model)
+    h.save_pretrained(tmp_path / "ckpt")
+    return h, tmp_path / "ckpt"
+
+
+def snapshot(h):
+    return [p.detach().clone() for p in h.parameters() if p.requires_grad]
+
+
+def unchanged(h, snap):
+    return all(torch.equal(a, b) for a, b in zip(snapshot(h), snap))
+
+
+def test_files_are_safetensors_and_json_only(tmp_path):
+    h, d = saved(tmp_path)
+    assert sorted(os.listdir(d)) == ["hydra_config.json", "hydra_model.safetensors"]
+    cfg = json.loads((d / "hydra_config.json").read_text())
+    assert cfg["adapters"] == ["actor", "critic"] and cfg["r"] == R and cfg["alpha"] == ALPHA
+    assert cfg["modules"] == list(h.patch.modules) and cfg["model_type"] == "llama"
+    keys = load_file(d / "hydra_model.safetensors").keys()
+    assert "adapters.actor.model.layers.0.self_attn.q_proj.lora_A" in keys and "value_head.weight" in keys
+    assert len(keys) == 2 * 2 * len(h.patch.modules) + 4
+
+
+def test_mismatched_adapters_rank_and_modules_are_named(tmp_path):
+    _, d = saved(tmp_path)
+    with pytest.raises(ValueError, match=r"adapters: the model is already patched with adapters=\('policy',\)"):
+        from hydra_kernels import patch_model
+        HydraModel.from_pretrained(d, base=patch_model(make_model("llama"), adapters=("policy",), r=R, alpha=ALPHA))
+    other = HydraModel.from_pretrained_base(make_model("llama"), adapters=("actor", "value"), r=R, alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"adapters: checkpoint .* has adapters \('actor', 'critic'\), the model has"):
+        other.load_adapters(d)
+    other = HydraModel.from_pretrained_base(make_model("llama"), r=2 * R, alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"r: checkpoint has r=4"):
+        other.load_adapters(d)
+    partial = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj' is not patched in this model"):
+        partial.load_adapters(d)
+
+
+def _edit(d, fn):
+    tensors = load_file(d / "hydra_model.safetensors")
+    fn(tensors)
+    save_file(tensors, d / "hydra_model.safetensors")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t.pop("adapters.critic.model.layers.1.mlp.up_proj.lora_B"),
+     r"missing tensor 'adapters.critic.model.layers.1.mlp.up_proj.lora_B'"),
+    (lambda t: t.__setitem__("adapters.actor.model.layers.0.self_attn.v_proj.lora_A", torch.zeros(R, 31)),
+     r"tensor 'adapters.actor.model.layers.0.self_attn.v_proj.lora_A' has shape \(4, 31\), the model expects \(4, 32\)"),
+    (lambda t: t.__setitem__("reward_head.weight", torch.zeros(1, 16)),
+     r"tensor 'reward_head.weight' has shape \(1, 16\), the model expects \(1, 32\)"),
+    (lambda t: t.pop("value_head.bias"), r"missing tensor 'value_head.bias'"),
+    (lambda t: t.__setitem__("adapters.actor.lm_head.lora_A", torch.zeros(R, 32)),
+     r"unexpected tensor 'adapters.actor.lm_head.lora_A'"),
+])
+def test_bad_tensors_fail_naming_the_tensor_and_change_nothing(tmp_path, edit, match):
+    _, d = saved(tmp_path)
+    _edit(d, edit)
+    h = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA)
+    snap = snapshot(h)
+    with pytest.raises(ValueError, match=match):
+        h.load_adapters(d)
+    assert unchanged(h, snap)
+
+
+def test_not_a_checkpoint(tmp_path):
+    h = HydraModel.from_pretrained_base(make_model("llama"), r=R)
+    with pytest.raises(ValueError, match=r"load_dir: .* has no hydra_config.json"):
+        h.load_adapters(tmp_path)
+    (tmp_path / "hydra_config.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match=r"load_dir: .* is not a hydra_kernels.HydraModel v1 config"):
+        h.load_adapters(tmp_path)
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    h, d = saved(tmp_path)
+    before = (d / "hydra_model.safetensors").read_bytes()
+    randomize_adapters(h.model, seed=7)
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        h.save_pretrained(d)
+    assert (d / "hydra_model.safetensors").read_bytes() == before     # the old checkpoint is intact
+    assert sorted(os.listdir(d)) == ["hydra_config.json", "hydra_model.safetensors"]   # no temp files left
+    monkeypatch.undo()
+    h.save_pretrained(d)
+    assert (d / "hydra_model.safetensors").read_bytes() != before
+
+
+def test_merged_directory_sharded_and_overwritten(tmp_path):
+    from transformers import AutoModelForCausalLM
+    ref = make_model("gpt2")
+    h = HydraModel.from_pretrained_base(copy.deepcopy(ref), r=R, alpha=ALPHA)
+    randomize_adapters(h.model)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    ckpt.save_merged(h.model, "critic", out, max_shard_size=20_000)
+    files = sorted(os.listdir(out))
+    assert "stale.txt" not in files and "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    assert not [f for f in os.listdir(tmp_path) if f != "merged"]          # temp dirs cleaned up
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    state = merged.state_dict()
+    assert merged.lm_head.weight is merged.transformer.wte.weight          # still tied
+    assert state["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)   # Conv1D layout [in, out] again
+    ids, mask = batch()
+    torch.testing.assert_close(logits(merged, ids, mask), logits(merged_copy(ref, h.model, "critic"), ids, mask),
+                               rtol=1e-5, atol=1e-5)
+    base = ckpt.merged_state_dict(h.model, None)
+    assert all(torch.equal(base[k], v) for k, v in ref.state_dict().items() if k in base)
+    with pytest.raises(ValueError, match=r"adapter: 'policy' is not one of the model's adapters"):
+        h.merge("policy", tmp_path / "x")
+
+
+def test_peft_export_config_and_keys(tmp_path):
+    h = HydraModel.from_pretrained_base(make_model("gpt2"), r=R, alpha=ALPHA, target_modules=["c_attn", "mlp.c_proj"])
+    export_peft(h.model, "actor", tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == R and cfg["lora_alpha"] == ALPHA and cfg["fan_in_fan_out"]
+    # "c_proj" would also select attn.c_proj, which is not patched: the exact paths are written instead.
+    assert isinstance(cfg["target_modules"], str) and "transformer\\.h\\.0\\.mlp\\.c_proj" in cfg["target_modules"]
+    t = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    assert t["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (R, 32)
+    assert t["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, R)
+    h2 = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA)
+    export_peft(h2.model, "critic", tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert cfg["fan_in_fan_out"] is False
+
+
+def test_peft_import_errors(tmp_path):
+    h = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA)
+    export_peft(h.model, "actor", tmp_path / "p")
+    snap = snapshot(h)
+
+    def with_config(**kw):
+        d = tmp_path / ("c" + str(len(os.listdir(tmp_path))))
+        d.mkdir()
+        cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+        cfg.update(kw)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        (d / "adapter_model.safetensors").write_bytes((tmp_path / "p" / "adapter_model.safetensors").read_bytes())
+        return d
+    for kw, match in [({"r": 8}, r"has rank r=8 .* the model's adapters have r=4"),
+                      ({"lora_alpha": 16}, r"has lora_alpha=16 .* alpha=8"),
+                      ({"use_rslora": True}, "rsLoRA"), ({"use_dora": True}, "DoRA"),
+                      ({"modules_to_save": ["score"]}, "modules_to_save"),
+                      ({"peft_type": "IA3"}, "only LORA")]:
+        with pytest.raises(ValueError, match=match):
+            import_peft(h.model, "critic", with_config(**kw))
+    d = with_config()
+    t = load_file(d / "adapter_model.safetensors")
+    t["base_model.model.lm_head.lora_A.weight"] = torch.zeros(R, 32)
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'base_model.model.lm_head.lora_A.weight': module 'lm_head' is not"):
+        import_peft(h.model, "critic", d)
+    t.pop("base_model.model.lm_head.lora_A.weight")
+    t.pop("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
+    save_file(t, d / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"no lora_B for module 'model.layers.0.mlp.up_proj'"):
+        import_peft(h.model, "critic", d)
+    os.remove(d / "adapter_model.safetensors")
+    (d / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"no adapter_model.safetensors \(adapter_model.bin is a pickle"):
+        import_peft(h.model, "critic", d)
+    with pytest.raises(ValueError, match=r"adapter: 'base' is not one of"):
+        import_peft(h.model, "base", tmp_path / "p")
+    assert unchanged(h, snap)
