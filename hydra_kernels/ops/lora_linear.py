@@ -53,9 +53,28 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters,
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
 
 
-def _gpu_default(rows_per_stream: int, rank: int) -> str:
-    """Which GPU kernel `auto` picks for a shape (Triton until the CUDA crossover is measured)."""
-    return "triton"
+# CUDA small-batch kernel (csrc/lora_linear_small.cu) vs Triton. EXPECTED crossover from the roofline, NOT
+# MEASURED YET: replace with the numbers from `python bench/bench_lora_linear.py` (triton vs cuda) on an H200.
+# Up to the mma.sync ridge (~660 dense bf16 TFLOP/s / ~4.3 TB/s ≈ 150 rows in all) both kernels are bound by
+# reading W once, ≈ 2·N·K bytes / 4.3 TB/s; the CUDA kernel splits K so that every SM streams W even when
+# N / BLOCK_N tiles alone cannot fill the GPU, which is the small-row regime. Conservative until measured:
+# at most 64 rows per stream and 128 rows in all, forward only (no gradient needed).
+_CUDA_MAX_ROWS_PER_STREAM = 64
+_CUDA_MAX_ROWS = 128
+
+
+def _gpu_default(rows_per_stream: int, rank: int, *, n_streams: int = 1, dtype: torch.dtype | None = None,
+                 in_features: int = 0, n_adapters_used: int = 0, needs_grad: bool = False,
+                 device: torch.device | None = None) -> str:
+    """Which GPU kernel `auto` picks for a shape (see the crossover note above)."""
+    if (needs_grad or device is None or device.type != "cuda" or rows_per_stream > _CUDA_MAX_ROWS_PER_STREAM
+            or rows_per_stream * n_streams > _CUDA_MAX_ROWS):
+        return "triton"
+    from hydra_kernels.kernels import cuda as cuda_kernels
+    if not cuda_kernels.lora_small_supported(rows_per_stream, n_streams, rank, dtype, in_features,
+                                             n_adapters_used):
+        return "triton"
+    return "cuda" if cuda_kernels.is_available() else "triton"
 
 
 def _forward_impl(backend):
@@ -181,7 +200,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError("weight: lora_linear treats the base weight as frozen; call weight.requires_grad_(False)")
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise ValueError("bias: lora_linear treats the base bias as frozen; call bias.requires_grad_(False)")
-    chosen = choose_backend(backend, x.device, gpu_default=_gpu_default(x2.shape[0] // len(adapters), r))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
+    gpu_default = _gpu_default(x2.shape[0] // len(adapters), r, n_streams=len(adapters), dtype=x.dtype,
+                               in_features=K, n_adapters_used=len({a for a in adapters if a >= 0}),
+                               needs_grad=needs_grad, device=x.device)
+    chosen = choose_backend(backend, x.device, gpu_default=gpu_default)
     y, _ = _lora_linear_op(x2.contiguous(), weight.contiguous(), bias, lora_A.contiguous(),
                            lora_B.contiguous(), scales, adapters, chosen)
     return y.reshape(*x.shape[:-1], N)
