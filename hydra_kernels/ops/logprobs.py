@@ -117,7 +117,11 @@ def _torch_forward(logits, ref_logits, targets, temperature, kl, ignore_index):
             c = torch.where(live, e * (zs - zrs), torch.zeros_like(e)).sum(-1)
             k = c / s - log_s + log_sr
         else:
-            d = rlp - lp
+            # Regrouped as in the kernel so that huge logits cancel before rounding.
+            zt, zrt = (y.gather(-1, safe).squeeze(-1).to(cdt) for y in (x, xr))
+            if temperature != 1.0:
+                zt, zrt = zt / temperature, zrt / temperature
+            d = torch.where(in_range, ((zrt - zt) + (m - mr)) + (log_s - log_sr), nan)
             k = -d if kl == "k1" else (0.5 * d * d if kl == "k2" else torch.expm1(d) - d)
         ref_logp[r0:r1] = torch.where(valid, rlp, zero)
         kl_out[r0:r1] = torch.where(valid, k, zero)
