@@ -8,22 +8,30 @@ config     SFTConfig, PPOConfig (+ sections ModelConfig, LoRAConfig, DataConfig,
 data       load_sft_jsonl / load_preference_jsonl / load_prompt_jsonl (ValueError "<file>:<line>: field ..."),
            SFTExample, PreferencePair, check_tokenizer, add_pad_token, tokenize_* and collate helpers.
 sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs=None, callback=None)
-               -> SFTResult(model, reward_head, metrics, history)
+               -> SFTResult(model, reward_head, metrics, history, output_dir)
            `model` is a plain transformers causal LM; the result's model holds the SFT weights in its base
            (mode "lora" merges the adapter and returns an unpatched model), reward_head is nn.Linear(hidden, 1).
            evaluate_pairs(model, reward_head, tokenizer, pairs, cfg) -> {"lm_loss", "reward_accuracy",
-           "reward_margin"}; save_sft(out_dir, result, tokenizer=None) / load_sft(dir) -> (model, reward_head).
+           "reward_margin"}; save_sft(out_dir, result, tokenizer=None, cfg=None) / load_sft(dir) ->
+           (model, reward_head). With run.output_dir set, hydra_sft writes <output_dir>/final itself.
 ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=None, gold_reward_fn=None,
-                     callback=None) -> PPOResult(models, history, counters)
+                     callback=None) -> PPOResult(models, history, counters, output_dir)
            model/reward_head: the SFT result. hydra / j-hydra patch `model` IN PLACE (LoRA off = the SFT model);
-           lora / full make their own copies. reward_fn(prompts, completions) -> floats drives PPO when
-           cfg.reward_source == "function"; gold_reward_fn is only logged (objective/gold_reward).
-           callback(step, metrics) after every step. Metrics per step go to <run.output_dir>/<run.metrics_file>.
-models     build_ppo_models(model, reward_head, cfg) -> PPOModels (per-variant forwards, trainable params).
-rollout    generate(models, prompt_ids, prompt_mask, cfg-like args, generator) -> Rollout;
+           lora / full make their own copies. reward_fn(prompts, completions, ended) -> one float each (ended:
+           the completion stopped at EOS) drives PPO when cfg.reward_source == "function"; gold_reward_fn (same
+           signature) is only logged (objective/gold_reward). callback(step, metrics) after every step.
+           Writes <output_dir>/<metrics_file> (JSONL, one line per step), checkpoints/ (resume), final/
+           (save_policy; load_policy(dir, models)). For shared variants result.models.hydra is an
+           integrations.HydraModel: hydra.merge("actor", dir) exports the policy as a plain HF directory.
+models     build_ppo_models(model, reward_head, cfg) -> PPOModels (per variant; .policy("actor"|"reference"),
+           .named_trainable(), .frozen_state()); new_reward_head(model); load_model_and_tokenizer(cfg.model).
+rollout    generate(models.policy(...), prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id,
+           temperature, top_p, generator) -> Rollout;
            sample_completions(models, tokenizer, prompts, *, policy="actor"|"reference", max_new_tokens,
-           temperature=1.0 (0 = greedy), top_p=1.0, seed=0, batch_size=64) -> list[str].
-scoring    score_rollout(models, rollout, cfg) -> Scores (old/ref log-probs, KL, entropy, values, scores).
+           temperature=1.0 (0 = greedy), top_p=1.0, seed=0, batch_size=64, max_prompt_len=128)
+           -> (completions, ended). "reference" is the SFT policy (LoRA off / the frozen copy).
+scoring    score_rollout(models, rollout, *, temperature, kl_estimator) -> Scores (old/ref log-probs, KL,
+           entropy, values, scores); policy_and_values(...) is the update's forward.
 advantages per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
 losses     policy_loss, value_loss, entropy_bonus, ppo_loss.
 checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic).
@@ -32,14 +40,23 @@ from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLControll
                                            per_token_rewards, whiten)
 from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
                                        apply_overrides, config_from_dict, config_to_dict, load_config,
-                                       save_config)
+                                       parse_overrides, save_config)
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, add_pad_token, check_tokenizer,
                                      load_preference_jsonl, load_prompt_jsonl, load_sft_jsonl)
 from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, value_loss
+from hydra_kernels.rlhf.models import PPOModels, build_ppo_models, load_model_and_tokenizer, new_reward_head
+from hydra_kernels.rlhf.ppo import PPOResult, load_policy, save_policy, train_ppo
+from hydra_kernels.rlhf.rollout import Rollout, generate, sample_completions
+from hydra_kernels.rlhf.scoring import Scores, score_rollout
+from hydra_kernels.rlhf.sft import SFTResult, evaluate_pairs, hydra_sft, load_sft, save_sft
 
 __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
-           "apply_overrides", "config_from_dict", "config_to_dict", "save_config",
+           "apply_overrides", "parse_overrides", "config_from_dict", "config_to_dict", "save_config",
            "SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "check_tokenizer", "add_pad_token",
+           "hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft",
+           "train_ppo", "PPOResult", "save_policy", "load_policy",
+           "PPOModels", "build_ppo_models", "new_reward_head", "load_model_and_tokenizer",
+           "Rollout", "generate", "sample_completions", "Scores", "score_rollout",
            "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",
            "policy_loss", "value_loss", "entropy_bonus", "ppo_loss"]

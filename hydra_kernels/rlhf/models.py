@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.patch import disable_dropout, patch_model, position_ids_from_attention_mask
+from hydra_kernels.integrations import HydraModel, disable_dropout, patch_model, position_ids_from_attention_mask
 from hydra_kernels.nn import streams
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
@@ -97,17 +97,24 @@ class PolicyHandle:
 
 @dataclass
 class PPOModels:
-    """The models of one PPO variant (see the module docstring). Shared variants use `model`; separate ones
-    use `reference`, `reward_model`, `actor`, `critic` (the others are None)."""
+    """The models of one PPO variant (see the module docstring). Shared variants use `hydra` (an
+    integrations.HydraModel: its `model` is the patched causal LM, its heads are `reward_head` and
+    `value_head`; save it with hydra.save_pretrained, export the policy with hydra.merge("actor", dir));
+    separate ones use `reference`, `reward_model`, `actor`, `critic` (the others are None)."""
     variant: str
     reward_head: nn.Linear
     value_head: nn.Linear
-    model: nn.Module | None = None
+    hydra: HydraModel | None = None
     reference: nn.Module | None = None
     reward_model: nn.Module | None = None
     actor: nn.Module | None = None
     critic: nn.Module | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The patched causal LM of a shared variant."""
+        return self.hydra.model if self.hydra is not None else None
 
     @property
     def shared(self) -> bool:
@@ -172,8 +179,13 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     lm_head_weight(model)                       # refuse a biased LM head before anything is patched
     if variant in SHARED_VARIANTS:
         adapters = (ACTOR, CRITIC) if variant == "hydra" else (ACTOR,)
-        patch_model(model, adapters=adapters, **lora)
-        return PPOModels(variant, reward_head, value_head, model=_prepare(model))
+        hydra = HydraModel(_prepare(patch_model(model, adapters=adapters, **lora)))
+        with torch.no_grad():
+            hydra.reward_head.weight.copy_(reward_head.weight)
+            hydra.reward_head.bias.copy_(reward_head.bias)
+        hydra.init_value_head_from_reward()
+        hydra.reward_head.requires_grad_(False)
+        return PPOModels(variant, hydra.reward_head, hydra.value_head, hydra=hydra)
     if variant not in ("lora", "full"):
         raise ValueError(f"variant: unknown PPO variant {variant!r}")
     reference = _prepare(copy.deepcopy(model)).requires_grad_(False)

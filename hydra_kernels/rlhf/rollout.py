@@ -121,12 +121,16 @@ def sample_completions(models, tokenizer, prompts: Sequence[str], *, policy: str
                        batch_size: int = 64, max_prompt_len: int = 128) -> tuple[list[str], list[bool]]:
     """(completions, ended) for `prompts` from models.policy(policy) — "actor" or "reference" (the SFT model).
 
+    `models` is a PPOModels, or a plain (unpatched) causal LM such as Hydra-SFT's result (policy ignored).
     temperature 0 is greedy. The same seed gives the same completions.
     """
+    from hydra_kernels.rlhf.models import PolicyHandle, PPOModels
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    handle = models.policy(policy)
-    device = models.device
+    if isinstance(models, PPOModels):
+        handle, device = models.policy(policy), models.device
+    else:
+        handle, device = PolicyHandle(models, None), next(models.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     texts, ended = [], []
     for i in range(0, len(prompts), batch_size):

@@ -80,15 +80,16 @@ def score_rollout(models: PPOModels, rollout: Rollout, *, temperature: float, kl
     targets = response_targets(rollout)
     m = rollout.response_mask.float()
     if models.shared:
+        hydra = models.hydra
         names = (BASE, ACTOR, CRITIC) if models.variant == "hydra" else (BASE, ACTOR)
-        h, _ = decoder_hidden(models.model, ids, mask, pos, names)
+        h = hydra.forward_streams(ids, mask, names, pos)                       # [S, B, L, D], one forward
         hr = _response_hidden(h, rollout)
         # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
-        logp, ent, kl = _fused_logprobs(hr[[1, 0]], lm_head_weight(models.model), targets, temperature,
+        logp, ent, kl = _fused_logprobs(hr[[1, 0]], lm_head_weight(hydra.model), targets, temperature,
                                         kl_estimator)
         logp, ref_logp, ent = logp[0], logp[1], ent[0]
-        scores = _head(models.reward_head, _last_hidden(h[0], rollout))
-        values = _head(models.value_head, hr[-1])
+        scores = hydra.reward(h[0], mask)                  # reward model = LoRA off + reward head
+        values = hydra.values(hr[-1])                      # critic stream (j-hydra: the actor stream)
     else:
         lora = models.variant == "lora"
         h_ref, _ = decoder_hidden(models.reference, ids, mask, pos)
@@ -111,12 +112,13 @@ def policy_and_values(models: PPOModels, rollout: Rollout, *, temperature: float
     targets = response_targets(rollout)
     m = rollout.response_mask.float()
     if models.shared:
+        hydra = models.hydra
         names = (ACTOR, CRITIC) if models.variant == "hydra" else (ACTOR,)
-        h, _ = decoder_hidden(models.model, ids, mask, pos, names)
+        h = hydra.forward_streams(ids, mask, names, pos)
         hr = _response_hidden(h, rollout)
-        logp, ent, _ = _fused_logprobs(hr[:1], lm_head_weight(models.model), targets, temperature, None)
+        logp, ent, _ = _fused_logprobs(hr[:1], lm_head_weight(hydra.model), targets, temperature, None)
         logp, ent = logp[0], ent[0]
-        values = _head(models.value_head, hr[-1])
+        values = hydra.values(hr[-1])
     else:
         lora = models.variant == "lora"
         h_act, _ = decoder_hidden(models.actor, ids, mask, pos, (ACTOR,) if lora else None)

@@ -1,0 +1,315 @@
+"""Hydra-SFT: one causal LM with an LM head and a reward head, trained jointly.
+
+    L = L_lm + reward_coef · L_bt
+    L_lm = mean over response tokens of −log π(token)   on demonstrations (and on chosen responses)
+    L_bt = mean over pairs of −log σ(r(chosen) − r(rejected)),  r = reward head at the last real token
+
+mode "full": every weight of the model and the reward head train. mode "lora": a LoRA adapter ("sft") and
+the reward head train; at the end the adapter is merged into the base weights and the model is unpatched,
+so the returned model IS the SFT model (PPO's "LoRA off" must be the SFT policy and reward model, not the
+pre-SFT one). Only the prompt/padding tokens are masked out of the LM loss: the response includes its EOS.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
+from hydra_kernels.rlhf.checkpoint import write_dir_atomically
+from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
+from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
+                                     encode_prompt, encode_response)
+from hydra_kernels.rlhf.models import decoder_hidden, hidden_size, lm_head_weight, new_reward_head, resolve_device
+from hydra_kernels.rlhf.ppo import derived_seed
+from hydra_kernels.rlhf.scoring import IGNORE_INDEX, linear_logprobs
+
+SFT_ADAPTER = "sft"
+
+
+@dataclass
+class SFTResult:
+    """model: the causal LM with the SFT result in its base weights (unpatched, eval mode, frozen);
+    reward_head: nn.Linear(hidden, 1) in fp32; metrics: the final held-out evaluation; history: per epoch."""
+    model: nn.Module
+    reward_head: nn.Linear
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    output_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------- batches
+def _demo_batch(tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig) -> TokenBatch:
+    d = cfg.data
+    return collate_sequences([encode_prompt(tokenizer, e.prompt, d.max_prompt_len) for e in examples],
+                             [encode_response(tokenizer, e.completion) for e in examples],
+                             tokenizer.pad_token_id, d.max_len)
+
+
+def _pair_batch(tokenizer, pairs: Sequence[PreferencePair], cfg: SFTConfig) -> TokenBatch:
+    """Chosen rows then rejected rows, left-padded together (one forward for both)."""
+    d = cfg.data
+    prompts = [encode_prompt(tokenizer, p.prompt, d.max_prompt_len) for p in pairs]
+    responses = [encode_response(tokenizer, p.chosen) for p in pairs] + \
+                [encode_response(tokenizer, p.rejected) for p in pairs]
+    return collate_sequences(prompts + prompts, responses, tokenizer.pad_token_id, d.max_len)
+
+
+def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, int]:
+    """(Σ log π(response token), number of response tokens): position t predicts token t + 1."""
+    targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, IGNORE_INDEX)
+    x = h[:, :-1]
+    logp, _, _ = linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model), targets.reshape(-1),
+                                 kl=None, ignore_index=IGNORE_INDEX)
+    return logp.sum(), int((targets != IGNORE_INDEX).sum())
+
+
+def _rewards(reward_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    # Left padding puts every row's last real token in the last column.
+    return reward_head(h[:, -1].float()).squeeze(-1)
+
+
+def _forward(model, batch: TokenBatch) -> torch.Tensor:
+    h, _ = decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return h[0]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[PreferencePair], cfg: SFTConfig,
+                   batch_size: int | None = None) -> dict:
+    """On preference pairs: LM loss on the chosen responses (nats/token), reward accuracy (share with
+    r_chosen > r_rejected) and mean margin r_chosen − r_rejected."""
+    if not pairs:
+        raise ValueError("pairs: need at least one pair to evaluate")
+    check_tokenizer(tokenizer)
+    was_training = model.training
+    model.eval()
+    device = reward_head.weight.device
+    bs = batch_size or cfg.batch_size
+    lp_sum, n_tok, correct, margin = 0.0, 0, 0, 0.0
+    try:
+        for i in range(0, len(pairs), bs):
+            chunk = pairs[i:i + bs]
+            batch = _pair_batch(tokenizer, chunk, cfg).to(device)
+            h = _forward(model, batch)
+            r = _rewards(reward_head, h)
+            k = len(chunk)
+            d = r[:k] - r[k:]
+            correct += int((d > 0).sum())
+            margin += float(d.sum())
+            chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                  batch.loss_mask)))
+            s, n = _lm_logprob_sum(model, h[:k], chosen)
+            lp_sum += float(s)
+            n_tok += n
+    finally:
+        model.train(was_training)
+    return {"lm_loss": -lp_sum / max(n_tok, 1), "reward_accuracy": correct / len(pairs),
+            "reward_margin": margin / len(pairs)}
+
+
+# ------------------------------------------------------------------------------------------- training
+def _split_eval(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(pairs) < 2:
+        return pairs, []
+    g = torch.Generator().manual_seed(derived_seed(seed, 0, 5))
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    n_eval = max(1, int(round(fraction * len(pairs))))
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def _epoch_order(n: int, seed: int, epoch: int, salt: int) -> list[int]:
+    g = torch.Generator().manual_seed(derived_seed(seed, epoch, salt))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Sequence[PreferencePair],
+              cfg: SFTConfig, *, eval_pairs: Sequence[PreferencePair] | None = None,
+              callback: Callable[[int, dict], None] | None = None) -> SFTResult:
+    """Train `model` (a plain transformers causal LM) with Hydra-SFT; see the module docstring.
+
+    eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
+    `pairs`. callback(epoch, metrics) after every epoch. With run.output_dir set, the result is written to
+    <output_dir>/final (HF model dir + reward_head.safetensors + sft.json, atomically) only when training
+    completes, and per-epoch metrics to <output_dir>/<metrics_file>.
+    """
+    if not isinstance(cfg, SFTConfig):
+        raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
+    check_tokenizer(tokenizer)
+    demonstrations, pairs = list(demonstrations), list(pairs)
+    if not demonstrations and not pairs:
+        raise ValueError("demonstrations: need demonstrations or preference pairs to train on")
+    if eval_pairs is None:
+        pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
+    eval_pairs = list(eval_pairs)
+    device = resolve_device(cfg.run.device)
+    model.to(device)
+    head = new_reward_head(model, torch.Generator(device=device).manual_seed(derived_seed(cfg.run.seed, 0, 6)))
+
+    if cfg.mode == "lora":
+        patch_model(model, adapters=(SFT_ADAPTER,), r=cfg.lora.r, alpha=cfg.lora.alpha,
+                    target_modules=cfg.lora.target_modules)
+        body = [p for p in model.parameters() if p.requires_grad]
+    else:
+        model.requires_grad_(True)
+        body = list(model.parameters())
+    groups = [{"params": body, "lr": cfg.lr},
+              {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    trainable = body + list(head.parameters())
+
+    bs = cfg.batch_size
+    steps_per_epoch = math.ceil(max(len(demonstrations), len(pairs)) / bs)
+    out = Path(cfg.run.output_dir) if cfg.run.output_dir else None
+    log = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        log = open(out / cfg.run.metrics_file, "w")
+    progress = None
+    if cfg.run.progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"Hydra-SFT ({cfg.mode})", unit="step")
+    history, skipped = [], 0
+    model.train()
+    try:
+        for epoch in range(cfg.epochs):
+            demo_order = _epoch_order(len(demonstrations), cfg.run.seed, epoch, 7) if demonstrations else []
+            pair_order = _epoch_order(len(pairs), cfg.run.seed, epoch, 8) if pairs else []
+            sums = {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}
+            counted = 0
+            for s in range(steps_per_epoch):
+                lp_sum = torch.zeros((), device=device)
+                n_tok = 0
+                bt = torch.zeros((), device=device)
+                acc = float("nan")
+                if demonstrations:
+                    idx = [demo_order[(s * bs + j) % len(demonstrations)] for j in range(bs)]
+                    batch = _demo_batch(tokenizer, [demonstrations[i] for i in idx], cfg).to(device)
+                    lp, n = _lm_logprob_sum(model, _forward(model, batch), batch)
+                    lp_sum, n_tok = lp_sum + lp, n_tok + n
+                if pairs:
+                    idx = [pair_order[(s * bs + j) % len(pairs)] for j in range(min(bs, len(pairs)))]
+                    chunk = [pairs[i] for i in idx]
+                    batch = _pair_batch(tokenizer, chunk, cfg).to(device)
+                    h = _forward(model, batch)
+                    r = _rewards(head, h)
+                    k = len(chunk)
+                    bt = -F.logsigmoid(r[:k] - r[k:]).mean()
+                    acc = float((r[:k] > r[k:]).float().mean())
+                    if cfg.lm_on_chosen:
+                        chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
+                                                              batch.position_ids, batch.loss_mask)))
+                        lp, n = _lm_logprob_sum(model, h[:k], chosen)
+                        lp_sum, n_tok = lp_sum + lp, n_tok + n
+                lm = -lp_sum / max(n_tok, 1)
+                loss = lm + cfg.reward_coef * bt
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite loss; step skipped",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                if not torch.isfinite(norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite gradient; step skipped",
+                                  RuntimeWarning, stacklevel=2)
+                    continue
+                optimizer.step()
+                scheduler.step()
+                counted += 1
+                sums["train/lm_loss"] += float(lm.detach())
+                sums["train/bt_loss"] += float(bt.detach())
+                sums["train/reward_accuracy"] += acc if pairs else 0.0
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(lm=f"{float(lm.detach()):.3f}", bt=f"{float(bt.detach()):.3f}")
+            metrics = {"epoch": epoch + 1, **{k: v / max(counted, 1) for k, v in sums.items()},
+                       "skipped/nonfinite_loss": skipped}
+            if not pairs:
+                metrics.pop("train/reward_accuracy")
+            if eval_pairs:
+                metrics.update({f"eval/{k}": v for k, v in evaluate_pairs(model, head, tokenizer, eval_pairs,
+                                                                          cfg).items()})
+            history.append(metrics)
+            if log is not None:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if callback is not None:
+                callback(epoch + 1, metrics)
+    finally:
+        if progress is not None:
+            progress.close()
+        if log is not None:
+            log.close()
+
+    if cfg.mode == "lora":
+        # Fold the adapter into the base, then drop the LoRA layers: the base now IS the SFT model.
+        merge_adapter_into_base(model, SFT_ADAPTER)
+        unpatch_model(model)
+    model.requires_grad_(False)
+    head.requires_grad_(False)
+    model.eval()
+    for name, p in list(model.named_parameters()) + list(head.named_parameters()):
+        if not torch.isfinite(p).all():
+            raise ValueError(f"model: parameter {name!r} is not finite after SFT; nothing was saved")
+    final = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
+    result = SFTResult(model, head, final, history, None)
+    if out is not None:
+        result.output_dir = save_sft(out / "final", result, tokenizer, cfg)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ save / load
+def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg: SFTConfig | None = None) -> Path:
+    """An HF model directory (config + safetensors, loadable by AutoModelForCausalLM) plus
+    reward_head.safetensors and sft.json, written atomically. Load with `load_sft`."""
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path):
+        result.model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.reward_head.state_dict().items()},
+                  str(tmp / "reward_head.safetensors"))
+        meta = {"format": "hydra_kernels.rlhf.sft", "hidden_size": result.reward_head.in_features,
+                "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None}
+        with open(tmp / "sft.json", "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+    return write_dir_atomically(out_dir, fill)
+
+
+def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(model, reward_head) from a directory written by save_sft (local files only)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    path = Path(path)
+    if not (path / "sft.json").is_file() or not (path / "reward_head.safetensors").is_file():
+        raise ValueError(f"path: {str(path)!r} is not a Hydra-SFT directory (sft.json, reward_head.safetensors)")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device).eval()
+    state = load_file(str(path / "reward_head.safetensors"))
+    d = hidden_size(model)
+    if tuple(state.get("weight", torch.empty(0)).shape) != (1, d):
+        raise ValueError(f"path: reward_head.safetensors does not hold a [1, {d}] weight for this model")
+    head = nn.Linear(d, 1, device=device, dtype=torch.float32)
+    head.load_state_dict(state)
+    return model, head.requires_grad_(False)
+
+
+__all__ = ["hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft", "SFT_ADAPTER"]
