@@ -125,6 +125,16 @@ def test_token_logprobs(backend, dtype, T):
     check_grad(g, gref, dtype)
 
 
+def test_float64_inputs_torch_backend():
+    """float64 logits run in float64 on the torch backend (outputs are still float32)."""
+    x, r, t = make(shape=(2, 3), V=200, dtype=torch.float64, seed=24)
+    w = weights(t.shape)
+    refs, gref = ref_run(x, r, t, 0.6, "full", w)
+    outs, g = op_run("torch", x, r, t, 0.6, "full", w)
+    check_outputs(outs, refs, "full", atol=1e-6)
+    assert g.dtype == torch.float64 and rel_err(g, gref) < 1e-6      # upstream weights went through fp32
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kl", ["k3", "full"])
@@ -517,9 +527,17 @@ def test_kernels_compile_for_sm90():
     assert "OK" in res.stdout
 
 
+def _gpu_backend_or_skip(backend):
+    if backend == "cuda":
+        from hydra_kernels.kernels import cuda as _cuda
+        if not _cuda.is_available():
+            pytest.skip(f"cuda backend unavailable: {_cuda.unavailable_reason()}")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["cuda"])
 def test_gpu_vocab_151936(backend):
+    _gpu_backend_or_skip(backend)
     dev = "cuda"
     x, r, t = make(shape=(4, 64), V=151936, dtype=torch.bfloat16, seed=21, scale=3.0)
     x, r, t = x.to(dev), r.to(dev), t.to(dev)
@@ -532,17 +550,19 @@ def test_gpu_vocab_151936(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_many_rows():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_many_rows(backend):
     """>= 131072 rows (more than 65535 programs on any grid axis but 0), a cheap vocabulary."""
+    _gpu_backend_or_skip(backend)
     dev = "cuda"
     x, r, t = make(shape=(2, 65540), V=1000, dtype=torch.bfloat16, seed=22)
     x, r, t = x.to(dev), r.to(dev), t.to(dev)
     w = [wi.to(dev) for wi in weights(t.shape)]
     refs, gref = ref_run(x, r, t, 1.0, "full", w)
-    outs, g = op_run("triton", x, r, t, 1.0, "full", w)
+    outs, g = op_run(backend, x, r, t, 1.0, "full", w)
     check_outputs(outs, refs, "full")
     check_grad(g, gref, torch.bfloat16)
-    lp = ops.token_logprobs(x, t, backend="triton")
+    lp = ops.token_logprobs(x, t, backend=backend)
     assert_close(lp, refs[0], "token_logprobs")
 
 
