@@ -11,6 +11,9 @@ shaped like targets, and 0 wherever target == ignore_index. kl: "k1" | "k2" | "k
 KL(pi || pi_ref), see reference.kl_estimate) or "full" (exact KL over the whole vocabulary). entropy is the
 actor's. Semantics are those of `hydra_kernels.reference` (the float64 ground truth).
 
+Targets outside [0, V) that are not ignore_index raise ValueError in eager mode (one small reduction and a
+host sync per call); under torch.compile that data-dependent check is skipped and such rows come out NaN.
+
 Gradients flow to `logits` only, for any combination of upstream gradients on (logp, kl, entropy). The
 reference side is frozen: ref_logits never receives a gradient (even if it requires one), and a gradient on
 the returned ref_logp is dropped. The backward recomputes softmax from the logits and the saved per-row
