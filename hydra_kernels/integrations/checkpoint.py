@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.patch import hydra_modules, patch_info
+from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
 __all__ = ["atomic_write", "atomic_write_json", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
@@ -70,7 +70,9 @@ def atomic_write_json(path, obj) -> None:
 
 def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # Copies: adapter rows are views into one stacked Parameter, and some safetensors versions refuse tensors
+    # that share storage (adapters and heads are small).
+    cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
@@ -160,6 +162,8 @@ def merge_adapter_into_base(model: nn.Module, adapter: str) -> None:
             layer.lora_B[i].zero_()
             nn.init.kaiming_uniform_(layer.lora_A[i], a=5 ** 0.5)
     model.hydra_patch = dataclasses.replace(info, merged=info.merged + (adapter,))
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, MERGED_CONFIG_KEY, list(info.merged + (adapter,)))
 
 
 def _output_embedding_key(model: nn.Module) -> str | None:
@@ -277,6 +281,11 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         cfg = copy.deepcopy(config)
         cfg.architectures = [type(model).__name__]
+        merged = list(patch_info(model).merged) + ([adapter] if adapter not in (None, "base") else [])
+        if merged:
+            setattr(cfg, MERGED_CONFIG_KEY, merged)
+        elif hasattr(cfg, MERGED_CONFIG_KEY):
+            delattr(cfg, MERGED_CONFIG_KEY)
         dtype = next(iter(t.dtype for t in state.values() if t.is_floating_point()), None)
         if dtype is not None:
             # transformers ≥ 4.56 calls it `dtype`, older versions `torch_dtype`.

@@ -310,7 +310,8 @@ class HydraModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, load_dir, base, dtype: torch.dtype | None = None, tokenizer=None,
-                        disable_dropout: bool = True, allow_untested: bool = False, **load_kwargs) -> "HydraModel":
+                        disable_dropout: bool = True, allow_untested: bool = False, check_base: bool = True,
+                        **load_kwargs) -> "HydraModel":
         """Rebuild a HydraModel saved by save_pretrained on `base` (a directory or model, as in
         from_pretrained_base), patching exactly the saved modules, then load adapters and heads."""
         cfg = cls.read_config(load_dir)
@@ -318,16 +319,25 @@ class HydraModel(nn.Module):
                                          target_modules=cfg["modules"], dtype=dtype, tokenizer=tokenizer,
                                          disable_dropout=disable_dropout, allow_untested=allow_untested,
                                          **load_kwargs)
-        hydra.load_adapters(load_dir)
+        hydra.load_adapters(load_dir, check_base=check_base)
         return hydra
 
-    def load_adapters(self, load_dir) -> None:
+    def load_adapters(self, load_dir, check_base: bool = True) -> None:
         """Load adapters and heads saved by save_pretrained into this model. Every tensor is checked first
-        (names, shapes, adapter set, rank/alpha, patched modules); on a mismatch nothing changes."""
+        (names, shapes, adapter set, rank/alpha, patched modules); on a mismatch nothing changes.
+
+        check_base: the adapters must have been trained on a base with the same adapters merged into it
+        (merge_adapter_into_base, e.g. Hydra-SFT); otherwise "LoRA off" would be the wrong model.
+        """
         load_dir = Path(load_dir)
         cfg = self.read_config(load_dir)
         info = self.patch
         where = str(load_dir / ckpt.WEIGHTS_NAME)
+        saved_merged = tuple(cfg.get("merged_into_base") or ())
+        if check_base and saved_merged != info.merged:
+            raise ValueError(f"load_dir: {str(load_dir)!r} was trained on a base with {list(saved_merged)} merged "
+                             f"into it; this base has {list(info.merged)} (load the base written by "
+                             "merge(None, dir) after merge_adapter_into_base, or pass check_base=False)")
         if set(cfg["adapters"]) != set(info.adapters):
             raise ValueError(f"adapters: checkpoint {str(load_dir)!r} has adapters {tuple(cfg['adapters'])}, "
                              f"the model has {info.adapters}")

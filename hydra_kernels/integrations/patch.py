@@ -12,7 +12,7 @@ from torch import nn
 
 from hydra_kernels.nn.linear import BASE, HydraLinear
 
-__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "hydra_modules", "repeat_for_streams",
+__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams",
            "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
@@ -35,7 +35,9 @@ class PatchInfo:
 
     modules: paths (relative to the patched model) of the HydraLinear layers, in module order.
     conv1d: the subset that replaced GPT-2-style Conv1D layers (weight stored [in, out]; now [out, in]).
-    merged: adapters folded into the base weights in place (merge_adapter_into_base), oldest first.
+    merged: adapters folded into the base weights (merge_adapter_into_base), oldest first. Kept in the model's
+        config too (`config.hydra_merged_adapters`), so merged directories and re-patched models carry it and
+        a checkpoint trained on a merged base refuses a base without that merge.
     """
     adapters: tuple[str, ...]
     r: int
@@ -47,6 +49,14 @@ class PatchInfo:
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+
+MERGED_CONFIG_KEY = "hydra_merged_adapters"
+
+
+def merged_adapters(model: nn.Module) -> tuple[str, ...]:
+    """Adapters already folded into this model's base weights, oldest first (from its config)."""
+    return tuple(getattr(getattr(model, "config", None), MERGED_CONFIG_KEY, None) or ())
 
 
 def _conv1d_type():
@@ -220,7 +230,7 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
         setattr(model.get_submodule(parent_path) if parent_path else model, leaf, layer)
     # A plain attribute (not a buffer or parameter): it travels with deepcopy and never enters a state dict.
     model.hydra_patch = PatchInfo(adapters=adapters, r=r, alpha=float(alpha), modules=tuple(order),
-                                  conv1d=frozenset(conv1d))
+                                  conv1d=frozenset(conv1d), merged=merged_adapters(model))
     return model
 
 

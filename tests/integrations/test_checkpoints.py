@@ -193,3 +193,32 @@ def test_peft_import_errors(tmp_path):
     with pytest.raises(ValueError, match=r"adapter: 'base' is not one of"):
         import_peft(h.model, "base", tmp_path / "p")
     assert unchanged(h, snap)
+
+
+def test_merge_history_travels_with_the_base_and_guards_loading(tmp_path):
+    """Hydra-SFT: merge the SFT adapter into the base, write that base, train PPO adapters on it; loading those
+    adapters on the pre-SFT base would make "LoRA off" the wrong model, so it is refused."""
+    from hydra_kernels.integrations import merged_adapters, unpatch_model
+    from hydra_kernels import patch_model
+    ref = make_model("llama")
+    sft = HydraModel.from_pretrained_base(copy.deepcopy(ref), adapters=("sft",), r=R, alpha=ALPHA)
+    randomize_adapters(sft.model)
+    sft.merge_adapter_into_base("sft")
+    assert sft.patch.merged == ("sft",) and sft.model.config.hydra_merged_adapters == ["sft"]
+    sft.merge(None, tmp_path / "sft_base")
+    assert json.loads((tmp_path / "sft_base" / "config.json").read_text())["hydra_merged_adapters"] == ["sft"]
+    ppo = HydraModel.from_pretrained_base(tmp_path / "sft_base", r=R, alpha=ALPHA, dtype=torch.float32)
+    assert ppo.patch.merged == ("sft",)
+    randomize_adapters(ppo.model)
+    ppo.save_pretrained(tmp_path / "ppo")
+    assert json.loads((tmp_path / "ppo" / "hydra_config.json").read_text())["merged_into_base"] == ["sft"]
+    HydraModel.from_pretrained(tmp_path / "ppo", base=tmp_path / "sft_base", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"was trained on a base with \['sft'\] merged into it; this base has \[\]"):
+        HydraModel.from_pretrained(tmp_path / "ppo", base=copy.deepcopy(ref))
+    HydraModel.from_pretrained(tmp_path / "ppo", base=copy.deepcopy(ref), check_base=False)
+    # In memory: merge, unpatch, patch again (the rlhf flow) keeps the history through the config.
+    model = patch_model(copy.deepcopy(ref), adapters=("sft",), r=R)
+    HydraModel(model).merge_adapter_into_base("sft")
+    unpatch_model(model)
+    assert merged_adapters(model) == ("sft",)
+    assert patch_model(model, r=R).hydra_patch.merged == ("sft",)
