@@ -215,6 +215,19 @@ class HydraModel(nn.Module):
         b = self.lm_head_bias
         return F.linear(hidden.float(), self.lm_head_weight.float(), None if b is None else b.float())
 
+    def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, kl: str | None = None,
+                 ignore_index: int = -100):
+        """ops.linear_logprobs through this model's LM head: hidden [S, B, T, D] (or a list of S [B, T, D]),
+        targets [B, T] → (logp [S, B, T], entropy [S, B, T], kl [B, T] between streams 0 and 1, or None), fp32,
+        logits never stored. Align them yourself: hidden[..., :-1, :] predicts targets = input_ids[:, 1:].
+        """
+        if self.lm_head_bias is not None:
+            raise ValueError(f"model: the LM head of {type(self.model).__name__} has a bias, which "
+                             "ops.linear_logprobs does not take; use lm_logits")
+        from hydra_kernels.ops import linear_logprobs
+        return linear_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature, kl=kl,
+                               ignore_index=ignore_index)
+
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]
         (fp32). Pass the base stream's hidden states for the Hydra reward model."""

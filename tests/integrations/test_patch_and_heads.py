@@ -215,3 +215,19 @@ def test_from_pretrained_base_loads_a_directory_with_its_tokenizer(tmp_path):
     assert h.lm_head_weight.dtype == torch.bfloat16
     out = h.merge("actor", tmp_path / "merged")
     assert (out / "tokenizer.json").exists() and (out / "config.json").exists()
+
+
+def test_logprobs_through_the_lm_head_match_materialised_logits():
+    h = HydraModel.from_pretrained_base(make_model("gpt_neox"), r=R)
+    from tests.integrations._models import randomize_adapters as rnd
+    rnd(h.model)
+    ids, mask = batch()
+    hidden = h.forward_streams(ids, mask, streams=("actor", "base"))
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    logp, ent, kl = h.logprobs(hidden[:, :, :-1], targets, temperature=0.7, kl="k3")
+    full = torch.log_softmax(h.lm_logits(hidden[:, :, :-1]) / 0.7, -1)
+    want = full.gather(-1, targets.clamp_min(0)[None, ..., None].expand(2, -1, -1, 1)).squeeze(-1)
+    want = want * (targets != -100)
+    assert logp.shape == (2, 3, 6) and kl.shape == (3, 6)
+    torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[0], -(full[0].exp() * full[0]).sum(-1) * (targets != -100), rtol=1e-5, atol=1e-5)
