@@ -371,12 +371,15 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_fwd_kernel(const Logprob
       if (REF) {
         log_sr = logf(st.sr);
         const float rlp = in_range ? (zrt - st.mr) - log_sr : quiet_nan();
-        const float d = rlp - lp;
+        // d = ref_logp - logp regrouped (as in the Triton kernel) so that huge logits cancel before rounding:
+        // with |z| ~ 1e4 each log-prob carries ~1e-3 of fp32 rounding, (z_ref_t - z_t), (m - m_ref) and
+        // (log_s - log_sr) do not.
+        const float d = in_range ? ((zrt - zt) + (st.m - st.mr)) + (log_s - log_sr) : quiet_nan();
         float k;
         if (FULL) {
           k = st.c / st.s - log_s + log_sr;
         } else if (args.kl_mode == kKlK1) {
-          k = lp - rlp;
+          k = -d;
         } else if (args.kl_mode == kKlK2) {
           k = 0.5f * d * d;
         } else {

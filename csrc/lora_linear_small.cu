@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include <atomic>
 
@@ -653,7 +654,12 @@ cudaError_t launch_all(const LoraSmallArgs& a, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const bool pdl = shrink && compute_major(device) >= 9;
+  // HYDRA_KERNELS_NO_PDL=1 turns programmatic dependent launch off (plain stream order), e.g. to rule it out.
+  static const bool no_pdl = [] {
+    const char* v = getenv("HYDRA_KERNELS_NO_PDL");
+    return v != nullptr && v[0] == '1';
+  }();
+  const bool pdl = shrink && !no_pdl && compute_major(device) >= 9;
   const int ni = rb / 16;
   if (a.block_m_warps == 1) return launch_main_ni<T, 1>(ni, mp, bytes, pdl, device, stream);
   if (a.block_m_warps == 2) return launch_main_ni<T, 2>(ni, mp, bytes, pdl, device, stream);

@@ -156,6 +156,7 @@ Tensor logprobs_bwd(const std::optional<Tensor>& grad_logp, const std::optional<
   TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.dim() == 2 && stats.size(0) == N &&
                   stats.size(1) == 4,
               "stats: expected contiguous float32 [", N, ", 4] (what the forward returned)");
+  check_aligned16(stats, "stats");
   if (grad_logp.has_value()) check_f32_vec(*grad_logp, "grad_logp", device, N);
   if (has_gkl) {
     check_f32_vec(*grad_kl, "grad_kl", device, N);
@@ -278,7 +279,8 @@ std::tuple<Tensor, Tensor> lora_small_fwd(const Tensor& x, const Tensor& weight,
   int optin = 0;
   check_launch(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()),
                "lora_small_fwd");
-  TORCH_CHECK(smem <= static_cast<size_t>(optin), "lora_small_fwd: needs ", smem,
+  // + 1 KiB: the kernel's static shared memory also counts against the opt-in limit.
+  TORCH_CHECK(smem + 1024 <= static_cast<size_t>(optin), "lora_small_fwd: needs ", smem + 1024,
               " bytes of shared memory per block, the device allows ", optin,
               " (fewer adapters per call, a lower rank or block_m_warps=1)");
 

@@ -309,7 +309,7 @@ def lora_small_config(rows: int, out_features: int, in_features: int, rank: int,
         return None
     for mw in ((2, 1) if rb >= 128 else (1,)):
         smem = _smem_bytes(rows, rank, n_used, mw)
-        if smem <= smem_optin:
+        if smem + 1024 <= smem_optin:            # + the kernel's static shared memory
             break
     else:
         return None

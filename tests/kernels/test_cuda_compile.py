@@ -1,0 +1,377 @@
+"""CPU checks of the CUDA sources (csrc/) and their loader; nothing here needs a GPU.
+
+* every csrc/*.cu compiles with the installed nvcc for sm_90, warnings as errors (nvcc's all-warnings and the host
+  compiler's -Wall -Wextra -Werror), with the macros torch's build adds, and includes no torch header;
+* ptxas reports no spills and no stack frame for any kernel (-Xptxas -v, parsed);
+* the host-side helpers link and run without a GPU: shared-memory sizes agree with the Python mirror used for
+  dispatch, and the launchers reject bad launch shapes before touching the device;
+* csrc/ops.cpp (the torch op registration) passes g++ -fsyntax-only against the installed torch's headers;
+* cuda_build.py runs with torch and hydra_kernels unimportable (setup.py's situation) and has the right flags;
+* hydra_kernels.kernels.cuda imports on a CPU machine without compiling, and says plainly why it cannot load.
+
+Each source is compiled once per module (two at a time, for 2-core CI machines).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+CU_FILES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+OPS_CPP = os.path.join(CSRC, "ops.cpp")
+# torch.utils.cpp_extension adds these to every nvcc command: the sources must compile with them.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+# Kernels each file must define (a refactor that drops one should fail here, not on the GPU machine).
+EXPECTED_KERNELS = {
+    "logprobs.cu": ["logprobs_fwd_kernel", "logprobs_bwd_kernel"],
+    "lora_linear_small.cu": ["lora_small_main_kernel", "lora_shrink_kernel"],
+}
+
+
+def _find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    cand = os.path.join(home, "bin", "nvcc")
+    return cand if os.path.exists(cand) else None
+
+
+NVCC = _find_nvcc()
+NO_NVCC = "nvcc not found (no CUDA toolkit on PATH / CUDA_HOME): the CUDA sources were not compiled"
+
+
+def _toolkit_dirs() -> tuple[str | None, str | None]:
+    """(include dir with cuda_runtime_api.h, lib dir with libcudart) of the toolkit nvcc belongs to. Asks nvcc
+    (--dryrun prints its INCLUDES/LIBRARIES), since `nvcc` on PATH may be a wrapper script outside the toolkit."""
+    if NVCC is None:
+        return None, None
+    res = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                         capture_output=True, text=True, timeout=60)
+    text = res.stdout + res.stderr
+    incs = re.findall(r'-I"?([^"\s]+)', " ".join(l for l in text.splitlines() if "INCLUDES=" in l))
+    libs = re.findall(r'-L"?([^"\s]+)', " ".join(l for l in text.splitlines() if "LIBRARIES=" in l))
+    home = os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))
+    incs.append(os.path.join(home, "include"))
+    libs += [os.path.join(home, "lib64"), os.path.join(home, "lib")]
+    inc = next((d for d in incs if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))), None)
+    lib = next((d for d in libs if glob.glob(os.path.join(d, "libcudart.so*"))), None)
+    return inc, lib
+
+
+TOOLKIT_INCLUDE, TOOLKIT_LIB = _toolkit_dirs()
+
+
+def _cuda_include():
+    return TOOLKIT_INCLUDE
+
+
+def _nvcc_cmd(src: str, obj: str) -> list[str]:
+    return [NVCC, "-c", src, "-o", obj, "-std=c++17", "-O3", "-gencode=arch=compute_90,code=sm_90",
+            "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v",
+            *TORCH_NVCC_DEFINES, "-I", CSRC]
+
+
+def _ops_cpp_cmd(shim_dir: str):
+    """g++ -fsyntax-only for ops.cpp, or (None, reason to skip)."""
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        return None, "no host C++ compiler (g++) found"
+    from torch.utils import cpp_extension
+    torch_inc = cpp_extension.include_paths()
+    if not os.path.exists(os.path.join(torch_inc[0], "torch", "library.h")):
+        return None, "this torch wheel ships no C++ headers (torch/include/torch/library.h missing)"
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        return None, "CUDA runtime headers (cuda_runtime_api.h) not found next to nvcc"
+    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
+    cmd = [gxx, "-fsyntax-only", std, "-Wall", "-Wextra", "-Werror", "-DTORCH_EXTENSION_NAME=_C"]
+    for inc in torch_inc + [shim_dir, cuda_inc, sysconfig.get_paths()["include"]]:
+        cmd += ["-isystem", inc]        # warnings inside torch's own headers are not ours
+    return cmd + ["-I", CSRC, OPS_CPP], None
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Compiles every .cu (and syntax-checks ops.cpp) once, two jobs at a time. -> {name: result}."""
+    if NVCC is None:
+        pytest.skip(NO_NVCC)
+    out = tmp_path_factory.mktemp("nvcc")
+    # CPU-only torch wheels omit c10/cuda/impl/cuda_cmake_macros.h (generated at torch's build); a CUDA build has
+    # it with exactly this content. Only the syntax check uses the shim.
+    shim = out / "shim"
+    (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    jobs = {os.path.basename(f): (_nvcc_cmd(f, str(out / (os.path.basename(f) + ".o"))), None) for f in CU_FILES}
+    ops_cmd, ops_skip = _ops_cpp_cmd(str(shim))
+    if ops_cmd is not None:
+        jobs["ops.cpp"] = (ops_cmd, None)
+    results = {"ops.cpp": ops_skip} if ops_cmd is None else {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futs = {name: pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=600)
+                for name, (cmd, _) in jobs.items()}
+        for name, fut in futs.items():
+            results[name] = fut.result()
+    results["_objdir"] = str(out)
+    return results
+
+
+def _compiled(builds, name):
+    res = builds[name]
+    assert res.returncode == 0, f"{name} failed to compile:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def test_sources_present():
+    assert {os.path.basename(f) for f in CU_FILES} >= set(EXPECTED_KERNELS), CU_FILES
+    assert os.path.exists(OPS_CPP)
+
+
+@pytest.mark.parametrize("name", [os.path.basename(f) for f in CU_FILES])
+def test_cu_is_pure_cuda(name):
+    """The kernels take raw pointers: no torch/ATen/c10 header in any .cu or the shared header."""
+    for path in [os.path.join(CSRC, name), os.path.join(CSRC, "hydra_kernels.h")]:
+        includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', open(path).read(), flags=re.M)
+        bad = [i for i in includes if i.split("/")[0] in ("torch", "ATen", "c10", "pybind11", "Python.h")]
+        assert not bad, f"{path} includes {bad}"
+
+
+@pytest.mark.parametrize("name", [os.path.basename(f) for f in CU_FILES])
+def test_cu_compiles_sm90_werror(builds, name):
+    _compiled(builds, name)
+
+
+def _ptxas_report(text: str) -> dict[str, dict[str, int]]:
+    """{mangled kernel: {registers, stack, spill_stores, spill_loads}} from `-Xptxas -v` output."""
+    report, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for 'sm_\d+a?'", line)
+        if m:
+            current = m.group(1)
+            report[current] = {}
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            report[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            report[current]["registers"] = int(m.group(1))
+    return report
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_KERNELS))
+def test_no_spills_sm90(builds, name):
+    res = _compiled(builds, name)
+    report = _ptxas_report(res.stdout + res.stderr)
+    for kernel in EXPECTED_KERNELS[name]:
+        assert any(kernel in k for k in report), f"{kernel} not in the ptxas report of {name}"
+    assert report, f"no ptxas -v output for {name}"
+    for kernel, info in report.items():
+        assert info.get("spill_stores") == 0 and info.get("spill_loads") == 0, f"{name}: {kernel} spills: {info}"
+        assert info.get("stack") == 0, f"{name}: {kernel} uses a stack frame (local memory): {info}"
+        assert 0 < info.get("registers", 0) <= 255, f"{name}: {kernel}: {info}"
+
+
+def test_ops_cpp_syntax(builds):
+    res = builds["ops.cpp"]
+    if isinstance(res, str) or res is None:
+        pytest.skip(f"ops.cpp not syntax-checked: {res}")
+    assert res.returncode == 0, f"ops.cpp:\n{res.stdout}\n{res.stderr}"
+
+
+HOST_MAIN = textwrap.dedent("""
+    #include <cstdio>
+    #include "hydra_kernels.h"
+    int main() {
+      // shared memory per block (rows, rank, used adapters, block_m_warps)
+      const int cases[][4] = {{1, 0, 0, 1}, {16, 16, 2, 1}, {33, 7, 1, 1}, {64, 64, 2, 1}, {128, 64, 2, 2},
+                              {128, 128, 4, 1}, {100, 8, 3, 2}};
+      for (const auto& c : cases)
+        std::printf("smem %d %d %d %d %zu\\n", c[0], c[1], c[2], c[3], hydra::lora_small_smem_bytes(c[0], c[1], c[2], c[3]));
+      for (int r : {1, 16, 17, 32, 64, 65, 128, 129}) std::printf("rows %d %d\\n", r, hydra::lora_small_rows_per_block(r));
+      std::printf("ws %zu\\n", hydra::lora_small_workspace_floats(4096, 16, 1, 8));
+      // bad launch shapes are rejected before any CUDA call (no device needed)
+      hydra::LogprobsFwdArgs f{};
+      f.threads = 48; f.max_blocks = 1; f.B = 1; f.T = 1; f.V = 8;
+      std::printf("fwd_threads %d\\n", (int)hydra::logprobs_forward(f, nullptr));
+      f.threads = 64; f.kl_mode = hydra::kKlK3;   // a KL mode without ref_logits
+      std::printf("fwd_ref %d\\n", (int)hydra::logprobs_forward(f, nullptr));
+      hydra::LogprobsBwdArgs b{};
+      b.threads = 64; b.max_blocks = 1; b.B = 1; b.T = 1; b.V = 8; b.kl_mode = hydra::kKlFull;
+      float g = 0.f; b.grad_kl = &g;              // full-KL gradient without ref_logits
+      std::printf("bwd_ref %d\\n", (int)hydra::logprobs_backward(b, nullptr));
+      hydra::LoraSmallArgs l{};
+      l.dtype = hydra::DType::kBFloat16; l.R = 6; l.N = 8; l.K = 12; l.n_streams = 2; l.block_m_warps = 1; l.splits = 1;
+      std::printf("lora_k %d\\n", (int)hydra::lora_small_forward(l, nullptr));      // K % 8 != 0
+      l.K = 16; l.R = 7;
+      std::printf("lora_streams %d\\n", (int)hydra::lora_small_forward(l, nullptr)); // 7 rows, 2 streams
+      l.R = 130; l.n_streams = 2;
+      std::printf("lora_rows %d\\n", (int)hydra::lora_small_forward(l, nullptr));    // > 128 rows
+      l.R = 8; l.dtype = hydra::DType::kFloat32;
+      std::printf("lora_f32 %d\\n", (int)hydra::lora_small_forward(l, nullptr));
+      return 0;
+    }
+""")
+
+
+def test_host_helpers_without_gpu(builds, tmp_path):
+    """Links the compiled objects into a host program: layout sizes match the Python mirror used by dispatch,
+    and invalid launches return cudaErrorInvalidValue (1) without a device."""
+    for name in EXPECTED_KERNELS:
+        _compiled(builds, name)
+    gxx = shutil.which("g++") or shutil.which("c++")
+    cuda_inc, libdir = TOOLKIT_INCLUDE, TOOLKIT_LIB
+    if gxx is None or cuda_inc is None or libdir is None:
+        pytest.skip("no g++ or no libcudart next to nvcc: the host helpers were not linked")
+    main = tmp_path / "main.cpp"
+    main.write_text(HOST_MAIN)
+    exe = tmp_path / "host_helpers"
+    objs = [os.path.join(builds["_objdir"], n + ".o") for n in sorted(EXPECTED_KERNELS)]
+    link = subprocess.run([gxx, "-std=c++17", "-I", CSRC, "-isystem", cuda_inc, str(main), *objs, "-L", libdir,
+                           "-lcudart", f"-Wl,-rpath,{libdir}", "-o", str(exe)], capture_output=True, text=True)
+    assert link.returncode == 0, link.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.split("\n")
+    from hydra_kernels.kernels import cuda as ck
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] == "smem":
+            rows, rank, used, mw, got = map(int, parts[1:])
+            assert ck._smem_bytes(rows, rank, used, mw) == got, line
+        elif parts and parts[0] == "rows":
+            assert ck._rows_per_block(int(parts[1])) == int(parts[2]), line
+    out = dict(p.split() for p in lines if p and p.split()[0] not in ("smem", "rows"))
+    assert out["ws"] == str(8 * 64 * 64 * 16)
+    for key in ("fwd_threads", "fwd_ref", "bwd_ref", "lora_k", "lora_streams", "lora_rows", "lora_f32"):
+        assert out[key] == "1", f"{key}: expected cudaErrorInvalidValue (1), got {out[key]}"
+
+
+# --------------------------------------------------------------------------------------- build helper
+def test_cuda_build_needs_no_torch():
+    """setup.py runs cuda_build.py before anything is installed: it must not import torch or hydra_kernels."""
+    code = textwrap.dedent(f"""
+        import json, os, runpy, sys
+        sys.modules['torch'] = None            # any `import torch` now raises ImportError
+        sys.modules['hydra_kernels'] = None
+        os.chdir({ROOT!r})
+        os.environ.pop('HYDRA_KERNELS_CUDA_ARCHS', None)
+        os.environ['HYDRA_KERNELS_PTXAS_VERBOSE'] = '1'
+        mod = runpy.run_path(os.path.join('hydra_kernels', 'kernels', 'cuda_build.py'))
+        print(json.dumps(dict(setup=mod['extension_kwargs'](), jit=mod['jit_kwargs']())))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import json
+    kw = json.loads(res.stdout)
+    setup, jit = kw["setup"], kw["jit"]
+    assert sorted(setup["sources"]) == sorted(
+        [os.path.relpath(f, ROOT) for f in CU_FILES] + [os.path.relpath(OPS_CPP, ROOT)])
+    assert all(not os.path.isabs(s) for s in setup["sources"])            # setuptools wants relative paths
+    assert all(os.path.isabs(s) and os.path.exists(s) for s in jit["sources"])
+    nvcc = setup["extra_compile_args"]["nvcc"]
+    assert nvcc == jit["extra_cuda_cflags"]
+    assert "-gencode=arch=compute_80,code=sm_80" in nvcc and "-gencode=arch=compute_90,code=sm_90" in nvcc
+    assert "-gencode=arch=compute_90,code=compute_90" in nvcc             # PTX for newer GPUs
+    assert "-O3" in nvcc and ["-Xptxas", "-v"] == nvcc[-2:]
+    flat = " ".join(nvcc + setup["extra_compile_args"]["cxx"])
+    for banned in ("use_fast_math", "-ftz=true", "prec-div=false", "prec-sqrt=false", "-std="):
+        assert banned not in flat, f"{banned} in {flat}"
+
+
+def test_cuda_build_arch_override(monkeypatch):
+    from hydra_kernels.kernels import cuda_build
+    monkeypatch.setenv("HYDRA_KERNELS_CUDA_ARCHS", "9.0;8.0+PTX")
+    assert cuda_build.gencode_flags() == ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80",
+                                          "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("HYDRA_KERNELS_CUDA_ARCHS", "sm_90")
+    with pytest.raises(ValueError, match="HYDRA_KERNELS_CUDA_ARCHS"):
+        cuda_build.gencode_flags()
+    monkeypatch.delenv("HYDRA_KERNELS_CUDA_ARCHS")
+    h = cuda_build.source_hash("a")
+    assert h == cuda_build.source_hash("a") and h != cuda_build.source_hash("b")
+
+
+# --------------------------------------------------------------------------------------------- loader
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_loader_without_gpu_is_lazy_and_plain():
+    code = textwrap.dedent("""
+        import torch, hydra_kernels.kernels.cuda as ck
+        assert not ck._loaded and ck._error is None          # importing compiled nothing
+        assert ck.is_available() is False
+        print(ck.unavailable_reason())
+        x = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
+        t = torch.zeros(6, dtype=torch.long)
+        try:
+            ck.logprobs_and_kl_forward(x, None, t, 1.0, "none", -100)
+        except ValueError as e:
+            print("VE", e)
+        try:
+            ck.logprobs_and_kl_forward(x, None, t, 1.0, "k9", -100)
+        except ValueError as e:
+            print("VE", e)
+        if torch.version.cuda is None:
+            try:
+                ck.load()
+            except RuntimeError as e:
+                print("RE", e)
+        assert not ck._loaded
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "needs CUDA tensors" in out and "unknown mode 'k9'" in out
+    if torch.version.cuda is None:
+        assert "CPU-only" in out and "RE hydra_kernels: the CUDA extension is not built by setup.py" in out
+
+
+def test_backend_cuda_on_cpu_tensors_is_a_value_error():
+    from hydra_kernels.ops import lora_linear
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="cuda"):
+        lora_linear(x, torch.randn(8, 16), backend="cuda")
+
+
+# -------------------------------------------------------------------------------------- dispatch rule
+def test_lora_dispatch_rule():
+    from hydra_kernels.ops.lora_linear import _gpu_default
+    cuda = torch.device("cuda", 0)
+    kw = dict(n_streams=2, dtype=torch.bfloat16, in_features=4096, n_adapters_used=1, device=cuda)
+    assert _gpu_default(8, 16, **{**kw, "device": torch.device("cpu")}) == "triton"
+    assert _gpu_default(8, 16, **kw, needs_grad=True) == "triton"             # forward-only kernel
+    assert _gpu_default(65, 16, **kw) == "triton"                             # > 64 rows per stream
+    assert _gpu_default(48, 16, **{**kw, "n_streams": 3}) == "triton"         # > 128 rows in all
+    assert _gpu_default(8, 16, **{**kw, "dtype": torch.float32}) == "triton"  # no fp32 tensor-core path
+    assert _gpu_default(8, 16, **{**kw, "in_features": 4100}) == "triton"     # K % 8
+    assert _gpu_default(8, 256, **kw) == "triton"                             # rank > 128
+    # Where the kernel applies, `cuda` iff the extension can run here.
+    from hydra_kernels.kernels import cuda as ck
+    expected = "cuda" if ck.unavailable_reason() is None else "triton"
+    assert _gpu_default(8, 16, **kw) == expected
+
+
+def test_lora_small_config_one_wave():
+    from hydra_kernels.kernels.cuda import lora_small_config
+    mw, splits = lora_small_config(16, 4096, 4096, 16, 2, sm_count=132, smem_optin=227 * 1024)
+    assert mw == 1 and 64 * splits <= 132 * 4 and splits > 1      # split-K fills the GPU in one wave
+    mw, splits = lora_small_config(128, 4096, 4096, 16, 2, sm_count=132, smem_optin=227 * 1024)
+    assert mw == 2 and splits >= 1
+    # A100's 163 KiB: 128 rows with two rank-64 adapters do not fit 128-feature blocks; 64-feature ones do.
+    assert lora_small_config(128, 4096, 4096, 64, 2, sm_count=108, smem_optin=166912)[0] == 1
+    assert lora_small_config(129, 4096, 4096, 16, 1) is None
+    assert lora_small_config(1, 8, 8, 0, 0) == (1, 1)
