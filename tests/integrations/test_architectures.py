@@ -185,6 +185,24 @@ def test_activation_checkpointing_gives_same_gradients(arch):
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpointing_with_different_layouts_before_one_backward(arch):
+    """Two forwards with different stream layouts summed into one loss: each block recomputes with its own
+    forward's layout (not the layout of the last forward)."""
+    def grads(checkpointing):
+        _, h = hydra(arch)
+        h.train()
+        if checkpointing:
+            h.enable_activation_checkpointing()
+        ids, mask = batch()
+        a = h.forward_streams(ids, mask, streams=("actor", "critic"))
+        b = h.forward_streams(ids[:2], mask[:2], streams=("critic",))
+        (a.pow(2).mean() + b.pow(3).mean()).backward()
+        return [p.grad for p in h.lora_parameters()]
+    for g_ckpt, g in zip(grads(True), grads(False)):
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-6)
+
+
 def test_reentrant_checkpointing_gives_same_gradients():
     _, h = hydra("llama")
     h.train()
