@@ -12,7 +12,7 @@ Sections
           Impls: ours; `eager` = fp32 log_softmax + gather (+ entropy, k3); `chunked` = row-chunked fp32
           logsumexp minus the gathered logit (TRL's selective_log_softmax, chunked by rows); `compile` =
           torch.compile of the eager code; `liger` = Liger-Kernel's fused_selective_log_softmax (forward
-          only, no entropy) when it imports. Bytes = the minimum traffic (each logit tensor read once forward;
+          only, no entropy) when it imports; `cuda` = the same op on the csrc/ CUDA kernel (GPU only). Bytes = the minimum traffic (each logit tensor read once forward;
           backward reads the actor logits again and writes dlogits), so GB/s compares directly with the measured
           HBM copy bandwidth.
 `linear`  (ops.linear_logprobs, the LM head fused) - not in this file yet; see "Adding a section".
@@ -342,6 +342,13 @@ def _logits_impls(models, mode, x, r, t, T, w, full, liger, env, args):
             "eager": lambda xx: _eager_2(xx, r, t, T),
             "chunked": lambda xx: _chunked_2(xx, r, t, T),
         }
+    if env["device"].type == "cuda":
+        # csrc/logprobs.cu through the same op (issue 4); JIT-compiled on first use. If the extension cannot
+        # load, the timing fails and the row says why.
+        if models == 1:
+            cands["cuda"] = lambda xx: ops.token_logprobs(xx, t, T, backend="cuda")
+        else:
+            cands["cuda"] = lambda xx: ops.logprobs_and_kl(xx, r, t, T, "k3", backend="cuda")
     out = []
     for name, f in cands.items():
         if args.impls and name not in args.impls:
@@ -377,10 +384,28 @@ def _logits_impls(models, mode, x, r, t, T, w, full, liger, env, args):
                     logprobs_and_kl_forward(x3, r3 if models == 2 else None, t1, T, "k3" if models == 2 else "none",
                                             -100, block_v=bv, num_warps=nw)
                 out.append((f"ours[bv={bv},nw={nw}]", run, "tuning sweep (launcher direct)"))
+        from hydra_kernels.kernels import cuda as cuda_kernels
+        for threads in (128, 256, 512):
+            def run_cuda(threads=threads):
+                cuda_kernels.logprobs_and_kl_forward(x3, r3 if models == 2 else None, t1, T,
+                                                     "k3" if models == 2 else "none", -100, threads=threads)
+            out.append((f"cuda[threads={threads}]", run_cuda, "tuning sweep (launcher direct)"))
     return out
 
 
 SECTIONS = {"logits": bench_logits}
+
+
+def bench_linear(args, env):
+    """Section `linear` (ops.linear_logprobs, the LM head fused) lives in bench/bench_linear_logprobs.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_linear_logprobs", ROOT / "bench" / "bench_linear_logprobs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.bench_linear(args, env)
+
+
+SECTIONS["linear"] = bench_linear
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -389,13 +414,14 @@ def parse_args(argv=None):
     p.add_argument("--section", choices=["logits", "linear", "all"], default="all")
     p.add_argument("--quick", action="store_true", help="fewer shapes (one vocab, two token counts)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (a few seconds)")
-    p.add_argument("--tune", action="store_true", help="also sweep block_v x num_warps of the Triton forward")
+    p.add_argument("--tune", action="store_true",
+                   help="also sweep block_v x num_warps of the Triton forward and threads of the CUDA forward")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tokens", type=int, nargs="+")
     p.add_argument("--vocab", type=int, nargs="+")
     p.add_argument("--models", type=int, nargs="+", choices=[1, 2], default=[1, 2])
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
-    p.add_argument("--impls", nargs="+", help="only these impls (ours eager chunked compile liger)")
+    p.add_argument("--impls", nargs="+", help="only these impls (ours cuda eager chunked compile liger)")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens = args.tokens or [32, 64]
