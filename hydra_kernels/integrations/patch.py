@@ -300,7 +300,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def _validate_streams(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
     info = patch_info(model)
-    names = tuple(names)
+    names = (names,) if isinstance(names, str) else tuple(names)    # "actor" means one stream, not five
     if not names:
         raise ValueError("streams: needs at least one stream name")
     unknown = [n for n in names if n != BASE and n not in info.adapters]

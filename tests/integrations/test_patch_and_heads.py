@@ -131,6 +131,7 @@ def test_forward_streams_rejects_unknown_streams_and_shapes():
         h.forward_streams(ids, mask, streams=("base", "policy"))
     with pytest.raises(ValueError, match="^input_ids:"):
         h.forward_streams(ids[0], mask[0])
+    assert h.forward_streams(ids, mask, streams="critic").shape == (1, 3, 7, 32)
     with pytest.raises(ValueError, match="^position_ids:"):
         h.forward_streams(ids, mask, position_ids=mask[:, 1:])
     with pytest.raises(ValueError, match="^model: .* is not patched"):
