@@ -259,6 +259,9 @@ def _validate_sections(cfg) -> None:
         expected = types_[f.name]
         if isinstance(expected, type) and dataclasses.is_dataclass(expected):
             section = getattr(cfg, f.name)
+            if isinstance(section, dict):             # PPOConfig(lora={"r": 8}) is accepted
+                section = _from_mapping(expected, section, prefix=f.name + ".")
+                setattr(cfg, f.name, section)
             if not isinstance(section, expected):
                 _fail(f.name, f"must be a {expected.__name__}, got {type(section).__name__}")
             section.validate(f.name + ".")

@@ -60,6 +60,18 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return out
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, torch (CPU and CUDA) and numpy (if imported): LoRA A matrices are drawn from the global
+    generator when a model is patched, so the same run.seed must give the same initial adapters."""
+    import random
+    import sys
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % 2 ** 32)
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     """(MiB, what was measured): CUDA max allocated on a GPU, else the process's peak RSS (ru_maxrss)."""
     if device.type == "cuda":
@@ -291,11 +303,13 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     objective/gold_reward. callback(step, metrics) runs after every step. Writes
     <output_dir>/<metrics_file> (one JSON line per step), checkpoints under <output_dir>/checkpoints every
     run.checkpoint_every steps (and at the end), and the final policy to <output_dir>/final when the run
-    completes. With run.resume, an existing checkpoint in <output_dir> is continued.
+    completes. With run.resume, an existing checkpoint in <output_dir> is continued. The global RNGs are
+    seeded with run.seed first (the LoRA A matrices are drawn when the model is patched).
     """
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
     reward_head = reward_head.to(device)
@@ -355,4 +369,4 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
 
 
 __all__ = ["train_ppo", "PPOTrainer", "PPOResult", "save_policy", "load_policy", "batch_indices", "derived_seed",
-           "peak_memory"]
+           "seed_everything", "peak_memory"]

@@ -29,7 +29,7 @@ from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
 from hydra_kernels.rlhf.models import decoder_hidden, hidden_size, lm_head_weight, new_reward_head, resolve_device
-from hydra_kernels.rlhf.ppo import derived_seed
+from hydra_kernels.rlhf.ppo import derived_seed, seed_everything
 from hydra_kernels.rlhf.scoring import IGNORE_INDEX, linear_logprobs
 
 SFT_ADAPTER = "sft"
@@ -151,6 +151,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if eval_pairs is None:
         pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
     eval_pairs = list(eval_pairs)
+    seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
     head = new_reward_head(model, torch.Generator(device=device).manual_seed(derived_seed(cfg.run.seed, 0, 6)))
