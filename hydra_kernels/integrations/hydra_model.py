@@ -13,6 +13,8 @@ The heads are never applied implicitly: the caller picks which stream's hidden s
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import math
 import os
 from pathlib import Path
@@ -101,7 +103,6 @@ class HydraModel(nn.Module):
             nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(d + 1))
             self.reward_head.bias.zero_()
         self.init_value_head_from_reward()
-        import inspect
         self._takes_position_ids = "position_ids" in inspect.signature(self.backbone.forward).parameters
 
     # ------------------------------------------------------------------------------------------------ building
@@ -342,7 +343,6 @@ class HydraModel(nn.Module):
         path = Path(load_dir) / ckpt.CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"load_dir: {str(load_dir)!r} has no {ckpt.CONFIG_NAME}")
-        import json
         with open(path) as f:
             cfg = json.load(f)
         if cfg.get("format") != ckpt.FORMAT or cfg.get("format_version") != ckpt.FORMAT_VERSION:
