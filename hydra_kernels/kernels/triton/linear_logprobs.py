@@ -7,12 +7,15 @@ Forward (`_fwd_kernel`), split-vocab. Grid (axis 0 only) = token blocks × vocab
 A program owns BT tokens of ALL streams (up to 4 per launch) and one contiguous vocabulary range. For each
 [BV] vocab tile it loads the W tile once per K step and feeds it to one tl.dot per stream (S accumulators of
 [BT, BV], fp32), then updates per stream, online: the row max m, l = Σ e^{z−m}, b = Σ e^{z−m}(z−m) (entropy),
-the target logit, and for kl="full" a = Σ e^{z0−m0}((z0−m0) − (z1−m1)) between streams 0 and 1. Columns past V
-are −inf (never 0: no phantom tokens). It writes these partial statistics per (split, stream, token); the
-host merges the splits (ops/linear_logprobs.py `_combine`, a few [splits, S, T] elementwise ops).
+and for kl="full" a = Σ e^{z0−m0}((z0−m0) − (z1−m1)) between streams 0 and 1 (only e^{z0−m0} of stream 0 is
+kept while stream 1's tile max is found, to bound registers). Columns past V are −inf (never 0: no phantom
+tokens). The target logit is a row gather h·W[target] done once per token block (in split 0), not picked out
+of every tile. It writes these partial statistics per (split, stream, token); the host merges the splits
+(ops/linear_logprobs.py `_combine`, a few [splits, S, T] elementwise ops).
 Why split the vocabulary: at 4096 tokens and BT=128 a token-block-only grid has 32 programs for 132 SMs.
 With the split index fastest, the programs resident at one time cover a compact (token blocks × vocab splits)
-rectangle: each hidden block is re-read by several programs and each W tile by many, mostly from L2.
+rectangle: each hidden block is re-read by several programs and each W tile by many, mostly from L2 (the
+hidden blocks are re-read once per vocab tile; without that sharing they would stream from HBM).
 
 Backward (`_dz_kernel`) recomputes the logits of a [BT, BV] tile from h and W (same K loop), forms
 dz = p·(−c_lp − c_H·(log p + H) + c_K·(log p0 − log p1 − KL)) + c_lp·[v = target], scaled by 1/temperature,
