@@ -65,6 +65,10 @@ DZ_BUDGET_FRACTION = 0.04
 # ... unless forced to this many tokens (frozen weight) or vocab columns (weight needs grad).
 DZ_CHUNK_TOKENS: int | None = None
 DZ_CHUNK_COLS: int | None = None
+# With a frozen weight, which chunking the triton backward uses: "tokens" (token rows × all of V; dH = dz·W in
+# one GEMM per chunk, M = chunk rows) or "vocab" (all tokens × a vocab slice; M = tokens, dH summed in fp32
+# through torch.mm(out_dtype=float32)). A weight that needs a gradient always takes "vocab". Tune on the GPU.
+DZ_LAYOUT = "tokens"
 # triton forward: vocab splits (None = kernels' default for the device).
 FWD_SPLITS: int | None = None
 
@@ -276,33 +280,36 @@ def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, n
             dz_chunk(hidden, weight, targets, temperature, rowdata, klrow, (a, b), klg, wb,
                      bufs[slot[a]], bufs[slot[b]] if wb else None, t_begin, v_begin)
 
-    if not need_w:
+    n_g = len(streams)
+    if not need_w and DZ_LAYOUT == "tokens":
         # Token chunks × the whole vocabulary: dH rows = dz·W in one GEMM, fp32-accumulated over all of V.
-        ct = DZ_CHUNK_TOKENS or max(64, int(budget // (len(streams) * V * elt)) // 64 * 64)
+        ct = DZ_CHUNK_TOKENS or max(64, int(budget // (n_g * V * elt)) // 64 * 64)
         ct = min(T, ct)
-        buf = torch.empty(len(streams), ct, V, dtype=dtype, device=weight.device)
+        buf = torch.empty(n_g, ct, V, dtype=dtype, device=weight.device)
         for t0, t1 in _chunks(T, ct):
             n = t1 - t0
-            bufs = [buf[i, :n] for i in range(len(streams))]
+            bufs = [buf[i, :n] for i in range(n_g)]
             launch(bufs, t0, 0)
             for s in dH:
                 torch.mm(bufs[slot[s]], weight, out=dH[s][t0:t1])
     else:
         # All tokens × a vocabulary slice: dW[slice] = dzᵀ·h in one GEMM over every token of every stream
         # (fp32 accumulation inside, one rounding); dH sums the slices in fp32.
-        cv = DZ_CHUNK_COLS or max(256, int(budget // (S * T * elt)) // 256 * 256)
+        cv = DZ_CHUNK_COLS or max(256, int(budget // (n_g * T * elt)) // 256 * 256)
         cv = min(V, cv)
-        flat = torch.empty(S * T * cv, dtype=dtype, device=weight.device)
-        h_cat = torch.cat(hidden) if S > 1 else hidden[0]
-        dW = torch.empty_like(weight)
+        flat = torch.empty(n_g * T * cv, dtype=dtype, device=weight.device)
+        if need_w:
+            dW = torch.empty_like(weight)
+            h_cat = torch.cat(hidden) if S > 1 else hidden[0]        # streams == all S when need_w
         acc = {s: torch.zeros(T, D, dtype=torch.float32, device=weight.device) for s in dH}
         for v0, v1 in _chunks(V, cv):
             n = v1 - v0
-            dz = flat[:S * T * n].view(S, T, n)
-            launch([dz[i] for i in range(S)], 0, v0)
-            torch.mm(dz.view(S * T, n).T, h_cat, out=dW[v0:v1])
+            dz = flat[:n_g * T * n].view(n_g, T, n)
+            launch([dz[i] for i in range(n_g)], 0, v0)
+            if need_w:
+                torch.mm(dz.view(n_g * T, n).T, h_cat, out=dW[v0:v1])
             for s in acc:
-                acc[s] += _mm_f32(dz[s], weight[v0:v1])
+                acc[s] += _mm_f32(dz[slot[s]], weight[v0:v1])
         for s in acc:
             dH[s].copy_(acc[s])
     return [dH[s] for s in range(S) if need_h[s]], dW

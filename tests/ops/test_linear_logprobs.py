@@ -148,6 +148,13 @@ def test_backward_detached_reference_stream(backend, kl, grad_streams):
     check_forward_backward(backend, 3 if kl is None else 2, 21, 40, 131, kl, grad_streams=grad_streams, seed=13)
 
 
+@pytest.mark.parametrize("S,kl,grad_streams", [(2, "full", [0]), (3, None, [2])])
+def test_backward_vocab_layout_frozen_weight_triton(monkeypatch, S, kl, grad_streams):
+    """The triton backward's other chunking (all tokens × vocab slices, dH summed in fp32) with a frozen head."""
+    monkeypatch.setattr(llp_mod, "DZ_LAYOUT", "vocab")
+    check_forward_backward("triton", S, 21, 40, 131, kl, grad_streams=grad_streams, seed=41)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kl,grad_streams", [("full", [0, 1]), ("k3", []), (None, [0])])
 def test_backward_weight_grad(backend, kl, grad_streams):
