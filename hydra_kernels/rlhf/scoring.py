@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_kernels import ops, reference
+from hydra_kernels import ops
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PPOModels, decoder_hidden, lm_head_weight
 from hydra_kernels.rlhf.rollout import Rollout
 
 IGNORE_INDEX = -100
 
-# The fused LM-head op lands in ops; until it does, its float64-grade reference with the same contract runs.
-linear_logprobs = getattr(ops, "linear_logprobs", None) or reference.linear_logprobs
+linear_logprobs = ops.linear_logprobs
 
 
 @dataclass
@@ -60,13 +59,13 @@ def _head(head: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return head(h.float()).squeeze(-1)
 
 
-def _fused_logprobs(h_streams: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+def _fused_logprobs(h_streams: list[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                     kl: str | None):
-    """linear_logprobs over response hidden states [S, B, R, D] -> (logp [S, B, R], entropy, kl [B, R] | None)."""
-    S, B, R, D = h_streams.shape
-    logp, ent, k = linear_logprobs(h_streams.reshape(S, B * R, D), weight, targets.reshape(B * R),
-                                   temperature=temperature, kl=kl, ignore_index=IGNORE_INDEX)
-    return logp.view(S, B, R), ent.view(S, B, R), (k.view(B, R) if k is not None else None)
+    """linear_logprobs over response hidden states [S, B, R, D] -> (logp [S, B, R], entropy, kl [B, R] | None).
+
+    The streams go in as a list, so the op knows which of them carry gradients."""
+    return linear_logprobs(list(h_streams), weight, targets, temperature=temperature, kl=kl,
+                           ignore_index=IGNORE_INDEX)
 
 
 def _logits(model, h: torch.Tensor) -> torch.Tensor:
@@ -85,7 +84,7 @@ def score_rollout(models: PPOModels, rollout: Rollout, *, temperature: float, kl
         h = hydra.forward_streams(ids, mask, names, pos)                       # [S, B, L, D], one forward
         hr = _response_hidden(h, rollout)
         # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
-        logp, ent, kl = _fused_logprobs(hr[[1, 0]], lm_head_weight(hydra.model), targets, temperature,
+        logp, ent, kl = _fused_logprobs([hr[1], hr[0]], lm_head_weight(hydra.model), targets, temperature,
                                         kl_estimator)
         logp, ref_logp, ent = logp[0], logp[1], ent[0]
         scores = hydra.reward(h[0], mask)                  # reward model = LoRA off + reward head
@@ -116,7 +115,7 @@ def policy_and_values(models: PPOModels, rollout: Rollout, *, temperature: float
         names = (ACTOR, CRITIC) if models.variant == "hydra" else (ACTOR,)
         h = hydra.forward_streams(ids, mask, names, pos)
         hr = _response_hidden(h, rollout)
-        logp, ent, _ = _fused_logprobs(hr[:1], lm_head_weight(hydra.model), targets, temperature, None)
+        logp, ent, _ = _fused_logprobs([hr[0]], lm_head_weight(hydra.model), targets, temperature, None)
         logp, ent = logp[0], ent[0]
         values = hydra.values(hr[-1])
     else:
