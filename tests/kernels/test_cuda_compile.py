@@ -7,7 +7,11 @@
   dispatch, and the launchers reject bad launch shapes before touching the device;
 * csrc/ops.cpp (the torch op registration) passes g++ -fsyntax-only against the installed torch's headers;
 * cuda_build.py runs with torch and hydra_kernels unimportable (setup.py's situation) and has the right flags;
-* hydra_kernels.kernels.cuda imports on a CPU machine without compiling, and says plainly why it cannot load.
+* hydra_kernels.kernels.cuda imports on a CPU machine without compiling, and says plainly why it cannot load;
+* the log-prob kernels' row code (csrc/logprobs_row.cuh, shared with the device) is built for the host and each
+  row's block is replayed thread by thread (the kernel's chunking, head/tail split and butterfly merge; 16-byte
+  accesses checked for alignment): forward outputs, stats and dlogits against float64 and its autograd, for every
+  dtype and KL mode, odd vocabularies, misaligned and differently aligned rows, -inf columns, ignored rows.
 
 Each source is compiled once per module (two at a time, for 2-core CI machines).
 """
@@ -25,6 +29,9 @@ import textwrap
 
 import pytest
 import torch
+
+from hydra_kernels import reference
+from tests._util import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
@@ -375,3 +382,131 @@ def test_lora_small_config_one_wave():
     assert lora_small_config(128, 4096, 4096, 64, 2, sm_count=108, smem_optin=166912)[0] == 1
     assert lora_small_config(129, 4096, 4096, 16, 1) is None
     assert lora_small_config(1, 8, 8, 0, 0) == (1, 1)
+
+
+# ------------------------------------------------------------------ log-prob kernel math, replayed on the CPU
+HOST_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host", "logprobs_host.cpp")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KL_CODES = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
+
+
+@pytest.fixture(scope="module")
+def logprobs_host(tmp_path_factory):
+    """csrc/logprobs_row.cuh (the kernels' per-thread row code) built for the host, with a driver that replays
+    each row's block thread by thread and reduces with the kernel's butterfly."""
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no host C++ compiler (g++)")
+    if TOOLKIT_INCLUDE is None:
+        pytest.skip("CUDA headers (cuda_bf16.h, cuda_fp16.h) not found: the row code was not built for the host")
+    exe = str(tmp_path_factory.mktemp("lphost") / "logprobs_host")
+    res = subprocess.run([gxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-DHK_HOST_CHECK_ALIGN",
+                          "-I", CSRC, "-isystem",
+                          TOOLKIT_INCLUDE, HOST_DRIVER, "-o", exe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def _host_run(exe, tmp_path, x_buf, r_buf, t, grads, *, dtype, kl, rows, V, sx, ox, sr, orr, threads, temperature,
+              ignore_index=-100):
+    import numpy as np
+    as_np = (lambda b: b.view(torch.int16).numpy()) if dtype != torch.float32 else (lambda b: b.numpy())
+    with open(tmp_path / "in.bin", "wb") as f:
+        f.write(as_np(x_buf).tobytes())
+        if r_buf is not None:
+            f.write(as_np(r_buf).tobytes())
+        f.write(t.numpy().astype(np.int64).tobytes())
+        for g in grads:
+            if g is not None:
+                f.write(g.numpy().astype(np.float32).tobytes())
+    args = [exe, str(tmp_path), DTYPE_CODES[dtype], KL_CODES[kl], rows, V, sx, ox, sr, orr, threads, repr(temperature),
+            int(grads[0] is not None), int(grads[1] is not None), int(grads[2] is not None), ignore_index]
+    res = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"driver failed ({res.returncode}): {res.stderr}"
+    raw = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    outs = raw[:4 * rows].view(4, rows)
+    stats = raw[4 * rows:8 * rows].view(rows, 4)
+    dx = raw[8 * rows:].view(rows, V)
+    return outs, stats, dx
+
+
+HOST_CASES = [   # (dtype, V, sx_extra, off_x, off_r, threads): off_x != off_r (mod 16 B) takes the scalar path
+    (torch.float32, 1001, 0, 0, 0, 64),
+    (torch.float32, 7, 3, 1, 1, 32),
+    (torch.bfloat16, 1001, 0, 3, 3, 64),
+    (torch.bfloat16, 4099, 5, 0, 5, 256),        # actor and reference rows differently aligned
+    (torch.bfloat16, 8, 0, 0, 0, 32),
+    (torch.bfloat16, 1, 0, 0, 0, 32),
+    (torch.float16, 515, 2, 7, 7, 96),
+    (torch.float16, 2053, 0, 0, 1, 128),
+]
+
+
+@pytest.mark.parametrize("kl", ["none", "k1", "k2", "k3", "full"])
+@pytest.mark.parametrize("case", HOST_CASES)
+def test_logprobs_row_code_on_host(logprobs_host, tmp_path, kl, case):
+    """Forward outputs, stats and dlogits of the kernels' row code (all alignments, vector/scalar paths, -inf
+    columns, ignored rows, a bad target, temperature) against the float64 reference and its autograd."""
+    dtype, V, sx_extra, ox, orr, threads = case
+    rows, temperature = 6, 0.7
+    sx = sr = V + sx_extra
+    gen = torch.Generator().manual_seed(V * 31 + ox)
+
+    def buf(off):
+        b = (torch.randn(off + rows * sx, generator=gen) * 3).to(dtype)
+        if V > 4:                                 # masked vocabulary entries in every row
+            for row in range(rows):
+                b[off + row * sx + 2] = float("-inf")
+                b[off + row * sx + V - 1] = float("-inf")
+        return b
+
+    x_buf = buf(ox)
+    r_buf = None if kl == "none" else buf(orr)
+    t = torch.randint(0, V, (rows,), generator=gen)
+    if V > 4:
+        t = torch.where((t == 2) | (t == V - 1), torch.zeros_like(t), t)
+    t[1] = -100                                   # ignored
+    t[4] = V + 3 if kl == "none" else t[4]        # out of range -> NaN
+    grads = [torch.randn(rows, generator=gen), None if kl == "none" else torch.randn(rows, generator=gen),
+             None if kl == "none" else torch.randn(rows, generator=gen)]
+    outs, stats, dx = _host_run(logprobs_host, tmp_path, x_buf, r_buf, t, grads, dtype=dtype, kl=kl, rows=rows, V=V,
+                                sx=sx, ox=ox, sr=sr, orr=orr, threads=threads, temperature=temperature)
+
+    def rows_of(b, off):
+        return torch.stack([b[off + i * sx: off + i * sx + V] for i in range(rows)]).double()
+
+    # The reference runs on the unmasked columns only: softmax over them is the same, and autograd through
+    # reference's where(p > 0, ...) would give NaN at -inf columns. Masked columns get gradient 0.
+    keep = torch.tensor([c for c in range(V) if V <= 4 or c not in (2, V - 1)])
+    new_index = torch.full((V,), -100, dtype=torch.long)
+    new_index[keep] = torch.arange(len(keep))
+    x = rows_of(x_buf, ox)[:, keep].requires_grad_(True)
+    r = None if r_buf is None else rows_of(r_buf, orr)[:, keep]
+    good = (t != -100) & (t >= 0) & (t < V)
+    tt = torch.where(good, new_index[t.clamp(0, V - 1)], torch.full_like(t, -100))
+    if kl == "none":
+        ref = (reference.token_logprobs(x, tt, temperature),)
+    else:
+        ref = reference.logprobs_and_kl(x, r, tt, temperature, kl)
+    names = ("logp", "ref_logp", "kl", "entropy")
+    for k, want in enumerate(ref):
+        got = outs[k]
+        assert torch.all(got[t == -100] == 0), names[k]
+        err = rel_err(got[good], want.detach()[good])
+        assert err < 2e-5, f"{names[k]}: relative error {err:.3g}"
+    if kl == "none":
+        assert torch.isnan(outs[0][4]) and torch.all(outs[1:] == 0)
+    assert torch.all(stats[t == -100] == 0)
+    z = (x.detach().float() * torch.tensor(1.0 / temperature, dtype=torch.float32))
+    assert torch.equal(stats[good, 0], z.amax(-1)[good])              # the row max is exact
+    # backward: autograd through the reference, with the same upstream weights (on the valid rows)
+    loss = (ref[0] * grads[0].double() * good).sum()
+    if kl != "none":
+        loss = loss + (ref[2] * grads[1].double() * good).sum() + (ref[3] * grads[2].double() * good).sum()
+    (want,) = torch.autograd.grad(loss, x)
+    assert torch.all(dx[t == -100] == 0)
+    if V > 4:
+        assert torch.all(dx[good][:, [2, V - 1]] == 0)
+    err = rel_err(dx[good][:, keep], want[good])
+    assert err < {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], f"dlogits: {err:.3g}"
+
