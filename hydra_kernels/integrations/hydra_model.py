@@ -12,7 +12,6 @@ The heads are never applied implicitly: the caller picks which stream's hidden s
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import math
@@ -56,26 +55,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
         rows = torch.nonzero(last < 0).flatten().tolist()
         raise ValueError(f"attention_mask: rows {rows} have no real token")
     return last
-
-
-def _layout_context_fn(layers):
-    """torch.utils.checkpoint context_fn: capture each layer's stream layout when a block runs forward, and make
-    the block's recomputation (inside backward) run with exactly those layouts."""
-    def context_fn():
-        captured = [layer._stream_layout or (layer.default_stream,) for layer in layers]
-
-        @contextlib.contextmanager
-        def recompute():
-            saved = [layer._last_layout for layer in layers]
-            for layer, layout in zip(layers, captured):
-                layer._last_layout = layout        # what HydraLinear.current_layout reads inside backward
-            try:
-                yield
-            finally:
-                for layer, layout in zip(layers, saved):
-                    layer._last_layout = layout
-        return contextlib.nullcontext(), recompute()
-    return context_fn
 
 
 class HydraModel(nn.Module):
@@ -283,17 +262,11 @@ class HydraModel(nn.Module):
     def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
         """Checkpoint every decoder layer (transformers' own mechanism; it runs only in train mode).
 
-        Gradients equal those without checkpointing. A recomputation must run each HydraLinear with the stream
-        layout of the forward that built the graph; HydraLinear alone remembers only its *last* forward, which is
-        wrong when several forwards with different layouts precede one backward (e.g. an (actor, critic) pass and
-        an (actor,) pass summed into one loss). So, non-reentrant (the default), every checkpointed block records
-        the layouts at its forward and restores them for its recomputation (checkpoint's context_fn).
-        use_reentrant=True cannot do that: it is correct only if the last forward before backward() had the
-        same layout as every forward in the graph.
+        Gradients equal those without checkpointing: each HydraLinear recomputes with the stream layout of the
+        forward that built the graph (it matches the recomputation to its forward by autograd sequence number),
+        also when several forwards with different layouts precede one backward.
         """
         kw: dict = {"use_reentrant": use_reentrant}
-        if not use_reentrant:
-            kw["context_fn"] = _layout_context_fn(list(hydra_modules(self.model).values()))
         m = self.model
         if hasattr(m, "activation_checkpointing_enable"):          # transformers ≥ 5.2x
             m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)

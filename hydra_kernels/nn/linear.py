@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointFunction
 
 from hydra_kernels.ops import lora_linear
 
 BASE = "base"
+# Layout records kept per layer for activation-checkpoint recomputation (see HydraLinear.current_layout).
+# A record is only needed until its graph runs backward; a graph older than this many forwards of the same
+# layer that is recomputed raises instead of guessing.
+_LAYOUT_HISTORY = 256
 
 
 class HydraLinear(nn.Module):
@@ -67,7 +73,9 @@ class HydraLinear(nn.Module):
         self.backend: str | None = None
         self._index = {BASE: -1, **{name: i for i, name in enumerate(adapters)}}
         self._stream_layout: tuple[str, ...] | None = None   # set by hydra_kernels.streams(...)
-        self._last_layout: tuple[str, ...] | None = None     # what the last forward ran (for recomputation)
+        # (autograd sequence number when the forward ran, layout): grad-mode and no-grad forwards apart.
+        self._layouts_grad: deque = deque(maxlen=_LAYOUT_HISTORY)
+        self._layouts_nograd: deque = deque(maxlen=_LAYOUT_HISTORY)
 
     def reset_lora_parameters(self) -> None:
         """Standard LoRA init: A like nn.Linear's weight (per adapter), B zero, so every adapter starts as the base."""
@@ -85,14 +93,38 @@ class HydraLinear(nn.Module):
     def current_layout(self) -> tuple[str, ...]:
         """The stream names this forward runs.
 
-        Inside a backward pass a forward is a recomputation (activation checkpointing): it must repeat the
-        layout of the original forward even though the `streams` context may have exited by then.
+        Inside a backward pass a forward is an activation-checkpoint recomputation: it must repeat the layout
+        of the original forward, although the `streams` context may have exited and other forwards with other
+        layouts may have run since. Every forward is therefore stamped with autograd's sequence counter; the
+        recomputation looks at the backward node that triggered it (torch._C._current_autograd_node):
+        - non-reentrant checkpoint: that node was created inside the checkpointed region, after this layer's
+          forward there, so the layer's latest grad-mode record with stamp <= node's sequence number is it;
+        - reentrant checkpoint: the node is CheckpointFunction's own; the region ran under no_grad right after
+          that node was created, so this layer's records there carry stamp == node's sequence number + 1.
         """
-        if torch._C._current_graph_task_id() != -1 and self._last_layout is not None:
-            return self._last_layout
-        layout = self._stream_layout or (self.default_stream,)
-        self._last_layout = layout
-        return layout
+        if torch._C._current_graph_task_id() == -1:                 # an ordinary forward
+            layout = self._stream_layout or (self.default_stream,)
+            log = self._layouts_grad if torch.is_grad_enabled() else self._layouts_nograd
+            log.append((torch.autograd._get_sequence_nr(), layout))
+            return layout
+        return self._recomputed_layout()
+
+    def _recomputed_layout(self) -> tuple[str, ...]:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            raise RuntimeError("HydraLinear: forward inside backward with no autograd node to match its layout")
+        seq = node._sequence_nr()
+        if getattr(node, "_forward_cls", None) is CheckpointFunction:     # reentrant checkpoint
+            for stamp, layout in self._layouts_nograd:
+                if stamp == seq + 1:
+                    return layout
+        else:
+            for stamp, layout in reversed(self._layouts_grad):
+                if stamp <= seq:
+                    return layout
+        raise RuntimeError(
+            "HydraLinear: cannot find the stream layout of the forward being recomputed (more than "
+            f"{_LAYOUT_HISTORY} forwards of this layer since it ran); run backward sooner")
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling·B·A of one adapter, [out, in], in fp32."""

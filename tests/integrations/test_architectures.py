@@ -185,15 +185,15 @@ def test_activation_checkpointing_gives_same_gradients(arch):
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_checkpointing_with_different_layouts_before_one_backward(arch):
+@pytest.mark.parametrize("arch,reentrant", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_checkpointing_with_different_layouts_before_one_backward(arch, reentrant):
     """Two forwards with different stream layouts summed into one loss: each block recomputes with its own
     forward's layout (not the layout of the last forward)."""
     def grads(checkpointing):
         _, h = hydra(arch)
         h.train()
         if checkpointing:
-            h.enable_activation_checkpointing()
+            h.enable_activation_checkpointing(use_reentrant=reentrant)
         ids, mask = batch()
         a = h.forward_streams(ids, mask, streams=("actor", "critic"))
         b = h.forward_streams(ids[:2], mask[:2], streams=("critic",))

@@ -93,3 +93,26 @@ def test_checkpoint_recompute_uses_forward_layout(reentrant):
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b)
     assert torch.count_nonzero(plain[1][0]) > 0 and torch.count_nonzero(plain[1][1]) > 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_two_layouts_before_one_backward(reentrant):
+    """Two checkpointed forwards with different layouts, inference calls in between, then one backward."""
+    _, layer = make_layer()
+    x = torch.randn(6, 13)
+    block = nn.Sequential(layer, nn.Tanh())
+
+    def run(use_checkpoint):
+        layer.zero_grad(set_to_none=True)
+        outs = []
+        for names in [("critic", "actor"), ("actor", "base")]:
+            xg = x.clone().requires_grad_(True)       # reentrant checkpoint needs an input that requires grad
+            with hk.streams(layer, *names):
+                outs.append(checkpoint(block, xg, use_reentrant=reentrant) if use_checkpoint else block(xg))
+                with torch.no_grad(), hk.streams(layer, "base"):
+                    layer(x)                           # inference between forward and backward
+        sum((o * torch.arange(o.numel()).reshape(o.shape)).sum() for o in outs).backward()
+        return layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b)
