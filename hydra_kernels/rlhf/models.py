@@ -179,7 +179,13 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     lm_head_weight(model)                       # refuse a biased LM head before anything is patched
     if variant in SHARED_VARIANTS:
         adapters = (ACTOR, CRITIC) if variant == "hydra" else (ACTOR,)
-        hydra = HydraModel(_prepare(patch_model(model, adapters=adapters, **lora)))
+        info = getattr(model, "hydra_patch", None)
+        if info is None:
+            patch_model(model, adapters=adapters, **lora)
+        elif tuple(info.adapters) != adapters:
+            raise ValueError(f"model: already patched with adapters {tuple(info.adapters)}; variant {variant!r} "
+                             f"needs {adapters} (pass the unpatched SFT model)")
+        hydra = HydraModel(_prepare(model))
         with torch.no_grad():
             hydra.reward_head.weight.copy_(reward_head.weight)
             hydra.reward_head.bias.copy_(reward_head.bias)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
-from hydra_kernels.rlhf.checkpoint import write_dir_atomically
+from hydra_kernels.rlhf.checkpoint import (copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
+                                           save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
@@ -138,9 +139,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     """Train `model` (a plain transformers causal LM) with Hydra-SFT; see the module docstring.
 
     eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
-    `pairs`. callback(epoch, metrics) after every epoch. With run.output_dir set, the result is written to
-    <output_dir>/final (HF model dir + reward_head.safetensors + sft.json, atomically) only when training
-    completes, and per-epoch metrics to <output_dir>/<metrics_file>.
+    `pairs`. callback(epoch, metrics) after every epoch. Writes per-epoch metrics to
+    <output_dir>/<metrics_file>, a checkpoint every run.checkpoint_every EPOCHS to <output_dir>/checkpoints
+    (resumed from when run.resume), and the result to <output_dir>/final (HF model dir +
+    reward_head.safetensors + sft.json, atomically) only when training completes.
     """
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
@@ -172,19 +174,37 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(max(len(demonstrations), len(pairs)) / bs)
-    out = Path(cfg.run.output_dir) if cfg.run.output_dir else None
-    log = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        log = open(out / cfg.run.metrics_file, "w")
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    named = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    named.update({f"reward_head.{n}": p for n, p in head.named_parameters()})
+    history, skipped, start = [], 0, 0
+    last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
+    if last is not None:
+        # Resume at an epoch boundary: weights, optimizer, schedule, RNGs; the data order of an epoch
+        # depends only on (seed, epoch), so the run continues as if never stopped.
+        ck = load_checkpoint(last)
+        if ck.config.get("mode") != cfg.mode:
+            raise ValueError(f"run.output_dir: holds a checkpoint of mode {ck.config.get('mode')!r}, not "
+                             f"{cfg.mode!r}; use another output_dir or run.resume=false")
+        copy_params_(named, ck.params, str(last))
+        optimizer.load_state_dict(ck.optimizer_state)
+        scheduler.load_state_dict(ck.trainer_state["scheduler"])
+        history, skipped = ck.trainer_state["history"], ck.trainer_state["skipped"]
+        restore_rng(ck.rng_meta, ck.rng_tensors)
+        start = ck.step
+    log = open(out / cfg.run.metrics_file, "w")
+    for rec in history:
+        log.write(json.dumps(rec) + "\n")
     progress = None
     if cfg.run.progress:
         from tqdm.auto import tqdm
-        progress = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"Hydra-SFT ({cfg.mode})", unit="step")
-    history, skipped = [], 0
+        progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch,
+                        desc=f"Hydra-SFT ({cfg.mode})", unit="step")
     model.train()
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(start, cfg.epochs):
             demo_order = _epoch_order(len(demonstrations), cfg.run.seed, epoch, 7) if demonstrations else []
             pair_order = _epoch_order(len(pairs), cfg.run.seed, epoch, 8) if pairs else []
             sums = {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}
@@ -246,16 +266,19 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                 metrics.update({f"eval/{k}": v for k, v in evaluate_pairs(model, head, tokenizer, eval_pairs,
                                                                           cfg).items()})
             history.append(metrics)
-            if log is not None:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            every = cfg.run.checkpoint_every
+            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs:
+                save_checkpoint(ckpt_root, epoch + 1, named, optimizer, config_to_dict(cfg),
+                                {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped},
+                                keep=cfg.run.keep_checkpoints)
             if callback is not None:
                 callback(epoch + 1, metrics)
     finally:
         if progress is not None:
             progress.close()
-        if log is not None:
-            log.close()
+        log.close()
 
     if cfg.mode == "lora":
         # Fold the adapter into the base, then drop the LoRA layers: the base now IS the SFT model.
@@ -269,8 +292,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             raise ValueError(f"model: parameter {name!r} is not finite after SFT; nothing was saved")
     final = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
     result = SFTResult(model, head, final, history, None)
-    if out is not None:
-        result.output_dir = save_sft(out / "final", result, tokenizer, cfg)
+    result.output_dir = save_sft(out / "final", result, tokenizer, cfg)
     return result
 
 

@@ -136,3 +136,20 @@ def test_rng_states_restore():
     restore_rng(meta, tensors)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_sft_resumes_from_its_epoch_checkpoint(tmp_path):
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+    args = ("epochs=2", "run.checkpoint_every=1")
+    with pytest.raises(KeyboardInterrupt):
+        hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "a", "lora", *args),
+                  callback=stop_after_first)
+    assert (tmp_path / "a/checkpoints/step-00000001/state.json").is_file() and not (tmp_path / "a/final").exists()
+    resumed = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "a", "lora", *args))
+    straight = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "b", "lora", *args))
+    assert resumed.history == straight.history
+    sa, sb = resumed.model.state_dict(), straight.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(resumed.reward_head.weight, straight.reward_head.weight)
