@@ -231,11 +231,12 @@ def flops(p: Problem) -> float:
 
 
 def min_bytes(p: Problem) -> tuple[float, float]:
-    """(weight bytes, compulsory bytes: W, x, y, the adapters used; backward adds dy, dx, dA, dB)."""
+    """(weight bytes, compulsory bytes: W, x, y, the adapters used; backward reads W again (dY·W) and adds
+    dy, dx, dA, dB)."""
     e = p.x.element_size()
     rows = p.rows_per_stream * len(p.layout)
     n_used = len({a for a in p.layout if a >= 0})
-    wb = p.N * p.K * e
+    wb = p.N * p.K * e * (2 if p.grad else 1)
     total = wb + rows * (p.K + p.N) * e + n_used * p.r * (p.K + p.N) * e
     if p.grad:
         total += rows * (p.K + p.N) * e + n_used * p.r * (p.K + p.N) * e
