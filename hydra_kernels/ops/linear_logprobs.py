@@ -49,7 +49,7 @@ from typing import List, Sequence
 import torch
 
 from hydra_kernels.ops._checks import check_positive_float, check_tensor
-from hydra_kernels.ops.backend import choose_backend
+from hydra_kernels.ops.backend import choose_backend, requested_backend
 
 __all__ = ["linear_logprobs"]
 
@@ -492,6 +492,8 @@ def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch
     temperature = check_positive_float("temperature", temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if backend is None and requested_backend(None) == "cuda":
+        backend = "auto"     # a process-wide "cuda" preference: this op has no CUDA kernel, use the default
     chosen = choose_backend(backend, h0.device, available=("torch", "triton"))
 
     flat = [h.reshape(-1, D) for h in streams]

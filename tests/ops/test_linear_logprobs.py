@@ -289,6 +289,14 @@ def test_no_python_float_reaches_a_triton_kernel(monkeypatch):
     assert len(seen) >= 2 and all(not floats for floats in seen)
 
 
+def test_process_wide_cuda_preference_falls_back(monkeypatch):
+    """HYDRA_KERNELS_BACKEND=cuda (meant for the ops that have CUDA kernels) must not break this op."""
+    monkeypatch.setenv("HYDRA_KERNELS_BACKEND", "cuda")
+    h, w, tg = make(1, 5, 8, 20)
+    lp, _, _ = ops.linear_logprobs(h[0], w, tg)
+    assert lp.shape == (5,)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input_names_the_argument():
     h, w, tg = make(2, 6, 8, 20, n_ignored=0)
