@@ -20,6 +20,8 @@
 //    the LoRA term is added afterwards, so with lora_B == 0 an adapter stream's output equals the base stream's
 //    (acc + bias + 0).
 // bf16 and fp16 only (fp32 is not a tensor-core type here; the Triton/torch backends serve it).
+// Every shared-memory address and accumulator coordinate comes from lora_small_tiles.cuh (host + device; the CPU
+// tests check it against an emulation of ldmatrix/mma written from the PTX ISA).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,15 +31,21 @@
 #include <atomic>
 
 #include "hydra_kernels.h"
+#include "lora_small_tiles.cuh"
 
 namespace hydra {
 namespace {
 
-constexpr int kBK = 64;                              // K per pipeline stage: 128 bytes per row of a tile
-constexpr int kStages = 4;
-constexpr int kWarpsM = 4;                           // warps along the output features
-constexpr int kWarpsN = 2;                           // warps along the rows of x
-constexpr int kThreads = 32 * kWarpsM * kWarpsN;     // 256
+using lora::kBK;
+using lora::kStages;
+using lora::kThreads;
+using lora::kWarpsM;
+using lora::kWarpsN;
+using lora::Layout;
+using lora::make_layout;
+using lora::rank_pitch;
+using lora::block_n_of;
+using lora::rows_block_of;
 constexpr int kShrinkRows = 4;                       // shrink kernel: rows of x per block
 constexpr int kShrinkRanks = 8;                      //                ranks (rows of A) per block
 constexpr int kShrinkThreads = 256;
@@ -122,32 +130,6 @@ struct Half16<__half> {
   }
 };
 
-// ------------------------------------------------------------------------------------ shared layouts
-__host__ __device__ constexpr int block_n_of(int mw) { return 16 * mw * kWarpsM; }
-__host__ __device__ constexpr int rows_block_of(int ni) { return 8 * ni * kWarpsN; }
-
-// Epilogue tiles use a padded row pitch instead of a swizzle: rank_pad + 8 elements, which shifts consecutive
-// rows by an odd number of 16-byte units mod 128 bytes, so ldmatrix's 8 row addresses hit distinct banks.
-__host__ __device__ inline int rank_pitch(int rank_pad) { return rank_pad + 8; }
-__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-struct Layout {
-  int stage_bytes, pipe_bytes, epi_bytes, region_bytes, bpre_bytes, total_bytes, rank_pad;
-};
-
-__host__ __device__ inline Layout make_layout(int bn, int rb, int rank, int n_used) {
-  Layout l;
-  l.rank_pad = round_up(rank > 0 ? rank : 1, 16);
-  l.stage_bytes = (bn + rb) * kBK * 2;
-  l.pipe_bytes = kStages * l.stage_bytes;
-  const int xhl = n_used > 0 ? 2 * rb * rank_pitch(l.rank_pad) * 2 : 0;     // xa hi/lo tiles
-  l.epi_bytes = xhl + rb * (bn + 8) * 2;                                      // + output staging tile
-  l.region_bytes = round_up(l.pipe_bytes > l.epi_bytes ? l.pipe_bytes : l.epi_bytes, 128);
-  l.bpre_bytes = n_used * bn * rank_pitch(l.rank_pad) * 2;                    // prefetched B[a] slices
-  l.total_bytes = l.region_bytes + l.bpre_bytes;
-  return l;
-}
-
 struct MainParams {
   const void* x;
   const void* w;
@@ -177,7 +159,6 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % kWarpsM, wn = warp / kWarpsM;
-  const int g = lane >> 2, q = lane & 3;
   const int tile = blockIdx.x / p.splits, split = blockIdx.x % p.splits;
   const int n0 = tile * BN;
   const int kt0 = split * p.kt_per_split;
@@ -200,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
       const int i = rem / cpr, t = (rem - i * cpr) * 8;
       const bool ok = n0 + i < p.N && t < p.rank;
       const T* src = ok ? LB + (static_cast<size_t>(p.used_adapter[u]) * p.N + n0 + i) * p.rank + t : LB;
-      cp_async16(sbpre + ((u * BN + i) * rp + t) * 2, src, ok);
+      cp_async16(sbpre + u * BN * rp * 2 + lora::pad_offset(i, t, rp), src, ok);
     }
   }
   cp_async_commit();
@@ -215,8 +196,7 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
       const int c = tid + it * kThreads, row = c >> 3, ch = c & 7;
       const int kk = k + ch * 8;
       const bool ok = n0 + row < p.N && kk < p.K;
-      cp_async16(sw + row * 128 + ((ch ^ (row & 7)) << 4), ok ? W + static_cast<size_t>(n0 + row) * p.K + kk : W,
-                 ok);
+      cp_async16(sw + lora::swz(row, ch), ok ? W + static_cast<size_t>(n0 + row) * p.K + kk : W, ok);
     }
 #pragma unroll
     for (int it = 0; it < (RB * 8 + kThreads - 1) / kThreads; ++it) {
@@ -224,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
       if (c < RB * 8) {
         const int kk = k + ch * 8;
         const bool ok = row < p.R && kk < p.K;
-        cp_async16(sx + row * 128 + ((ch ^ (row & 7)) << 4), ok ? X + static_cast<size_t>(row) * p.K + kk : X, ok);
+        cp_async16(sx + lora::swz(row, ch), ok ? X + static_cast<size_t>(row) * p.K + kk : X, ok);
       }
     }
   };
@@ -244,26 +224,19 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
     for (int kk = 0; kk < kBK / 16; ++kk) {
       uint32_t a[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        const int row = wm * 16 * MI + mi * 16 + (lane & 15);
-        const int ch = kk * 2 + (lane >> 4);
-        ldmatrix_x4(a[mi], sw + row * 128 + ((ch ^ (row & 7)) << 4));
-      }
+      for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(a[mi], sw + lora::a_ldm_offset(wm, mi, MI, kk, lane));
       uint32_t b[NI][2];
 #pragma unroll
       for (int ni = 0; ni < NI; ni += 2) {
-        const int ch = kk * 2 + ((lane >> 3) & 1);
         if (ni + 1 < NI) {                       // two 8-row groups of x per ldmatrix.x4
-          const int row = wn * 8 * NI + ni * 8 + (lane & 7) + ((lane >> 4) << 3);
           uint32_t t4[4];
-          ldmatrix_x4(t4, sx + row * 128 + ((ch ^ (row & 7)) << 4));
+          ldmatrix_x4(t4, sx + lora::b_ldm_offset_x4(wn, ni, NI, kk, lane));
           b[ni][0] = t4[0];
           b[ni][1] = t4[1];
           b[ni + 1][0] = t4[2];
           b[ni + 1][1] = t4[3];
         } else {
-          const int row = wn * 8 * NI + ni * 8 + (lane & 7);
-          ldmatrix_x2(b[ni], sx + row * 128 + ((ch ^ (row & 7)) << 4));
+          ldmatrix_x2(b[ni], sx + lora::b_ldm_offset_x2(wn, ni, NI, kk, lane));
         }
       }
 #pragma unroll
@@ -299,7 +272,8 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni) {
-        const int i = n0 + wm * 16 * MI + mi * 16 + g, j = wn * 8 * NI + ni * 8 + 2 * q;
+        // elements (0, 1) and (2, 3): features i and i + 8, rows j and j + 1
+        const int i = n0 + lora::acc_feature(wm, mi, MI, lane, 0), j = lora::acc_row(wn, ni, NI, lane, 0);
         __stcg(reinterpret_cast<float2*>(ws + static_cast<size_t>(i) * RB + j),
                make_float2(acc[mi][ni][0], acc[mi][ni][1]));
         __stcg(reinterpret_cast<float2*>(ws + static_cast<size_t>(i + 8) * RB + j),
@@ -315,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni) {
-        const int i = n0 + wm * 16 * MI + mi * 16 + g, j = wn * 8 * NI + ni * 8 + 2 * q;
+        const int i = n0 + lora::acc_feature(wm, mi, MI, lane, 0), j = lora::acc_row(wn, ni, NI, lane, 0);
         for (int s = 0; s < p.splits; ++s) {
           const float* w0 = p.ws + static_cast<size_t>(s) * p.n_tiles * BN * RB;
           const float2 u = __ldcg(reinterpret_cast<const float2*>(w0 + static_cast<size_t>(i) * RB + j));
@@ -354,7 +328,7 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
         const int u = c / (BN * lay.rank_pad), rem = c - u * BN * lay.rank_pad;
         const int i = rem / lay.rank_pad, t = rem - i * lay.rank_pad;
         const bool ok = n0 + i < p.N && t < p.rank;
-        bp[(u * BN + i) * rp + t] =
+        bp[u * BN * rp + lora::pad_offset(i, t, rp) / 2] =
             ok ? LB[(static_cast<size_t>(p.used_adapter[u]) * p.N + n0 + i) * p.rank + t] : H::from_float(0.f);
       }
     }
@@ -363,8 +337,8 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
       float v = 0.f;
       if (j < p.R && t < p.rank && p.stream_adapter[j / p.rows_per_stream] >= 0) v = p.xa[j * p.rank + t];
       const T vh = H::from_float(v);
-      xh[j * rp + t] = vh;
-      xl[j * rp + t] = H::from_float(v - H::to_float(vh));
+      xh[lora::pad_offset(j, t, rp) / 2] = vh;
+      xl[lora::pad_offset(j, t, rp) / 2] = H::from_float(v - H::to_float(vh));
     }
     __syncthreads();
     const uint32_t sxh = smem_addr(xh), sxl = smem_addr(xl);
@@ -373,21 +347,17 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
       bool mine[NI];                           // this lane's B-fragment column (x row g) uses this adapter
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni) {
-        const int j = wn * 8 * NI + ni * 8 + g;
+        const int j = lora::b_frag_row(wn, ni, NI, lane);
         mine[ni] = j < p.R && p.stream_adapter[j / p.rows_per_stream] == adapter;
       }
       const uint32_t sb = sbpre + u * BN * rp * 2;
       for (int kk = 0; kk < lay.rank_pad / 16; ++kk) {
         uint32_t a[MI][4];
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          const int row = wm * 16 * MI + mi * 16 + (lane & 15);
-          ldmatrix_x4(a[mi], sb + (row * rp + kk * 16 + (lane >> 4) * 8) * 2);
-        }
+        for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(a[mi], sb + lora::a_ldm_offset_padded(wm, mi, MI, kk, lane, rp));
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) {
-          const int row = wn * 8 * NI + ni * 8 + (lane & 7);
-          const int off = (row * rp + kk * 16 + ((lane >> 3) & 1) * 8) * 2;
+          const int off = lora::b_ldm_offset_padded_x2(wn, ni, NI, kk, lane, rp);
           uint32_t bh[2], bl[2];
           ldmatrix_x2(bh, sxh + off);
           ldmatrix_x2(bl, sxl + off);
@@ -410,17 +380,17 @@ __global__ void __launch_bounds__(kThreads) lora_small_main_kernel(const MainPar
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int il = wm * 16 * MI + mi * 16 + g + 8 * half;
+      const int il = lora::acc_feature(wm, mi, MI, lane, 2 * half);
       const float bv = (bias != nullptr && n0 + il < p.N) ? H::to_float(bias[n0 + il]) : 0.f;
 #pragma unroll
       for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = wn * 8 * NI + ni * 8 + 2 * q + e;
-          float v = acc[mi][ni][2 * half + e] + bv;
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int j = lora::acc_row(wn, ni, NI, lane, e);
+          float v = acc[mi][ni][e] + bv;
           if (j < p.R) {
             const int s = j / p.rows_per_stream;
-            if (p.stream_adapter[s] >= 0) v += p.stream_scale[s] * lacc[mi][ni][2 * half + e];
+            if (p.stream_adapter[s] >= 0) v += p.stream_scale[s] * lacc[mi][ni][e];
           }
           so[j * so_ld + il] = H::from_float(v);
         }

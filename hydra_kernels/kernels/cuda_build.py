@@ -66,7 +66,7 @@ def source_files(root: str | None = None) -> list[str]:
 
 
 def header_files() -> list[str]:
-    return sorted(glob.glob(os.path.join(CSRC, "*.h")))
+    return sorted(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "*.cuh")))
 
 
 def extension_kwargs(root: str | None = None) -> dict:

@@ -11,7 +11,9 @@
 * the log-prob kernels' row code (csrc/logprobs_row.cuh, shared with the device) is built for the host and each
   row's block is replayed thread by thread (the kernel's chunking, head/tail split and butterfly merge; 16-byte
   accesses checked for alignment): forward outputs, stats and dlogits against float64 and its autograd, for every
-  dtype and KL mode, odd vocabularies, misaligned and differently aligned rows, -inf columns, ignored rows.
+  dtype and KL mode, odd vocabularies, misaligned and differently aligned rows, -inf columns, ignored rows;
+* the LoRA kernel's tile geometry (csrc/lora_small_tiles.cuh) is run on the host against an emulation of
+  ldmatrix / mma.m16n8k16 written from the PTX ISA (fragment mapping, swizzle, bank conflicts).
 
 Each source is compiled once per module (two at a time, for 2-core CI machines).
 """
@@ -510,3 +512,21 @@ def test_logprobs_row_code_on_host(logprobs_host, tmp_path, kl, case):
     err = rel_err(dx[good][:, keep], want[good])
     assert err < {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], f"dlogits: {err:.3g}"
 
+
+
+# ------------------------------------------------------- LoRA kernel fragment mapping, against emulated PTX
+def test_lora_fragment_mapping_on_host(tmp_path):
+    """csrc/lora_small_tiles.cuh (every shared-memory address and accumulator coordinate the kernel uses) driven
+    through an emulation of ldmatrix / mma.m16n8k16 written from the PTX ISA: all block configurations of the
+    main loop and the LoRA expand give W·xᵀ (resp. B·xaᵀ with the adapter mask) at the coordinates the kernel
+    writes, and no ldmatrix phase has a bank conflict."""
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None:
+        pytest.skip("no host C++ compiler (g++)")
+    exe = str(tmp_path / "lora_tiles_host")
+    src = os.path.join(os.path.dirname(HOST_DRIVER), "lora_tiles_host.cpp")
+    res = subprocess.run([gxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", CSRC, src, "-o", exe],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    run = subprocess.run([exe], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
