@@ -166,8 +166,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def is_available() -> bool:
-    """Whether the CUDA backend can run (compiles it on first call where it can). Never raises; for dispatch."""
+    """Whether the CUDA backend can run (compiles it on first call where it can). Never raises; for dispatch.
+    Under torch.compile it runs once at trace time and its answer is a constant of the graph (no graph break
+    on the loader's lock and file system work)."""
     global _warned
     reason = unavailable_reason()
     if reason is not None and torch.cuda.is_available() and not _warned:
