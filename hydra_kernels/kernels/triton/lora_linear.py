@@ -3,8 +3,8 @@
 Forward: ONE launch for all streams. Each program owns one BLOCK_M row tile of one stream and N_GROUP
 consecutive BLOCK_N column tiles. Its K-loop loads the x tile once and feeds it to two tensor-core dots:
 the base GEMM (x·Wᵀ) and the LoRA shrink (x·A[a]ᵀ, A tile [BLOCK_K, R_PAD]). The expand (·B[a]ᵀ) runs in
-the epilogue in fp32, then y is rounded once. Base streams take a K-loop without any LoRA work
-(no A or B loads, no shrink).
+the epilogue with fp32 accumulation, then y is rounded once. Base streams take a K-loop without any LoRA
+work (no A or B loads, no shrink); their epilogue runs one small all-zero MMA, see "Exactness" below.
 
   * Streams never straddle a tile: the grid runs over (stream, m-tile within the stream), so a stream whose
     row count is not a multiple of BLOCK_M just has a masked last tile. Every row of every stream therefore
@@ -30,9 +30,17 @@ Backward:
     and it also writes gB = dY·B[a] (fp32) that dA needs. Without need_dx it runs in shrink-only mode.
   * dB[a] = s·dYᵀ·xa and dA[a]ᵀ = s·xᵀ·gB are skinny GEMMs reduced over rows ([N or K] × r outputs). One
     Triton kernel does both shapes: programs over (adapter stream, row chunk, output tile), fp32 dots (tf32
-    on 16-bit inputs, which represents bf16/fp16 values exactly), each program writing an fp32 partial; the
-    partials are summed by torch in a fixed order (deterministic, unlike fp32 atomics) and cast once.
-    Row chunks exist because N/BLOCK or K/BLOCK tiles alone give too few programs to fill the GPU.
+    on 16-bit inputs), each program writing an fp32 partial; the partials are summed by torch in a fixed
+    order (deterministic, unlike fp32 atomics) and cast once. Row chunks exist because N/BLOCK or K/BLOCK
+    tiles alone give too few programs to fill the GPU. Why not torch matmuls here: the operands have mixed
+    dtypes (16-bit dY or x, fp32 xa or gB), so torch would need either xa/gB rounded to 16 bits or an fp32
+    GEMM over all of dY/x (CUDA-core speed), plus one launch per stream; the kernel reads the 16-bit tensor
+    once and accumulates in fp32.
+
+Precision (16-bit inputs): every accumulation is fp32. The fp32 intermediates that feed a second MMA (s·xa
+in the forward epilogue, s·gB in dx, xa and gB in dB/dA) are rounded to tf32 (10-bit mantissa) by the
+tensor core, which is finer than the bf16 rounding peft applies to them; 16-bit values are exact in tf32.
+fp32 inputs use exact fp32 ("ieee") dots throughout.
 
 Scalars that change the math (per-stream scaling, per-stream adapter index) are small device tensors
 (cached per layout), never Python floats baked into a compiled graph.
@@ -188,8 +196,8 @@ def _lora_gemm_kernel(
                 # MMA. Whatever a tensor core does to its accumulator when every product is zero, it does the
                 # same to base and adapter tiles, so lora_B == 0 gives bit-identical rows. The cost for a base
                 # tile is one [BLOCK_M, R_PAD]x[R_PAD, BLOCK_N] MMA (R_PAD/K of its work), no memory traffic.
-                # Accumulating into acc (not a second [BLOCK_M, BLOCK_N] fp32 accumulator) keeps the register
-                # footprint of a plain GEMM, so the wide 128x256 tiles stay usable.
+                # Accumulating into acc (not a second [BLOCK_M, BLOCK_N] fp32 accumulator, which would double
+                # the largest register consumer) keeps the footprint near a plain GEMM's plus the shrink.
                 scale = tl.load(scale_ptr + stream)              # 0.0 for base streams
                 bt = tl.load(b_base + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                              mask=(offs_r < r_live)[:, None] & n_mask[None, :], other=0.0)
