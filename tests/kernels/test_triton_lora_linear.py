@@ -2,7 +2,9 @@
 
 Shapes are chosen against the interpreter's fixed config (BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, N_GROUP=2,
 GROUP_M=2; wgrad BLOCK_BIG=32, BLOCK_ROWS=16): streams that end mid-tile, a last column group with a
-column tile past N, K not a multiple of BLOCK_K, and dA/dB row chunks.
+column tile past N, K not a multiple of BLOCK_K, and dA/dB row chunks. On a GPU machine the same tests run
+compiled, on CUDA tensors, with that same fixed config (HYDRA_KERNELS_TRITON_AUTOTUNE=0: no autotuning of
+tiny shapes); the tests marked gpu use the autotuned configs at benchmark-like shapes.
 """
 import pytest
 import torch
@@ -12,9 +14,16 @@ from hydra_kernels.kernels.triton import lora_linear as tk
 from tests._util import assert_rel_close, poison_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"      # cpu: conftest has turned the interpreter on
 
 
-def make(rows, K, N, n, r, dtype, bias=True, seed=0, device="cpu"):
+@pytest.fixture(autouse=True)
+def _fixed_config_for_small_shapes(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv(tk.AUTOTUNE_ENV, "0")
+
+
+def make(rows, K, N, n, r, dtype, bias=True, seed=0, device=DEV):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, K, generator=g).to(dtype)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
@@ -40,7 +49,7 @@ def reference_all(x, w, b, A, B, scaling, layout, dy):
 
 def check_all(x, w, b, A, B, scaling, layout, dtype, factor=1.0, need_dx=True):
     rows, N = x.shape[0], w.shape[0]
-    dy = torch.randn(rows, N, device=x.device).to(dtype)
+    dy = torch.randn(rows, N).to(device=x.device, dtype=dtype)
     y_ref, dx_ref, dA_ref, dB_ref, xa_ref = reference_all(x, w, b, A, B, scaling, layout, dy)
     y, xa = tk.lora_linear_forward(x, w, b, A, B, scaling, list(layout))
     assert y.dtype == dtype and xa.dtype == torch.float32
@@ -76,8 +85,8 @@ def test_forward_writes_every_output_element():
     layout = (1, -1, 0)
     x, w, b, A, B = make(21 * 3, 40, 70, 2, 5, torch.float32, seed=2)
     adapters, scales, _, _ = tk._stream_meta(layout, (0.5, 2.0), x.device)
-    y = poison_(torch.empty(x.shape[0], w.shape[0]))
-    xa = poison_(torch.empty(x.shape[0], A.shape[1]))
+    y = poison_(torch.empty(x.shape[0], w.shape[0], device=DEV))
+    xa = poison_(torch.empty(x.shape[0], A.shape[1], device=DEV))
     tk._launch_gemm(x, (w, w.stride(0), w.stride(1)), b, (A, *A.stride()), (B, *B.stride()), y, xa,
                     adapters, scales, 21, 3, w.shape[0], w.shape[1], A.shape[1], compute_y=True)
     assert not torch.isnan(y).any()
@@ -127,8 +136,9 @@ def test_no_adapters_and_base_only():
     y = ops.lora_linear(x, w, b, backend="triton")
     assert_rel_close(y, x.double() @ w.double().T + b.double(), torch.float32, "y")
     x2, w2, b2, A2, B2 = make(8, 20, 18, 2, 3, torch.float32, seed=7)
-    dy = torch.randn(8, 18)
-    dx, dA, dB = tk.lora_linear_backward(dy, x2, w2, A2, B2, torch.zeros(8, 3), [1.0, 1.0], [-1, -1], True)
+    dy = torch.randn(8, 18).to(DEV)
+    dx, dA, dB = tk.lora_linear_backward(dy, x2, w2, A2, B2, torch.zeros(8, 3, device=DEV), [1.0, 1.0], [-1, -1],
+                                         True)
     assert_rel_close(dx, dy.double() @ w2.double(), torch.float32, "dx")
     assert torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0
 
