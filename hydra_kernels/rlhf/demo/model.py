@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 
 @dataclass
-class ModelConfig:
+class TinyModelConfig:
     """Shape of the demo's Llama-style decoder."""
 
-    hidden_size: int = 128
+    hidden_size: int = 64
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 256
+    intermediate_size: int = 128
     max_positions: int = 32
 
     def __post_init__(self):
@@ -27,7 +27,7 @@ class ModelConfig:
             raise ValueError(f"num_heads: must divide hidden_size={self.hidden_size}, got {self.num_heads}")
 
 
-def build_tiny_model(tokenizer, config: ModelConfig | None = None, seed: int = 0):
+def build_tiny_model(tokenizer, config: TinyModelConfig | None = None, seed: int = 0):
     """A randomly initialised LlamaForCausalLM sized by `config`, with the tokenizer's special-token ids.
 
     Dropout is off (PPO's old and new log-probs must agree); embeddings are untied so the LM head is a
@@ -36,7 +36,7 @@ def build_tiny_model(tokenizer, config: ModelConfig | None = None, seed: int = 0
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = config or ModelConfig()
+    c = config or TinyModelConfig()
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
         num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,

@@ -32,8 +32,8 @@ class TaskConfig:
 
     max_operand: int = 99          # operands drawn from 0..max_operand
     demo_error_rate: float = 0.4   # fraction of SFT demonstrations that are wrong
-    n_sft: int = 4000              # SFT demonstrations {prompt, completion}
-    n_pref: int = 4000             # preference pairs {prompt, chosen, rejected}
+    n_sft: int = 38400             # SFT demonstrations {prompt, completion}
+    n_pref: int = 38400            # preference pairs {prompt, chosen, rejected}
     n_ppo: int = 2000              # PPO prompts {prompt}
     n_eval_prompts: int = 256      # held-out prompts (gold-reward evaluation)
     n_eval_pairs: int = 512        # held-out preference pairs (reward-head accuracy)
@@ -167,9 +167,9 @@ class ArithmeticTask:
     def eval_pair_records(self) -> list[dict]:
         return self._pairs(self._eval_pair_ops)
 
-    def lm_texts(self, n: int) -> list[str]:
-        """`n` correct worked examples "a+b=sum" from the training operands (for optional pretraining)."""
-        return [prompt_of(a, b) + str(a + b) for a, b in self._train_draw(n)]
+    def train_operands(self) -> list[tuple[int, int]]:
+        """Every (a, b) that training files may use (all but the held-out ones), e.g. for pretraining."""
+        return list(self._train_ops)
 
     def write(self, directory: str | os.PathLike) -> dict[str, str]:
         """Write every split as JSONL (plus task.json with the config); returns {split: path}.

@@ -1,0 +1,428 @@
+"""`hydra-rlhf demo`: Hydra-RLHF end to end on two-number addition, on CPU, in a few minutes.
+
+Stages (each writes under --out):
+
+    data/      the task as JSONL in the loaders' schemas (sft, pref, ppo, eval_prompts, eval_pairs)
+    base/      a tiny Llama + char tokenizer, built from a config (optionally pretrained on correct sums),
+               saved as a plain HF directory and loaded back with the same loader a user's checkpoint goes through
+    sft/       Hydra-SFT: LM head + reward head trained jointly on the imperfect demonstrations and the pairs;
+               its result lives in the base weights (LoRA mode merges the adapter), so "LoRA off" = SFT model
+    ppo/       Hydra-PPO (variant hydra): one base, actor and critic adapters, learned reward = reward head
+               with LoRA off; metrics.jsonl has one line per step with TRL's metric names
+    ppo_curves.png   gold reward, learned reward and KL over PPO steps
+    summary.json     the final numbers (also printed as a table)
+
+The gold reward is never used for training: it measures the SFT policy (LoRA off) and the PPO policy (actor)
+on held-out prompts with the same decoding and the same sampling seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from hydra_kernels.rlhf.demo.model import TinyModelConfig
+from hydra_kernels.rlhf.demo.task import TaskConfig
+
+
+def _default_sft():
+    from hydra_kernels.rlhf.config import SFTConfig
+    return SFTConfig(mode="full", epochs=3, batch_size=64, lr=3e-3, warmup_steps=50, reward_coef=1.0,
+                     data={"max_prompt_len": 16, "max_len": 24, "eval_fraction": 0.0},
+                     run={"progress": True, "resume": False})
+
+
+def _default_ppo():
+    from hydra_kernels.rlhf.config import PPOConfig
+    return PPOConfig(variant="hydra", steps=40, batch_size=64, mini_batch_size=32, ppo_epochs=2, lr=2e-3,
+                     max_new_tokens=5, temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.1,
+                     lora={"r": 8, "alpha": 16}, data={"max_prompt_len": 16, "max_len": 24},
+                     run={"progress": True, "resume": False})
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo runs with. Override any field as `key=value` (dotted into sections):
+    `task.n_sft=8000`, `model.hidden_size=96`, `sft.lr=1e-3`, `ppo.steps=60`, `pretrain_steps=0`."""
+
+    out: str = "runs/demo"
+    seed: int = 0
+    pretrain_steps: int = 0          # LM-only steps on correct worked examples before Hydra-SFT (0 = none)
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 3e-3
+    eval_temperature: float = 1.0    # decoding used to compare the SFT and PPO policies (1.0 = as sampled in PPO)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    sft: typing.Any = field(default_factory=_default_sft)      # rlhf.SFTConfig
+    ppo: typing.Any = field(default_factory=_default_ppo)      # rlhf.PPOConfig
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed: need an int >= 0, got {self.seed!r}")
+        for name in ("pretrain_steps",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: need an int >= 0, got {v!r}")
+        if not isinstance(self.pretrain_batch_size, int) or self.pretrain_batch_size < 1:
+            raise ValueError(f"pretrain_batch_size: need a positive int, got {self.pretrain_batch_size!r}")
+        if not self.pretrain_lr > 0:
+            raise ValueError(f"pretrain_lr: need a positive number, got {self.pretrain_lr!r}")
+        if not self.eval_temperature >= 0:
+            raise ValueError(f"eval_temperature: need a number >= 0 (0 = greedy), got {self.eval_temperature!r}")
+
+
+def quick_config() -> DemoConfig:
+    """A reduced run for CI (well under a minute on 2 cores); its numbers show the plumbing, not quality."""
+    from hydra_kernels.rlhf.config import apply_overrides
+    cfg = DemoConfig(
+        pretrain_steps=20,
+        task=TaskConfig(n_sft=256, n_pref=256, n_ppo=128, n_eval_prompts=32, n_eval_pairs=32),
+        model=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    )
+    cfg.sft = apply_overrides(cfg.sft, ["epochs=1", "batch_size=32"])
+    cfg.ppo = apply_overrides(cfg.ppo, ["steps=3", "batch_size=16", "mini_batch_size=8", "ppo_epochs=1"])
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+def _coerce(name: str, value, tp):
+    """Convert a YAML-parsed override to a plain field type (int, float, bool, str); ValueError names the key."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value == int(value):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"{name}: expected {tp.__name__}, got {value!r}")
+
+
+def _replace_fields(obj, values: dict, prefix: str):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{prefix}{key}: unknown setting (known: {', '.join(sorted(names))})")
+        if isinstance(value, dict):
+            raise ValueError(f"{prefix}{key}: expected a value, got a section")
+        changes[key] = _coerce(prefix + key, value, hints[key])
+    return dataclasses.replace(obj, **changes)
+
+
+def apply_demo_overrides(cfg: DemoConfig, pairs: Sequence[str]) -> DemoConfig:
+    """A new DemoConfig with `key=value` overrides: top-level fields, `task.*`, `model.*`, and `sft.*` / `ppo.*`
+    (passed to the library's own config overrides, so every SFTConfig / PPOConfig field is reachable)."""
+    from hydra_kernels.rlhf.config import apply_overrides, parse_overrides
+
+    parsed = parse_overrides(pairs)          # ValueError on malformed pairs
+    by_section: dict[str, list[str]] = {"sft": [], "ppo": []}
+    for pair in pairs:
+        key = pair.split("=", 1)[0].strip()
+        head = key.split(".", 1)[0]
+        if head in by_section:
+            if "." not in key:
+                raise ValueError(f"{key}: name a field, e.g. {head}.lr=1e-3")
+            by_section[head].append(pair.strip()[len(head) + 1:])
+    top = {k: v for k, v in parsed.items() if k not in ("task", "model", "sft", "ppo")}
+    cfg = _replace_fields(cfg, top, "") if top else cfg
+    if "task" in parsed:
+        cfg = dataclasses.replace(cfg, task=_replace_fields(cfg.task, parsed["task"], "task."))
+    if "model" in parsed:
+        cfg = dataclasses.replace(cfg, model=_replace_fields(cfg.model, parsed["model"], "model."))
+    for name in ("sft", "ppo"):
+        if by_section[name]:
+            try:
+                new = apply_overrides(getattr(cfg, name), by_section[name])
+            except ValueError as e:
+                raise ValueError(f"{name}.{e}") from None
+            cfg = dataclasses.replace(cfg, **{name: new})
+    return cfg
+
+
+def _finalise(cfg: DemoConfig) -> DemoConfig:
+    """Point every stage at its folder under cfg.out and give them the demo's seed."""
+    from hydra_kernels.rlhf.config import apply_overrides
+    out = Path(cfg.out)
+    task = dataclasses.replace(cfg.task, seed=cfg.seed)
+    sft = apply_overrides(cfg.sft, [f"run.output_dir={out / 'sft'}", f"run.seed={cfg.seed}"])
+    ppo = apply_overrides(cfg.ppo, [f"run.output_dir={out / 'ppo'}", f"run.seed={cfg.seed}"])
+    return dataclasses.replace(cfg, task=task, sft=sft, ppo=ppo)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def pretrain(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, batch_size: int, lr: float,
+             seed: int, log_path: Path | None = None, progress: bool = True) -> list[dict]:
+    """Causal-LM steps on correct worked examples (prompt, answer): what a pretrained base would already know.
+
+    The loss counts the answer and its EOS only (the operands are random, there is nothing to learn there).
+    Linear warm-up over 5% of the steps, then linear decay to 10% of `lr`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from hydra_kernels.rlhf.data import collate_sequences, encode_prompt, encode_response
+
+    if steps <= 0:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.1, 1.0 - s / steps))
+    history = []
+    log = open(log_path, "w") if log_path is not None else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="pretrain (correct sums)", unit="step")
+    model.train()
+    try:
+        for step in range(steps):
+            idx = torch.randint(len(texts), (batch_size,), generator=g).tolist()
+            batch = collate_sequences([encode_prompt(tokenizer, texts[i][0], 64) for i in idx],
+                                      [encode_response(tokenizer, texts[i][1]) for i in idx],
+                                      tokenizer.pad_token_id)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids).logits[:, :-1]
+            targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                rec = {"step": step + 1, "pretrain/lm_loss": loss.item()}
+                history.append(rec)
+                if log is not None:
+                    log.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    model.eval()
+    return history
+
+
+def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature: float, max_new_tokens: int,
+                      seed: int, batch_size: int = 64, progress: bool = True) -> dict:
+    """Gold reward, exact-answer rate and learned reward of the SFT policy ("reference": LoRA off) and the PPO
+    policy ("actor") on `prompts`, with the same decoding and sampling seed; plus KL(actor ‖ SFT) per sequence,
+    exact over the vocabulary at every position the actor visits (summed over its response tokens)."""
+    import torch
+
+    from hydra_kernels.rlhf.data import tokenize_prompts
+    from hydra_kernels.rlhf.rollout import decode_responses, generate
+    from hydra_kernels.rlhf.scoring import score_rollout
+    from hydra_kernels.rlhf.demo.task import gold_reward, mean_and_stderr
+
+    out = {}
+    device = models.device
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=2 * len(prompts), desc="evaluate (held-out prompts)", unit="prompt")
+    try:
+        for which, label in (("reference", "sft"), ("actor", "ppo")):
+            gen = torch.Generator(device=device).manual_seed(seed)
+            gold, learned, kl, samples = [], [], [], []
+            for i in range(0, len(prompts), batch_size):
+                chunk = list(prompts[i:i + batch_size])
+                ids, mask = tokenize_prompts(tokenizer, chunk, 64)
+                ro = generate(models.policy(which), ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              temperature=temperature, generator=gen)
+                texts = decode_responses(tokenizer, ro)
+                ended = ro.ended.tolist()
+                gold += [gold_reward(p, t, e) for p, t, e in zip(chunk, texts, ended)]
+                sc = score_rollout(models, ro, temperature=1.0, kl_estimator="full")
+                learned += sc.scores.tolist()
+                kl += sc.kl.sum(1).tolist()
+                samples += [{"prompt": p, "completion": t, "ended": e} for p, t, e in zip(chunk, texts, ended)]
+                if bar is not None:
+                    bar.update(len(chunk))
+            m, se = mean_and_stderr(gold)
+            out[label] = {"gold_reward": m, "gold_reward_se": se,
+                          "exact": sum(g == 1.0 for g in gold) / len(gold),
+                          "learned_reward": mean_and_stderr(learned)[0],
+                          "kl": mean_and_stderr(kl)[0], "kl_se": mean_and_stderr(kl)[1],
+                          "n": len(gold), "samples": samples[:8], "_gold": gold}
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _plot(history: list[dict], path: Path, title: str) -> str:
+    from hydra_kernels.rlhf.demo.plot import COLORS, Panel, line_plot_png
+
+    steps = [h["step"] for h in history]
+
+    def col(key):
+        return [h.get(key) if h.get(key) is not None else float("nan") for h in history]
+
+    panels = [Panel("gold reward of the rollouts (never trained on)", [(steps, col("objective/gold_reward"))],
+                    colors=[COLORS[2]]),
+              Panel("learned reward (reward head, LoRA off)", [(steps, col("objective/scores"))], colors=[COLORS[0]]),
+              Panel("KL to the SFT policy (nats per response)", [(steps, col("objective/kl"))], colors=[COLORS[1]],
+                    xlabel="PPO step")]
+    return line_plot_png(path, panels, title=title)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    v = max(len(x) for _, x in rows)
+    line = "+" + "-" * (w + 2) + "+" + "-" * (v + 2) + "+"
+    body = [f"| {k.ljust(w)} | {x.rjust(v)} |" for k, x in rows]
+    return "\n".join([line, *body, line])
+
+
+def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
+    """Run every stage; returns the summary (also written to <out>/summary.json and printed to `stream`)."""
+    t_start = time.perf_counter()
+    import torch
+
+    from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.demo.model import build_tiny_model, save_model
+    from hydra_kernels.rlhf.demo.task import ArithmeticTask, gold_reward, mean_and_stderr, write_jsonl
+    from hydra_kernels.rlhf.demo.tokenizer import build_char_tokenizer
+
+    stream = stream if stream is not None else sys.stdout
+    cfg = _finalise(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def say(msg):
+        print(msg, file=stream, flush=True)
+
+    # 1. data --------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    task = ArithmeticTask(cfg.task)
+    paths = task.write(out / "data")
+    say(f"[1/5] task: {cfg.task.max_operand}+{cfg.task.max_operand}-style sums, {cfg.task.n_sft} demonstrations "
+        f"({cfg.task.demo_error_rate:.0%} wrong), {cfg.task.n_pref} preference pairs, {cfg.task.n_ppo} PPO prompts "
+        f"-> {out / 'data'}")
+
+    # 2. base model and tokenizer, saved and reloaded like a user's checkpoint ----------------------------
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, cfg.model, seed=cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.pretrain_steps:
+        texts = [(f"{a}+{b}=", str(a + b)) for a, b in task.train_operands()]
+        torch.manual_seed(cfg.seed)
+        pretrain(model, tok, texts, cfg.pretrain_steps, cfg.pretrain_batch_size, cfg.pretrain_lr, cfg.seed,
+                 out / "base_pretrain_metrics.jsonl", progress)
+    save_model(model, tok, out / "base")
+    del model
+    model, tok = rlhf.load_model_and_tokenizer(rlhf.ModelConfig(path=str(out / "base")))
+    timings["data+base"] = time.perf_counter() - t
+    say(f"[2/5] base: Llama {cfg.model.num_layers}x{cfg.model.hidden_size}, {n_params / 1e6:.2f}M parameters, "
+        f"char tokenizer ({len(tok)} tokens)" + (f", pretrained {cfg.pretrain_steps} steps on correct sums"
+                                                 if cfg.pretrain_steps else "") + f" -> {out / 'base'}")
+
+    demos = rlhf.load_sft_jsonl(paths["sft"])
+    pairs = rlhf.load_preference_jsonl(paths["pref"])
+    prompts = rlhf.load_prompt_jsonl(paths["ppo"])
+    eval_pairs = rlhf.load_preference_jsonl(paths["eval_pairs"])
+    eval_prompts = rlhf.load_prompt_jsonl(paths["eval_prompts"])
+
+    # 3. Hydra-SFT ---------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    sft_cfg = rlhf.apply_overrides(cfg.sft, [f"run.progress={str(progress).lower()}"])
+    sft = rlhf.hydra_sft(model, tok, demos, pairs, sft_cfg, eval_pairs=eval_pairs)
+    timings["sft"] = time.perf_counter() - t
+    acc = sft.metrics.get("eval/reward_accuracy", float("nan"))
+    say(f"[3/5] Hydra-SFT ({sft_cfg.mode}): reward-head accuracy on {len(eval_pairs)} held-out pairs {acc:.1%}, "
+        f"margin {sft.metrics.get('eval/reward_margin', float('nan')):.2f} -> {sft.output_dir}")
+
+    # 4. Hydra-PPO ---------------------------------------------------------------------------------------
+    t = time.perf_counter()
+
+    def gold_fn(ps, completions, ended):
+        return [gold_reward(p, c, e) for p, c, e in zip(ps, completions, ended)]
+
+    ppo_cfg = rlhf.apply_overrides(cfg.ppo, [f"run.progress={str(progress).lower()}"])
+    ppo = rlhf.train_ppo(sft.model, sft.reward_head, tok, prompts, ppo_cfg, gold_reward_fn=gold_fn)
+    timings["ppo"] = time.perf_counter() - t
+    last = ppo.history[-1] if ppo.history else {}
+    say(f"[4/5] Hydra-PPO ({ppo_cfg.variant}): {ppo_cfg.steps} steps x {ppo_cfg.batch_size} prompts -> "
+        f"{out / 'ppo'} (metrics.jsonl, final/)")
+
+    # 5. evaluation, plot, summary -----------------------------------------------------------------------
+    t = time.perf_counter()
+    ev = evaluate_policies(ppo.models, tok, eval_prompts, temperature=cfg.eval_temperature,
+                           max_new_tokens=ppo_cfg.max_new_tokens, seed=cfg.seed + 12345, progress=progress)
+    # Both policies answer the same prompts: the difference is paired, its s.e. from per-prompt differences.
+    diffs = [b - a for a, b in zip(ev["sft"].pop("_gold"), ev["ppo"].pop("_gold"))]
+    d_mean, d_se = mean_and_stderr(diffs)
+    png = _plot(ppo.history, out / "ppo_curves.png", f"Hydra-PPO on {cfg.task.max_operand}+{cfg.task.max_operand} "
+                                                     f"addition (seed {cfg.seed})")
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary = {
+        "reward_accuracy": acc, "reward_margin": sft.metrics.get("eval/reward_margin"),
+        "n_eval_pairs": len(eval_pairs), "n_eval_prompts": len(eval_prompts),
+        "eval_temperature": cfg.eval_temperature,
+        "gold_reward_sft": ev["sft"]["gold_reward"], "gold_reward_sft_se": ev["sft"]["gold_reward_se"],
+        "gold_reward_ppo": ev["ppo"]["gold_reward"], "gold_reward_ppo_se": ev["ppo"]["gold_reward_se"],
+        "gold_reward_diff": d_mean, "gold_reward_diff_se": d_se,
+        "exact_sft": ev["sft"]["exact"], "exact_ppo": ev["ppo"]["exact"],
+        "learned_reward_sft": ev["sft"]["learned_reward"], "learned_reward_ppo": ev["ppo"]["learned_reward"],
+        "kl_ppo_vs_sft": ev["ppo"]["kl"], "kl_ppo_vs_sft_se": ev["ppo"]["kl_se"],
+        "final_step": {k: last.get(k) for k in ("objective/kl", "objective/scores", "objective/gold_reward",
+                                                 "objective/entropy")},
+        "samples": {"sft": ev["sft"]["samples"], "ppo": ev["ppo"]["samples"]},
+        "timings_s": timings, "torch_threads": torch.get_num_threads(),
+        "paths": {"data": str(out / "data"), "base": str(out / "base"), "sft": str(out / "sft"),
+                  "ppo_metrics": str(out / "ppo" / ppo_cfg.run.metrics_file), "plot": png},
+        "config": {"seed": cfg.seed, "pretrain_steps": cfg.pretrain_steps,
+                   "task": dataclasses.asdict(cfg.task), "model": dataclasses.asdict(cfg.model),
+                   "sft": rlhf.config_to_dict(cfg.sft), "ppo": rlhf.config_to_dict(cfg.ppo)},
+    }
+    with open(out / "summary.json.tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(out / "summary.json.tmp", out / "summary.json")
+
+    def pm(m, s):
+        return f"{m:+.3f} ± {s:.3f}" if m < 0 else f"{m:.3f} ± {s:.3f}"
+
+    z = d_mean / d_se if d_se > 0 else float("inf")
+    dec = "sampled, T=%g" % cfg.eval_temperature if cfg.eval_temperature > 0 else "greedy"
+    rows = [
+        (f"reward-head accuracy, {len(eval_pairs)} held-out pairs", f"{acc:.1%}"),
+        (f"gold reward, SFT policy ({len(eval_prompts)} held-out prompts, {dec})",
+         pm(ev["sft"]["gold_reward"], ev["sft"]["gold_reward_se"])),
+        (f"gold reward, PPO policy (same prompts, same decoding)",
+         pm(ev["ppo"]["gold_reward"], ev["ppo"]["gold_reward_se"])),
+        ("PPO - SFT (paired s.e.)", f"{d_mean:+.3f} ± {d_se:.3f} ({z:.1f} s.e.)"),
+        ("exact answers, SFT -> PPO", f"{ev['sft']['exact']:.1%} -> {ev['ppo']['exact']:.1%}"),
+        ("learned reward, SFT -> PPO", f"{ev['sft']['learned_reward']:.2f} -> {ev['ppo']['learned_reward']:.2f}"),
+        ("KL(PPO || SFT), nats per response", pm(ev["ppo"]["kl"], ev["ppo"]["kl_se"])),
+        ("wall time (data+base / SFT / PPO / eval)",
+         f"{timings['total']:.0f} s ({timings['data+base']:.0f} / {timings['sft']:.0f} / {timings['ppo']:.0f} / "
+         f"{timings['eval']:.0f})"),
+    ]
+    say(f"[5/5] evaluated on held-out prompts -> {out / 'summary.json'}, {png}\n")
+    say(_table(rows))
+    return summary
