@@ -1,0 +1,99 @@
+"""Hydra-PPO on a Hydra-SFT result, with the learned reward head or your own reward function.
+
+    python python/hydra_ppo.py --sft runs/sft/final --prompts prompts.jsonl --out runs/ppo \
+        [--variant hydra] [--steps 100] [--reward-fn my_reward.py:reward] [--config ppo.yaml] [key=value ...]
+
+--sft is the directory python/hydra_sft.py wrote (<out>/final: model + reward_head.safetensors).
+prompts.jsonl holds {"prompt"} per line. By default the reward is the SFT reward head (with LoRA off, it is the
+reward model). --reward-fn module:function or file.py:function uses your function instead:
+
+    def reward(prompts: list[str], completions: list[str], ended: list[bool]) -> list[float]: ...
+
+(`ended`: the completion stopped at EOS). `--reward-fn example` uses `example_reward` below, which prefers
+short answers that end properly; it only shows the shape of such a function.
+
+variant: hydra (one base; actor and critic adapters), j-hydra (one shared adapter), lora (4 models), full.
+Writes <out>/metrics.jsonl (TRL metric names), <out>/final (adapters + heads) and, for hydra / j-hydra,
+<out>/merged: the trained policy as a plain HF model directory (actor adapter folded into the weights).
+Any PPOConfig field can be set as key=value (e.g. kl_coef=0.1 lora.r=8 max_new_tokens=64).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from hydra_kernels import rlhf
+
+
+def example_reward(prompts, completions, ended):
+    """An example user reward: +1 for a completion that ends with EOS, minus a little per character."""
+    return [(1.0 if e else -1.0) - 0.01 * len(c) for c, e in zip(completions, ended)]
+
+
+def load_reward_fn(spec: str):
+    if spec == "example":
+        return example_reward
+    if ":" not in spec:
+        raise ValueError(f"--reward-fn: expected module:function or file.py:function, got {spec!r}")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        sp = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(sp)
+        sp.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    return getattr(module, name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sft", required=True, help="Hydra-SFT output directory (<sft out>/final)")
+    ap.add_argument("--prompts", required=True, help="prompts JSONL {prompt}")
+    ap.add_argument("--out", default="runs/hydra-ppo")
+    ap.add_argument("--variant", choices=["hydra", "j-hydra", "lora", "full"], default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--reward-fn", default=None, help="module:function, file.py:function or 'example'")
+    ap.add_argument("--config", default=None, help="JSON/YAML PPOConfig (flags and key=value win over it)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+
+    flags = {"variant": args.variant, "steps": args.steps}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += [f"model.path={args.sft}", f"data.prompt_path={args.prompts}", f"run.output_dir={args.out}"]
+    if args.reward_fn:
+        overrides.append("reward_source=function")
+    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides + list(args.overrides))
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+
+    from transformers import AutoTokenizer
+    model, reward_head = rlhf.load_sft(args.sft)
+    tokenizer = AutoTokenizer.from_pretrained(args.sft, local_files_only=True)
+    prompts = rlhf.load_prompt_jsonl(args.prompts)
+
+    result = rlhf.train_ppo(model, reward_head, tokenizer, prompts, cfg, reward_fn=reward_fn)
+
+    # The SFT policy (LoRA off / the frozen reference) and the PPO policy on a few prompts, same seed.
+    shown = prompts[:4]
+    before, _ = rlhf.sample_completions(result.models, tokenizer, shown, policy="reference",
+                                        max_new_tokens=cfg.max_new_tokens, temperature=0)
+    after, _ = rlhf.sample_completions(result.models, tokenizer, shown, policy="actor",
+                                       max_new_tokens=cfg.max_new_tokens, temperature=0)
+    for p, b, a in zip(shown, before, after):
+        print(f"{p!r}\n  SFT: {b!r}\n  PPO: {a!r}")
+
+    info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
+    if result.models.hydra is not None:
+        result.models.hydra.tokenizer = tokenizer
+        info["merged_policy"] = str(result.models.hydra.merge("actor", Path(args.out) / "merged"))
+    last = result.history[-1] if result.history else {}
+    info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
