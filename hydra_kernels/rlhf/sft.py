@@ -303,7 +303,7 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
     from safetensors.torch import save_file
 
     def fill(tmp: Path):
-        result.model.save_pretrained(str(tmp), safe_serialization=True)
+        result.model.save_pretrained(str(tmp))          # safetensors: the only format transformers 5 writes
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
         save_file({k: v.detach().cpu().contiguous() for k, v in result.reward_head.state_dict().items()},
