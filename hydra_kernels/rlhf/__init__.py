@@ -17,7 +17,7 @@ sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs
 ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=None, gold_reward_fn=None,
                      callback=None) -> PPOResult(models, history, counters, output_dir)
            model/reward_head: the SFT result. hydra / j-hydra patch `model` IN PLACE (LoRA off = the SFT model);
-           lora / full make their own copies. reward_fn(prompts, completions, ended) -> one float each (ended:
+           lora / full keep it as the frozen reference + 3 copies. reward_fn(prompts, completions, ended) -> floats (ended:
            the completion stopped at EOS) drives PPO when cfg.reward_source == "function"; gold_reward_fn (same
            signature) is only logged (objective/gold_reward). callback(step, metrics) after every step.
            Writes <output_dir>/<metrics_file> (JSONL, one line per step), checkpoints/ (resume), final/

@@ -3,7 +3,7 @@
     variant   what is in memory                                   trainable
     hydra     1 base patched with adapters (actor, critic)        actor + critic LoRA, value head
     j-hydra   1 base patched with one adapter (actor)             the shared LoRA, value head
-    lora      4 copies: reference, reward, actor+LoRA, critic+LoRA actor + critic LoRA, value head
+    lora      4 copies: reference, reward, actor+LoRA, critic+LoRA  actor + critic LoRA, value head
     full      4 copies: reference, reward, actor, critic          every weight of actor and critic, value head
 
 The reward head is frozen; the value head starts as a copy of it (the paper's critic initialisation). Heads
@@ -165,7 +165,8 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     """PPO's models for cfg.variant from the SFT result.
 
     hydra / j-hydra patch `model` in place (its base weights are shared, so "LoRA off" is the SFT model);
-    lora / full deep-copy it (4 copies, the paper's baselines) and leave the original untouched.
+    lora / full use `model` itself as the frozen reference and add 3 deep copies (reward, actor, critic):
+    the paper's 4-model baselines. Every variant switches dropout off in `model` and freezes its base.
     """
     if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
         raise ValueError("reward_head: expected nn.Linear(hidden, 1)")
@@ -194,7 +195,8 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
         return PPOModels(variant, hydra.reward_head, hydra.value_head, hydra=hydra)
     if variant not in ("lora", "full"):
         raise ValueError(f"variant: unknown PPO variant {variant!r}")
-    reference = _prepare(copy.deepcopy(model)).requires_grad_(False)
+    # The caller's model serves as the frozen reference (it is never updated), so exactly 4 copies exist.
+    reference = _prepare(model).requires_grad_(False)
     reward_model = _prepare(copy.deepcopy(model)).requires_grad_(False)
     actor = _prepare(copy.deepcopy(model))
     critic = _prepare(copy.deepcopy(model))

@@ -73,7 +73,9 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(MiB, what was measured): CUDA max allocated on a GPU, else the process's peak RSS (ru_maxrss)."""
+    """(MiB, what was measured): on a GPU, torch.cuda.max_memory_allocated, reset at the start of every step
+    (so it is that step's peak); on CPU, the process's peak resident set size since it started (ru_maxrss,
+    never reset: a running maximum)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
@@ -298,7 +300,8 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
               callback: Callable[[int, dict], None] | None = None) -> PPOResult:
     """Run PPO on the SFT result (`model` + `reward_head`) over `prompts` (strings).
 
-    hydra / j-hydra patch `model` in place; lora / full copy it. reward_fn(prompts, completions, ended) ->
+    hydra / j-hydra patch `model` in place; lora / full keep it as the frozen reference and copy it three
+    times. reward_fn(prompts, completions, ended) ->
     floats is used when cfg.reward_source == "function"; gold_reward_fn (same signature) is only logged as
     objective/gold_reward. callback(step, metrics) runs after every step. Writes
     <output_dir>/<metrics_file> (one JSON line per step), checkpoints under <output_dir>/checkpoints every
