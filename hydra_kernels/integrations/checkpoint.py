@@ -20,7 +20,7 @@ from torch import nn
 
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_save_safetensors", "load_safetensors",
+__all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
            "save_merged", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory after a rename makes the rename durable); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:              # some platforms cannot open directories; the rename is still atomic
@@ -57,7 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_json(path, obj) -> None:
@@ -245,7 +246,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

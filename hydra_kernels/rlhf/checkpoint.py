@@ -23,22 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hydra_kernels.integrations.checkpoint import fsync_path
+
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
 PREFIX = "step-"
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_dir_atomically(out_dir: str | os.PathLike, fill) -> Path:
@@ -50,13 +39,13 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill) -> Path:
         fill(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
-                _fsync(f)
+                fsync_path(f)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
         os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
