@@ -57,6 +57,6 @@ def build_tiny_model(tokenizer, config: TinyModelConfig | None = None, seed: int
 def save_model(model, tokenizer, path: str | os.PathLike) -> str:
     """Save model (safetensors) and tokenizer into directory `path`; returns the path."""
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(str(path), safe_serialization=True)
+    model.save_pretrained(str(path))            # safetensors is the default format
     tokenizer.save_pretrained(str(path))
     return str(path)

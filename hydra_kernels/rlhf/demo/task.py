@@ -32,8 +32,9 @@ class TaskConfig:
 
     max_operand: int = 99          # operands drawn from 0..max_operand
     demo_error_rate: float = 0.4   # fraction of SFT demonstrations that are wrong
-    n_sft: int = 38400             # SFT demonstrations {prompt, completion}
-    n_pref: int = 38400            # preference pairs {prompt, chosen, rejected}
+    carry_error_share: float = 0.5  # of the wrong ones: share of carry slips (±10); the rest are off by 1 or 2
+    n_sft: int = 4000              # SFT demonstrations {prompt, completion}
+    n_pref: int = 4000             # preference pairs {prompt, chosen, rejected}
     n_ppo: int = 2000              # PPO prompts {prompt}
     n_eval_prompts: int = 256      # held-out prompts (gold-reward evaluation)
     n_eval_pairs: int = 512        # held-out preference pairs (reward-head accuracy)
@@ -42,8 +43,9 @@ class TaskConfig:
     def __post_init__(self):
         if not isinstance(self.max_operand, int) or self.max_operand < 9:
             raise ValueError(f"max_operand: need an int >= 9, got {self.max_operand!r}")
-        if not 0.0 <= self.demo_error_rate <= 1.0:
-            raise ValueError(f"demo_error_rate: need a fraction in [0, 1], got {self.demo_error_rate!r}")
+        for name in ("demo_error_rate", "carry_error_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: need a fraction in [0, 1], got {getattr(self, name)!r}")
         for name in ("n_sft", "n_pref", "n_ppo", "n_eval_prompts", "n_eval_pairs"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -86,13 +88,14 @@ def gold_reward(prompt: str, completion: str, ended: bool = True) -> float:
     return 1.0 if err == 0 else max(0.0, 0.5 - 0.05 * err)
 
 
-def _slip(rng: random.Random, a: int, b: int) -> int:
-    """A plausible wrong sum: off by one or two, or a carry slip (±10). Never the true sum, never negative."""
+def _slip(rng: random.Random, a: int, b: int, carry_share: float = 0.5) -> int:
+    """A plausible wrong sum: a carry slip (±10) with probability `carry_share`, else off by one or two.
+    Never the true sum, never negative."""
     truth = a + b
     carry = (a % 10) + (b % 10) >= 10
     while True:
         kind = rng.random()
-        if kind < 0.5:
+        if kind >= carry_share:
             wrong = truth + rng.choice((-2, -1, 1, 2))
         else:       # forgot the carry if there was one, invented one if not
             wrong = truth - 10 if carry else truth + 10
@@ -148,7 +151,8 @@ class ArithmeticTask:
         out = []
         for a, b in self._train_draw(self.config.n_sft):
             wrong = self._rng.random() < self.config.demo_error_rate
-            out.append({"prompt": prompt_of(a, b), "completion": str(_slip(self._rng, a, b) if wrong else a + b)})
+            text = str(_slip(self._rng, a, b, self.config.carry_error_share) if wrong else a + b)
+            out.append({"prompt": prompt_of(a, b), "completion": text})
         return out
 
     def _pairs(self, ops) -> list[dict]:
