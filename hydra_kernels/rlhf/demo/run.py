@@ -37,7 +37,7 @@ def _default_sft():
     # LoRA, merged into the base at the end (so "LoRA off" in PPO is the SFT model). reward_coef 3: the reward
     # head has the harder job (verifying a sum at the EOS position) and the LM already knows addition from
     # pretraining. 28800 records / 64 x 4 epochs = 1800 steps.
-    return SFTConfig(mode="lora", epochs=4, batch_size=64, lr=3e-3, warmup_steps=50, reward_coef=3.0,
+    return SFTConfig(mode="lora", epochs=4, batch_size=64, lr=1e-3, warmup_steps=50, reward_coef=3.0,
                      lora={"r": 16, "alpha": 32},
                      data={"max_prompt_len": 16, "max_len": 24, "eval_fraction": 0.0},
                      run={"progress": True, "resume": False})
@@ -48,7 +48,7 @@ def _default_ppo():
     # 128 prompts per rollout, 4 minibatches x 2 epochs. vf_coef 0.5 with max_grad_norm 5: the early value
     # loss is large (the value head starts as the reward head) and, clipped jointly at 1.0, it would shrink the
     # policy's updates too.
-    return PPOConfig(variant="hydra", steps=150, batch_size=128, mini_batch_size=32, ppo_epochs=2, lr=1e-3,
+    return PPOConfig(variant="hydra", steps=100, batch_size=128, mini_batch_size=32, ppo_epochs=2, lr=1e-3,
                      max_new_tokens=5, temperature=1.0, kl_coef=0.05, kl_estimator="k1", vf_coef=0.5,
                      max_grad_norm=5.0, lora={"r": 8, "alpha": 16}, data={"max_prompt_len": 16, "max_len": 24},
                      run={"progress": True, "resume": False})
@@ -61,7 +61,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     seed: int = 0
-    pretrain_steps: int = 800        # LM-only steps on correct worked examples before Hydra-SFT (0 = none)
+    pretrain_steps: int = 1200       # LM-only steps on correct worked examples before Hydra-SFT (0 = none)
     pretrain_batch_size: int = 128
     pretrain_lr: float = 3e-3
     eval_temperature: float = 1.0    # decoding used to compare the SFT and PPO policies (1.0 = as sampled in PPO)
