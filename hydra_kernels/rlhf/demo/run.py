@@ -330,7 +330,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     t = time.perf_counter()
     task = ArithmeticTask(cfg.task)
     paths = task.write(out / "data")
-    say(f"[1/5] task: {cfg.task.max_operand}+{cfg.task.max_operand}-style sums, {cfg.task.n_sft} demonstrations "
+    say(f"[1/5] task: a+b= with a, b <= {cfg.task.max_operand}; {cfg.task.n_sft} demonstrations "
         f"({cfg.task.demo_error_rate:.0%} wrong), {cfg.task.n_pref} preference pairs, {cfg.task.n_ppo} PPO prompts "
         f"-> {out / 'data'}")
 
@@ -386,8 +386,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     # Both policies answer the same prompts: the difference is paired, its s.e. from per-prompt differences.
     diffs = [b - a for a, b in zip(ev["sft"].pop("_gold"), ev["ppo"].pop("_gold"))]
     d_mean, d_se = mean_and_stderr(diffs)
-    png = _plot(ppo.history, out / "ppo_curves.png", f"Hydra-PPO on {cfg.task.max_operand}+{cfg.task.max_operand} "
-                                                     f"addition (seed {cfg.seed})")
+    png = _plot(ppo.history, out / "ppo_curves.png",
+                f"Hydra-PPO on {len(str(cfg.task.max_operand))}-digit addition (seed {cfg.seed})")
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     summary = {
