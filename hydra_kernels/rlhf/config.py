@@ -53,10 +53,13 @@ class ModelConfig:
     path: str | None = None             # HF model directory; None when the caller passes a model object
     tokenizer_path: str | None = None   # defaults to `path`
     dtype: str = "float32"              # parameters' dtype: float32 | bfloat16 | float16
+    activation_checkpointing: bool = False   # recompute decoder-layer activations in backward (trained passes only)
 
     def validate(self, prefix: str = "model.") -> None:
         if self.dtype not in DTYPES:
             _fail(prefix + "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            _fail(prefix + "activation_checkpointing", f"must be a bool, got {self.activation_checkpointing!r}")
 
 
 @dataclass

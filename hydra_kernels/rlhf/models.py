@@ -9,6 +9,12 @@
 The reward head is frozen; the value head starts as a copy of it (the paper's critic initialisation). Heads
 are fp32 nn.Linear(hidden, 1) and read fp32 hidden states. Dropout is switched off and every model is in
 eval() mode: PPO's old and new log-probs must come from the same function.
+
+With model.activation_checkpointing, the models that train (the shared patched model; the lora/full actor
+and critic) checkpoint every decoder layer: forwards under grad (the update pass) recompute the layers'
+activations in backward instead of storing them, in eval() mode too (integrations.activation_checkpointing;
+transformers' own mechanism would only act in train mode). Forwards under no_grad (rollout, scoring) and
+forwards given a KV cache run exactly as without it; gradients are unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.integrations import HydraModel, disable_dropout, patch_model, position_ids_from_attention_mask
+from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
 from hydra_kernels.nn import streams
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
@@ -192,6 +199,8 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
             hydra.reward_head.bias.copy_(reward_head.bias)
         hydra.init_value_head_from_reward()
         hydra.reward_head.requires_grad_(False)
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(model)
         return PPOModels(variant, hydra.reward_head, hydra.value_head, hydra=hydra)
     if variant not in ("lora", "full"):
         raise ValueError(f"variant: unknown PPO variant {variant!r}")
@@ -210,6 +219,9 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
         critic.get_output_embeddings().requires_grad_(False)
         if critic.get_output_embeddings().weight is critic.get_input_embeddings().weight:
             critic.get_input_embeddings().requires_grad_(True)   # tied: the embedding is still used
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(actor)        # the frozen reference and reward model never run with grad
+        enable_activation_checkpointing(critic)
     return PPOModels(variant, reward_head, value_head, reference=reference, reward_model=reward_model,
                      actor=actor, critic=critic)
 

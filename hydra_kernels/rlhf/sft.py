@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
+from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
+                                                                 enable_activation_checkpointing)
 from hydra_kernels.rlhf.checkpoint import (copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
                                            save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
@@ -165,6 +167,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     else:
         model.requires_grad_(True)
         body = list(model.parameters())
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)      # training forwards recompute layers; no_grad evaluation does not
     groups = [{"params": body, "lr": cfg.lr},
               {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -284,6 +288,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         # Fold the adapter into the base, then drop the LoRA layers: the base now IS the SFT model.
         merge_adapter_into_base(model, SFT_ADAPTER)
         unpatch_model(model)
+    disable_activation_checkpointing(model)         # the returned model runs plain
     model.requires_grad_(False)
     head.requires_grad_(False)
     model.eval()

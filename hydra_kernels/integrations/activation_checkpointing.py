@@ -1,0 +1,91 @@
+"""Activation checkpointing of a transformers decoder that works in eval() mode.
+
+transformers' own mechanism (`activation_checkpointing_enable` / `gradient_checkpointing_enable`) checkpoints a
+decoder layer only when `layer.training` is True. PPO runs its models in eval() mode (old and new log-probs
+must come from the same function), so there it silently does nothing. Here every decoder layer (each
+outermost `transformers.modeling_layers.GradientCheckpointingLayer`) gets an instance-level `forward` that
+runs the layer under `torch.utils.checkpoint.checkpoint(use_reentrant=False)` whenever grad mode is on,
+whatever the module's mode:
+
+- under no_grad / inference_mode (generation, scoring, evaluation) the layer runs as before, untouched;
+- a forward that is given a KV cache runs as before too, with a warning (a recomputation would write the
+  cache twice; transformers instead drops the cache). Note that a plain `model(...)` call creates a cache
+  unless given use_cache=False; the rlhf pipeline's trained forwards pass use_cache=False;
+- the RNG state is preserved across recomputation (dropout, where a model trains with it, is replayed).
+
+HydraLinear layers recompute with the stream layout of the forward that built the graph (they match a
+recomputation to its forward by autograd sequence number), so multi-stream forwards are recomputed exactly.
+The wrapper is a bound method in the layer's __dict__: state_dict keys do not change and copy.deepcopy
+rebinds it to the copy.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["enable_activation_checkpointing", "disable_activation_checkpointing", "activation_checkpointing_enabled",
+           "checkpointable_layers"]
+
+_FLAG = "_hydra_activation_checkpointing"
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The outermost decoder layers of `model` (GradientCheckpointingLayer instances), in module order."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:                                    # transformers < 4.52
+        GradientCheckpointingLayer = None
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if GradientCheckpointingLayer is not None and isinstance(child, GradientCheckpointingLayer):
+                found.append(child)                        # nested checkpointable layers stay inside this one
+            else:
+                visit(child)
+    visit(model)
+    return found
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    plain = type(self).forward                             # the class's forward (transformers' wrapper included)
+    if not torch.is_grad_enabled() or (getattr(self, "gradient_checkpointing", False) and self.training):
+        return plain(self, *args, **kwargs)                # no grad, or transformers checkpoints it already
+    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        warnings.warn(f"activation checkpointing: {type(self).__name__} was given a KV cache under grad and runs "
+                      "without checkpointing (pass use_cache=False to checkpoint it)", UserWarning, stacklevel=2)
+        return plain(self, *args, **kwargs)
+    return checkpoint(plain, self, *args, use_reentrant=False, **kwargs)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every decoder layer's activations in backward instead of storing them (any module mode).
+
+    Idempotent; returns the number of layers checkpointed. Raises ValueError when `model` has no decoder
+    layers transformers marks as checkpointable.
+    """
+    layers = checkpointable_layers(model)
+    if not layers:
+        raise ValueError(f"model.activation_checkpointing: {type(model).__name__} has no decoder layers to "
+                         "checkpoint (transformers' GradientCheckpointingLayer; transformers >= 4.52)")
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+        setattr(layer, _FLAG, True)
+    return len(layers)
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undo enable_activation_checkpointing (a no-op where it was never enabled)."""
+    for module in model.modules():
+        if module.__dict__.pop(_FLAG, False):
+            module.__dict__.pop("forward", None)
+
+
+def activation_checkpointing_enabled(model: nn.Module) -> bool:
+    """True when enable_activation_checkpointing is in effect on any layer of `model`."""
+    return any(module.__dict__.get(_FLAG, False) for module in model.modules())
