@@ -105,7 +105,7 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/hydra-rlhf"
     device: str = "auto"                 # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    checkpoint_every: int = 0            # between checkpoints: PPO steps / SFT epochs; 0 = none (PPO: at the end)
+    checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = none (PPO: at the end)
     keep_checkpoints: int = 2            # older checkpoints are deleted
     resume: bool = True                  # continue from the last checkpoint in output_dir when one exists
     progress: bool = True                # tqdm progress bars

@@ -142,9 +142,11 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
     `pairs`. callback(epoch, metrics) after every epoch. Writes per-epoch metrics to
-    <output_dir>/<metrics_file>, a checkpoint every run.checkpoint_every EPOCHS to <output_dir>/checkpoints
-    (resumed from when run.resume), and the result to <output_dir>/final (HF model dir +
-    reward_head.safetensors + sft.json, atomically) only when training completes.
+    <output_dir>/<metrics_file>, a checkpoint every run.checkpoint_every optimizer-loop STEPS (global over all
+    epochs, skipped non-finite steps included; none after the last step, whose result goes to final) to
+    <output_dir>/checkpoints, and the result to <output_dir>/final (HF model dir + reward_head.safetensors +
+    sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
+    also from the middle of an epoch, to the same result as a run never stopped.
     """
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
@@ -178,90 +180,126 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(max(len(demonstrations), len(pairs)) / bs)
+    total = cfg.epochs * steps_per_epoch
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
     named = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     named.update({f"reward_head.{n}": p for n, p in head.named_parameters()})
-    history, skipped, start = [], 0, 0
+    history, skipped, start, partial = [], 0, 0, None
     last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
     if last is not None:
-        # Resume at an epoch boundary: weights, optimizer, schedule, RNGs; the data order of an epoch
-        # depends only on (seed, epoch), so the run continues as if never stopped.
+        # Resume after any step: weights, optimizer, schedule, RNGs, the finished epochs' history and the
+        # running sums of the epoch in progress; the data order of an epoch depends only on (seed, epoch),
+        # so the run continues as if never stopped.
         ck = load_checkpoint(last)
         if ck.config.get("mode") != cfg.mode:
             raise ValueError(f"run.output_dir: holds a checkpoint of mode {ck.config.get('mode')!r}, not "
                              f"{cfg.mode!r}; use another output_dir or run.resume=false")
+        state = ck.trainer_state
+        if state.get("steps_per_epoch") != steps_per_epoch:
+            raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "
+                             f"steps per epoch, this one has {steps_per_epoch} (other data or batch_size); use "
+                             f"another output_dir or run.resume=false")
         copy_params_(named, ck.params, str(last))
         optimizer.load_state_dict(ck.optimizer_state)
-        scheduler.load_state_dict(ck.trainer_state["scheduler"])
-        history, skipped = ck.trainer_state["history"], ck.trainer_state["skipped"]
+        scheduler.load_state_dict(state["scheduler"])
+        history, skipped, partial = state["history"], state["skipped"], state["epoch_partial"]
         restore_rng(ck.rng_meta, ck.rng_tensors)
         start = ck.step
+    start_epoch, start_s = divmod(start, steps_per_epoch)
+
+    def checkpoint_due(done: int) -> bool:
+        # Never after the last step: the result goes to final right after, atomically.
+        return bool(cfg.run.checkpoint_every) and done % cfg.run.checkpoint_every == 0 and done < total
+
+    def checkpoint(done: int, epoch_partial: dict | None) -> None:
+        """After `done` loop steps; epoch_partial: the running sums of an unfinished epoch (None at its end,
+        when history already holds it)."""
+        save_checkpoint(ckpt_root, done, named, optimizer, config_to_dict(cfg),
+                        {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
+                         "steps_per_epoch": steps_per_epoch, "epoch_partial": epoch_partial},
+                        keep=cfg.run.keep_checkpoints)
+
+    def train_step(epoch: int, s: int, demo_order: list[int], pair_order: list[int]):
+        """One optimizer step on batch s of the epoch: (lm, bt, acc), or None when it was skipped."""
+        lp_sum = torch.zeros((), device=device)
+        n_tok = 0
+        bt = torch.zeros((), device=device)
+        acc = float("nan")
+        if demonstrations:
+            idx = [demo_order[(s * bs + j) % len(demonstrations)] for j in range(bs)]
+            batch = _demo_batch(tokenizer, [demonstrations[i] for i in idx], cfg).to(device)
+            lp, n = _lm_logprob_sum(model, _forward(model, batch), batch)
+            lp_sum, n_tok = lp_sum + lp, n_tok + n
+        if pairs:
+            idx = [pair_order[(s * bs + j) % len(pairs)] for j in range(min(bs, len(pairs)))]
+            chunk = [pairs[i] for i in idx]
+            batch = _pair_batch(tokenizer, chunk, cfg).to(device)
+            h = _forward(model, batch)
+            r = _rewards(head, h)
+            k = len(chunk)
+            bt = -F.logsigmoid(r[:k] - r[k:]).mean()
+            acc = float((r[:k] > r[k:]).float().mean())
+            if cfg.lm_on_chosen:
+                chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
+                                                      batch.position_ids, batch.loss_mask)))
+                lp, n = _lm_logprob_sum(model, h[:k], chosen)
+                lp_sum, n_tok = lp_sum + lp, n_tok + n
+        lm = -lp_sum / max(n_tok, 1)
+        loss = lm + cfg.reward_coef * bt
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite loss; step skipped",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite gradient; step skipped",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        optimizer.step()
+        scheduler.step()
+        return float(lm.detach()), float(bt.detach()), acc
+
     log = open(out / cfg.run.metrics_file, "w")
     for rec in history:
         log.write(json.dumps(rec) + "\n")
+    log.flush()
     progress = None
     if cfg.run.progress:
         from tqdm.auto import tqdm
-        progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch,
-                        desc=f"Hydra-SFT ({cfg.mode})", unit="step")
+        progress = tqdm(total=total, initial=start, desc=f"Hydra-SFT ({cfg.mode})", unit="step")
     model.train()
     try:
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             demo_order = _epoch_order(len(demonstrations), cfg.run.seed, epoch, 7) if demonstrations else []
             pair_order = _epoch_order(len(pairs), cfg.run.seed, epoch, 8) if pairs else []
+            first = start_s if epoch == start_epoch else 0
             sums = {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}
             counted = 0
-            for s in range(steps_per_epoch):
-                lp_sum = torch.zeros((), device=device)
-                n_tok = 0
-                bt = torch.zeros((), device=device)
-                acc = float("nan")
-                if demonstrations:
-                    idx = [demo_order[(s * bs + j) % len(demonstrations)] for j in range(bs)]
-                    batch = _demo_batch(tokenizer, [demonstrations[i] for i in idx], cfg).to(device)
-                    lp, n = _lm_logprob_sum(model, _forward(model, batch), batch)
-                    lp_sum, n_tok = lp_sum + lp, n_tok + n
-                if pairs:
-                    idx = [pair_order[(s * bs + j) % len(pairs)] for j in range(min(bs, len(pairs)))]
-                    chunk = [pairs[i] for i in idx]
-                    batch = _pair_batch(tokenizer, chunk, cfg).to(device)
-                    h = _forward(model, batch)
-                    r = _rewards(head, h)
-                    k = len(chunk)
-                    bt = -F.logsigmoid(r[:k] - r[k:]).mean()
-                    acc = float((r[:k] > r[k:]).float().mean())
-                    if cfg.lm_on_chosen:
-                        chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
-                                                              batch.position_ids, batch.loss_mask)))
-                        lp, n = _lm_logprob_sum(model, h[:k], chosen)
-                        lp_sum, n_tok = lp_sum + lp, n_tok + n
-                lm = -lp_sum / max(n_tok, 1)
-                loss = lm + cfg.reward_coef * bt
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+            if first:                                   # resumed in the middle of this epoch
+                sums = {k: float(partial["sums"][k]) for k in sums}
+                counted = partial["counted"]
+            for s in range(first, steps_per_epoch):
+                stepped = train_step(epoch, s, demo_order, pair_order)
+                if stepped is None:
                     skipped += 1
-                    warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite loss; step skipped",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                if not torch.isfinite(norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite gradient; step skipped",
-                                  RuntimeWarning, stacklevel=2)
-                    continue
-                optimizer.step()
-                scheduler.step()
-                counted += 1
-                sums["train/lm_loss"] += float(lm.detach())
-                sums["train/bt_loss"] += float(bt.detach())
-                sums["train/reward_accuracy"] += acc if pairs else 0.0
+                else:
+                    lm, bt, acc = stepped
+                    counted += 1
+                    sums["train/lm_loss"] += lm
+                    sums["train/bt_loss"] += bt
+                    sums["train/reward_accuracy"] += acc if pairs else 0.0
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(lm=f"{float(lm.detach()):.3f}", bt=f"{float(bt.detach()):.3f}")
+                    if stepped is not None:
+                        progress.set_postfix(lm=f"{lm:.3f}", bt=f"{bt:.3f}")
+                done = epoch * steps_per_epoch + s + 1
+                if s + 1 < steps_per_epoch and checkpoint_due(done):
+                    checkpoint(done, {"sums": sums, "counted": counted})
             metrics = {"epoch": epoch + 1, **{k: v / max(counted, 1) for k, v in sums.items()},
                        "skipped/nonfinite_loss": skipped}
             if not pairs:
@@ -272,11 +310,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
             log.flush()
-            every = cfg.run.checkpoint_every
-            if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs:
-                save_checkpoint(ckpt_root, epoch + 1, named, optimizer, config_to_dict(cfg),
-                                {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped},
-                                keep=cfg.run.keep_checkpoints)
+            if checkpoint_due((epoch + 1) * steps_per_epoch):
+                checkpoint((epoch + 1) * steps_per_epoch, None)
             if callback is not None:
                 callback(epoch + 1, metrics)
     finally:

@@ -1,9 +1,19 @@
-"""Hydra-SFT (full and LoRA-merged), its masks and saved result; checkpoint files, optimizer state, RNG."""
+"""Hydra-SFT (full and LoRA-merged), its masks and saved result; checkpoint files, optimizer state, RNG;
+checkpoints every N steps and a killed run resuming (also mid-epoch) to bitwise the same result."""
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import hydra_kernels.rlhf.sft as sft_module
 from hydra_kernels.nn import HydraLinear
 from hydra_kernels.rlhf.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
                                            restore_rng, save_checkpoint)
@@ -11,6 +21,8 @@ from hydra_kernels.rlhf.config import SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample
 from hydra_kernels.rlhf.sft import _demo_batch, _forward, _lm_logprob_sum, evaluate_pairs, hydra_sft, load_sft
 from tests.rlhf._tiny import CharTokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOK = CharTokenizer()
 RNG = random.Random(0)
@@ -138,18 +150,170 @@ def test_rng_states_restore():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-def test_sft_resumes_from_its_epoch_checkpoint(tmp_path):
-    def stop_after_first(epoch, metrics):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-    args = ("epochs=2", "run.checkpoint_every=1")
-    with pytest.raises(KeyboardInterrupt):
-        hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "a", "lora", *args),
-                  callback=stop_after_first)
-    assert (tmp_path / "a/checkpoints/step-00000001/state.json").is_file() and not (tmp_path / "a/final").exists()
-    resumed = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "a", "lora", *args))
-    straight = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:16], PAIRS[:16], _cfg(tmp_path / "b", "lora", *args))
-    assert resumed.history == straight.history
-    sa, sb = resumed.model.state_dict(), straight.model.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert torch.equal(resumed.reward_head.weight, straight.reward_head.weight)
+# --------------------------------------------------------------- Hydra-SFT checkpoints every N steps, resume
+# DEMOS[:32] and the 24 training pairs of PAIRS[:32] make 4 steps per epoch at batch_size=8.
+def _job(out, mode, *extra, callback=None):
+    return hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:32], PAIRS[:32], _cfg(out, mode, *extra), callback=callback)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The output dir of an uninterrupted run that writes no checkpoints (one per configuration)."""
+    done = {}
+
+    def get(mode, *extra):
+        if (mode, *extra) not in done:
+            out = tmp_path_factory.mktemp("straight")
+            _job(out, mode, *extra, "run.checkpoint_every=0")
+            done[(mode, *extra)] = out
+        return done[(mode, *extra)]
+    return get
+
+
+def _assert_same_run(a: Path, b: Path):
+    """Bitwise the same final weights and reward head, metrics history and final metrics."""
+    names = sorted(p.name for p in (a / "final").glob("*.safetensors"))
+    assert "reward_head.safetensors" in names and len(names) >= 2
+    assert names == sorted(p.name for p in (b / "final").glob("*.safetensors"))
+    for name in names:
+        ta, tb = load_file(str(a / "final" / name)), load_file(str(b / "final" / name))
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (name, k)
+
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = lines(a / "metrics.jsonl")
+    assert history and history == lines(b / "metrics.jsonl")
+    assert json.loads((a / "final/sft.json").read_text())["metrics"] == \
+        json.loads((b / "final/sft.json").read_text())["metrics"]
+
+
+def test_sft_checkpoint_every_counts_loop_steps(tmp_path, monkeypatch):
+    saved = []
+    real = sft_module.save_checkpoint
+    monkeypatch.setattr(sft_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
+                        real(root, step, *a, **k))
+    real_rewards = sft_module._rewards
+    calls = []
+
+    def nan_at_step_2(head, h):              # training steps compute rewards with grad, evaluation without
+        r = real_rewards(head, h)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:
+                return r * float("nan")
+        return r
+    monkeypatch.setattr(sft_module, "_rewards", nan_at_step_2)
+    with pytest.warns(RuntimeWarning, match="epoch 1 step 2: non-finite loss"):
+        res = _job(tmp_path / "a", "full", "epochs=2", "run.checkpoint_every=2")
+    # Every 2 loop steps over both epochs (the skipped step 2 counts), none after the last step (8).
+    assert saved == [2, 4, 6] and res.history[-1]["skipped/nonfinite_loss"] == 1
+    root = tmp_path / "a/checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000006"]   # keep_checkpoints=2
+    at4 = load_checkpoint(root / "step-00000004").trainer_state
+    assert len(at4["history"]) == 1 and at4["epoch_partial"] is None and at4["skipped"] == 1
+    at6 = load_checkpoint(root / "step-00000006").trainer_state
+    assert len(at6["history"]) == 1 and at6["epoch_partial"]["counted"] == 2
+    monkeypatch.setattr(sft_module, "_rewards", real_rewards)
+
+    saved.clear()
+    _job(tmp_path / "b", "full", "epochs=1", "run.checkpoint_every=4")       # the only due step is the last
+    assert saved == [] and not list_checkpoints(tmp_path / "b/checkpoints") and (tmp_path / "b/final").is_dir()
+    _job(tmp_path / "c", "full", "epochs=1", "run.checkpoint_every=1", "run.keep_checkpoints=5")
+    assert saved == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(tmp_path / "c/checkpoints")] == [f"step-0000000{i}" for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("every, kill, start", [(3, 3, 3), (2, 4, 4), (3, "final", 6)],
+                         ids=["mid-first-epoch", "epoch-boundary", "before-final"])
+def test_sft_resumes_at_any_step_bitwise(tmp_path, monkeypatch, straight, every, kill, start):
+    extra = ("epochs=2", f"run.checkpoint_every={every}")
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        if kill == "final":                  # after the last checkpoint (step 6), before final is written
+            def killing_final(*a, **k):
+                raise KeyboardInterrupt("killed")
+            m.setattr(sft_module, "save_sft", killing_final)
+        else:
+            real = sft_module.save_checkpoint
+
+            def killing(root, step, *a, **k):
+                path = real(root, step, *a, **k)
+                if step == kill:
+                    raise KeyboardInterrupt("killed")
+                return path
+            m.setattr(sft_module, "save_checkpoint", killing)
+        with pytest.raises(KeyboardInterrupt):
+            _job(run, "lora", *extra)
+    assert latest_checkpoint(run / "checkpoints").name == f"step-{start:08d}" and not (run / "final").exists()
+
+    bars = []
+    import tqdm.auto
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            if str(k.get("desc", "")).startswith("Hydra-SFT"):
+                bars.append(k)
+            super().__init__(*a, **k)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    resumed = _job(run, "lora", *extra, "run.progress=true")
+    assert [(b["initial"], b["total"]) for b in bars] == [(start, 8)]
+    assert len(resumed.history) == 2
+    _assert_same_run(run, straight("lora", "epochs=2"))
+
+
+def _run_until_killed(out: Path, *args):
+    """Run this file as a job (see the bottom) that hangs at a given point, then SIGKILL it there."""
+    marker = Path(f"{out}.hanging")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.rlhf.test_sft_checkpoint", str(out), *args], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the job never reached the point where it is killed"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("when", ["2", "final"], ids=["after-mid-epoch-checkpoint", "before-final"])
+def test_sft_resume_after_sigkill_matches_uninterrupted_run(tmp_path, straight, when):
+    # One epoch of 4 steps, a checkpoint every 2: the only checkpoint is in the middle of the epoch.
+    killed = tmp_path / "killed"
+    extra = ("epochs=1", "run.checkpoint_every=2")
+    _run_until_killed(killed, "full", when, *extra)
+    assert [p.name for p in list_checkpoints(killed / "checkpoints")] == ["step-00000002"]
+    assert not (killed / "final").exists()               # nothing half-trained is saved as if complete
+    _job(killed, "full", *extra)
+    _assert_same_run(killed, straight("full", "epochs=1"))
+
+
+if __name__ == "__main__":
+    # The job of the SIGKILL test: python -m tests.rlhf.test_sft_checkpoint OUT MODE WHEN [key=value ...]
+    # hangs right after writing the checkpoint of step WHEN, or (WHEN=final) before writing final.
+    out, mode, when, *extra = sys.argv[1:]
+
+    def hang():
+        Path(f"{out}.hanging").touch()
+        time.sleep(600)                      # the test kills us here
+
+    if when == "final":
+        def hanging_final(*a, **k):
+            hang()
+        sft_module.save_sft = hanging_final
+    else:
+        real_save = sft_module.save_checkpoint
+
+        def hanging(root, step, *a, **k):
+            path = real_save(root, step, *a, **k)
+            if step == int(when):
+                hang()
+            return path
+        sft_module.save_checkpoint = hanging
+    _job(out, mode, *extra)
+    print("DONE", flush=True)
