@@ -188,6 +188,7 @@ class PPOConfig:
     mini_batch_size: int = 8             # rollouts per optimizer step (must divide batch_size)
     ppo_epochs: int = 4
     lr: float = 1e-4
+    critic_lr: float | None = None       # critic adapter / weights and value head; None = lr (0 freezes them)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # generation
@@ -230,6 +231,8 @@ class PPOConfig:
         if self.batch_size % self.mini_batch_size:
             _fail("mini_batch_size", f"must divide batch_size ({self.batch_size}), got {self.mini_batch_size}")
         _positive("lr", self.lr)
+        if self.critic_lr is not None:
+            _positive("critic_lr", self.critic_lr, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("max_grad_norm", self.max_grad_norm)
         _positive("temperature", self.temperature)

@@ -30,6 +30,7 @@ from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, build_ppo_models, resolve_device
+from hydra_kernels.rlhf.optim import build_ppo_optimizer
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.scoring import Scores, policy_and_values, score_rollout
 
@@ -102,7 +103,7 @@ class PPOTrainer:
         if any(not t for t in self.prompt_tokens):
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
         self.params = models.named_trainable()
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_ppo_optimizer(models, self.params, cfg)
         self.kl_ctl = kl_controller(cfg)
         self.counters = {"skipped/nonfinite_reward": 0, "skipped/nonfinite_loss": 0}
         self.device = models.device

@@ -84,6 +84,33 @@ def test_variant_trains_actor_and_leaves_base_bitwise_unchanged(tmp_path, varian
     assert (tmp_path / "final" / "policy.safetensors").is_file()
 
 
+@pytest.mark.parametrize("variant", ("hydra", "j-hydra", "lora", "full"))
+def test_critic_lr_zero_freezes_exactly_the_critic(tmp_path, variant):
+    """critic_lr reaches the critic's adapter slice inside Hydra's stacked LoRA factors, the critic model of
+    the baselines and the value head, and nothing of the actor's (J-Hydra's one adapter is the actor's)."""
+    from tests.rlhf._tiny import CharTokenizer, tiny_model
+    before = _snapshot(tiny_model(len(CharTokenizer())))
+    model, res = run(tmp_path, [f"variant={variant}", "run.checkpoint_every=0", "critic_lr=0"])
+    models = res.models
+    value_init = models.reward_head.weight          # the value head starts as a copy of the reward head
+    assert torch.equal(models.value_head.weight, value_init)
+    if models.shared:
+        actor = _lora_slices(models.model, "actor")
+        assert any(B.abs().sum() > 0 for _, B in actor.values()), "actor adapter did not move"
+        if variant == "hydra":
+            critic = _lora_slices(models.model, "critic")
+            assert all(B.abs().sum() == 0 for _, B in critic.values()), "critic adapter moved"
+    else:
+        for name, p in models.critic.named_parameters():
+            if "lora_B" in name:
+                assert p.abs().sum() == 0, name
+            elif "lora_" not in name:
+                assert torch.equal(p, before[name]), name
+        moved = [k for k, p in models.actor.named_parameters()
+                 if (p.abs().sum() > 0 if "lora_B" in k else "lora_" not in k and not torch.equal(p, before[k]))]
+        assert moved, "the actor did not move"
+
+
 def test_same_seed_same_run_and_data_order(tmp_path):
     _, a = run(tmp_path / "a", ["run.checkpoint_every=0", "steps=2"])
     _, b = run(tmp_path / "b", ["run.checkpoint_every=0", "steps=2"])

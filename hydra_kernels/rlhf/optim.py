@@ -1,0 +1,66 @@
+"""PPO's optimizer: AdamW with one learning rate for the actor and one for the critic (`critic_lr`).
+
+The separate-model variants (lora, full) simply put the critic in its own param group. Hydra-PPO cannot: the
+actor's and the critic's LoRA factors live in one stacked Parameter per layer (lora_A [adapters, r, in],
+lora_B [adapters, out, r]) because the fused kernel reads every adapter from one tensor. AdamW's step is
+linear in the learning rate, decoupled weight decay included (p <- p - lr * (wd * p + m_hat / (sqrt(v_hat) +
+eps))), and each element's moments depend only on that element's gradients, so scaling the change of the
+critic's slice by critic_lr / lr after the step is AdamW with critic_lr on that slice, up to one rounding.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from hydra_kernels.nn import HydraLinear
+
+
+class SlicedLRAdamW(torch.optim.AdamW):
+    """AdamW in which chosen slices `p[i]` (leading dimension) move `ratio` times as far as their group's
+    learning rate would move them. slice_ratios: (parameter, index, ratio) triples; ratio 1 is a no-op, and
+    with no slices this is plain AdamW, bitwise."""
+
+    def __init__(self, params, *, slice_ratios: Iterable[tuple[torch.Tensor, int, float]] = (), **kwargs):
+        super().__init__(params, **kwargs)
+        owned = {id(p) for g in self.param_groups for p in g["params"]}
+        self.slice_ratios = []
+        for p, i, ratio in slice_ratios:
+            if id(p) not in owned:
+                raise ValueError("slice_ratios: a parameter that is not in any param group")
+            if not 0 <= i < p.shape[0]:
+                raise ValueError(f"slice_ratios: index {i} out of range for a leading dimension of {p.shape[0]}")
+            if not ratio >= 0:
+                raise ValueError(f"slice_ratios: ratio must be >= 0, got {ratio!r}")
+            if ratio != 1.0:
+                self.slice_ratios.append((p, int(i), float(ratio)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # The blend runs in fp32 at least, so bf16 / fp16 slices round once, at the final copy.
+        before = [p[i].to(torch.promote_types(p.dtype, torch.float32), copy=True) for p, i, _ in self.slice_ratios]
+        loss = super().step(closure)
+        for (p, i, ratio), b in zip(self.slice_ratios, before):
+            p[i].copy_(torch.lerp(b, p[i].to(b.dtype), ratio))
+        return loss
+
+
+def build_ppo_optimizer(models, params: dict[str, torch.nn.Parameter], cfg) -> SlicedLRAdamW:
+    """AdamW over `params` (PPOModels.named_trainable()): group 0 the actor (cfg.lr), group 1 the critic and the
+    value head (cfg.critic_lr, default cfg.lr). Hydra's critic adapter slice is scaled inside the shared
+    stacks; J-Hydra's one adapter serves both roles and takes cfg.lr."""
+    critic_lr = cfg.lr if cfg.critic_lr is None else cfg.critic_lr
+    actor, critic = [], []
+    for name, p in params.items():
+        (critic if name.startswith(("critic.", "value_head.")) else actor).append(p)
+    slices = []
+    if models.variant == "hydra" and critic_lr != cfg.lr:
+        k = models.hydra.adapters.index("critic")
+        for m in models.model.modules():
+            if isinstance(m, HydraLinear):
+                slices += [(m.lora_A, k, critic_lr / cfg.lr), (m.lora_B, k, critic_lr / cfg.lr)]
+    groups = [{"params": actor, "lr": cfg.lr}, {"params": critic, "lr": critic_lr}]
+    return SlicedLRAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, slice_ratios=slices)
+
+
+__all__ = ["SlicedLRAdamW", "build_ppo_optimizer"]
