@@ -4,14 +4,16 @@ transformers' own mechanism (`activation_checkpointing_enable` / `gradient_check
 decoder layer only when `layer.training` is True. PPO runs its models in eval() mode (old and new log-probs
 must come from the same function), so there it silently does nothing. Here every decoder layer (each
 outermost `transformers.modeling_layers.GradientCheckpointingLayer`) gets an instance-level `forward` that
-runs the layer under `torch.utils.checkpoint.checkpoint(use_reentrant=False)` whenever grad mode is on,
-whatever the module's mode:
+runs the layer under `torch.utils.checkpoint.checkpoint` whenever grad mode is on, whatever the module's mode:
 
 - under no_grad / inference_mode (generation, scoring, evaluation) the layer runs as before, untouched;
 - a forward that is given a KV cache runs as before too, with a warning (a recomputation would write the
   cache twice; transformers instead drops the cache). Note that a plain `model(...)` call creates a cache
   unless given use_cache=False; the rlhf pipeline's trained forwards pass use_cache=False;
 - the RNG state is preserved across recomputation (dropout, where a model trains with it, is replayed).
+- use_reentrant=True (the older autograd.Function implementation) passes keyword arguments through a closure,
+  so only positional tensors (the hidden states) carry gradient; since the embeddings are frozen, their output is
+  made to require grad (transformers' enable_input_require_grads), else nothing would back-propagate.
 
 HydraLinear layers recompute with the stream layout of the forward that built the graph (they match a
 recomputation to its forward by autograd sequence number), so multi-stream forwards are recomputed exactly.
@@ -20,6 +22,7 @@ rebinds it to the copy.
 """
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 
@@ -30,7 +33,9 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["enable_activation_checkpointing", "disable_activation_checkpointing", "activation_checkpointing_enabled",
            "checkpointable_layers"]
 
-_FLAG = "_hydra_activation_checkpointing"
+_FLAG = "_hydra_activation_checkpointing"                 # on a layer: True; its value of use_reentrant beside it
+_REENTRANT = "_hydra_activation_checkpointing_reentrant"
+_INPUT_HOOK = "_hydra_activation_checkpointing_input_hook"   # on the model: we turned on input require-grads
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
@@ -60,15 +65,19 @@ def _checkpointed_forward(self, *args, **kwargs):
         warnings.warn(f"activation checkpointing: {type(self).__name__} was given a KV cache under grad and runs "
                       "without checkpointing (pass use_cache=False to checkpoint it)", UserWarning, stacklevel=2)
         return plain(self, *args, **kwargs)
+    if self.__dict__.get(_REENTRANT, False):
+        return checkpoint(functools.partial(plain, self, **kwargs), *args, use_reentrant=True)
     return checkpoint(plain, self, *args, use_reentrant=False, **kwargs)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> int:
+def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> int:
     """Recompute every decoder layer's activations in backward instead of storing them (any module mode).
 
-    Idempotent; returns the number of layers checkpointed. Raises ValueError when `model` has no decoder
-    layers transformers marks as checkpointable.
+    Idempotent (a second call sets use_reentrant); returns the number of layers checkpointed. Raises ValueError
+    when `model` has no decoder layers transformers marks as checkpointable.
     """
+    if not isinstance(use_reentrant, bool):
+        raise ValueError(f"use_reentrant: must be a bool, got {use_reentrant!r}")
     layers = checkpointable_layers(model)
     if not layers:
         raise ValueError(f"model.activation_checkpointing: {type(model).__name__} has no decoder layers to "
@@ -76,6 +85,11 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     for layer in layers:
         layer.forward = types.MethodType(_checkpointed_forward, layer)
         setattr(layer, _FLAG, True)
+        setattr(layer, _REENTRANT, use_reentrant)
+    if use_reentrant and getattr(model, "_require_grads_hook", None) is None \
+            and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        setattr(model, _INPUT_HOOK, True)
     return len(layers)
 
 
@@ -84,6 +98,9 @@ def disable_activation_checkpointing(model: nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.pop(_FLAG, False):
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_REENTRANT, None)
+    if model.__dict__.pop(_INPUT_HOOK, False):
+        model.disable_input_require_grads()
 
 
 def activation_checkpointing_enabled(model: nn.Module) -> bool:

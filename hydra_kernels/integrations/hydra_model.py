@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
+                                                               enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams, hydra_modules,
                                               patch_info, patch_model, position_ids_from_attention_mask,
@@ -260,27 +262,17 @@ class HydraModel(nn.Module):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
-        """Checkpoint every decoder layer (transformers' own mechanism; it runs only in train mode).
+        """Recompute every decoder layer's activations in backward (integrations.activation_checkpointing:
+        unlike transformers' own mechanism it also acts in eval mode, where PPO runs).
 
         Gradients equal those without checkpointing: each HydraLinear recomputes with the stream layout of the
         forward that built the graph (it matches the recomputation to its forward by autograd sequence number),
         also when several forwards with different layouts precede one backward.
         """
-        kw: dict = {"use_reentrant": use_reentrant}
-        m = self.model
-        if hasattr(m, "activation_checkpointing_enable"):          # transformers ≥ 5.2x
-            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-        else:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        if use_reentrant and getattr(m, "_require_grads_hook", None) is None:
-            # Reentrant checkpointing only back-propagates if a layer's input requires grad; the embeddings are
-            # frozen, so make their output require it (older transformers do this only for peft models).
-            m.enable_input_require_grads()
+        enable_activation_checkpointing(self.model, use_reentrant=use_reentrant)
 
     def disable_activation_checkpointing(self) -> None:
-        m = self.model
-        (m.activation_checkpointing_disable if hasattr(m, "activation_checkpointing_disable")
-         else m.gradient_checkpointing_disable)()
+        disable_activation_checkpointing(self.model)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _config_dict(self) -> dict:

@@ -169,15 +169,30 @@ def _ppo_like_grads(h, ids, mask):
     return {n: p.grad.clone() for n, p in h.named_parameters() if p.grad is not None}
 
 
+def _count_checkpoint_calls(monkeypatch) -> list[bool]:
+    """Records use_reentrant of every torch.utils.checkpoint call made by our activation checkpointing."""
+    from hydra_kernels.integrations import activation_checkpointing as ac
+    calls, real = [], ac.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["use_reentrant"])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ac, "checkpoint", counting)
+    return calls
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_activation_checkpointing_gives_same_gradients(arch):
+def test_activation_checkpointing_gives_same_gradients(arch, monkeypatch):
+    from hydra_kernels.integrations import activation_checkpointing as ac
+    calls = _count_checkpoint_calls(monkeypatch)
     _, h = hydra(arch)
-    h.train()                                               # transformers checkpoints only in train mode
+    h.eval()                                                # PPO's mode: transformers' own would not act here
     ids, mask = batch()
     plain = _ppo_like_grads(h, ids, mask)
     h.enable_activation_checkpointing()
-    assert any(getattr(m, "gradient_checkpointing", False) for m in h.model.modules())
+    assert ac.activation_checkpointing_enabled(h.model)
     ckpt = _ppo_like_grads(h, ids, mask)
+    assert calls == [False] * len(ac.checkpointable_layers(h.model))     # every layer, once, non-reentrant
     assert plain.keys() == ckpt.keys()
     assert len(plain) == 2 * len(h.patch.modules) + 2                  # every LoRA stack + the value head
     for n in plain:
@@ -203,13 +218,17 @@ def test_checkpointing_with_different_layouts_before_one_backward(arch, reentran
         torch.testing.assert_close(g_ckpt, g, rtol=1e-5, atol=1e-6)
 
 
-def test_reentrant_checkpointing_gives_same_gradients():
+def test_reentrant_checkpointing_gives_same_gradients(monkeypatch):
+    calls = _count_checkpoint_calls(monkeypatch)
     _, h = hydra("llama")
-    h.train()
+    h.eval()
     ids, mask = batch()
     plain = _ppo_like_grads(h, ids, mask)
     h.enable_activation_checkpointing(use_reentrant=True)
     ckpt = _ppo_like_grads(h, ids, mask)
+    assert calls and all(calls)
+    h.disable_activation_checkpointing()                   # also drops the input require-grad hook it added
+    assert getattr(h.model, "_require_grads_hook", None) is None
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
 
