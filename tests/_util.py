@@ -1,5 +1,14 @@
-"""Shared test helpers: tolerances per dtype and a relative error against float64 references."""
+"""Shared test helpers: tolerances per dtype, a relative error against float64 references, a SIGKILLed job."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Max |out − ref| / max|ref| allowed for a result computed in `dtype` from inputs rounded to `dtype`.
 REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -20,3 +29,21 @@ def assert_rel_close(out, ref, dtype, what="", factor=1.0):
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill with NaN so a kernel that forgets to write an element is caught."""
     return t.fill_(float("nan"))
+
+
+def kill_job_when(marker: Path, module: str, *args: str, timeout: float = 240.0) -> None:
+    """Run `python -m module *args` from the repo root and SIGKILL it as soon as `marker` exists (a file the
+    job writes at the point where it should die): a crash with no chance to clean up."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not Path(marker).exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, f"the job never wrote {marker}"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL

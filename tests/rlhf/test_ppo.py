@@ -1,22 +1,15 @@
 """The PPO loop end to end on a tiny model: every variant trains, only the actor/critic move, determinism,
 non-finite rewards and losses are skipped, and a killed run resumes to the same result."""
 import json
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hydra_kernels.rlhf.ppo import batch_indices
+from tests._util import kill_job_when
 from tests.rlhf._ppo_job import digit_reward, run
 
-ROOT = Path(__file__).resolve().parents[2]
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
                "policy/clipfrac", "val/vf_loss", "val/clipfrac", "time/rollout", "time/score", "time/update",
                "memory/peak")
@@ -161,20 +154,8 @@ def test_nonfinite_loss_skips_the_update_and_keeps_weights(tmp_path):
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.rlhf._ppo_job", str(killed), "--hang-after", "2",
-                             "steps=4"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        marker = killed / "checkpoints" / "step-00000002" / "state.json"
-        while not marker.exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the job never wrote its step-2 checkpoint"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_job_when(killed / "checkpoints" / "step-00000002" / "state.json", "tests.rlhf._ppo_job", str(killed),
+                  "--hang-after", "2", "steps=4")
     assert not (killed / "final").exists()                 # nothing half-trained is saved as if complete
 
     _, resumed = run(killed, ["steps=4"])

@@ -1,10 +1,7 @@
 """Hydra-SFT (full and LoRA-merged), its masks and saved result; checkpoint files, optimizer state, RNG;
 checkpoints every N steps and a killed run resuming (also mid-epoch) to bitwise the same result."""
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +17,9 @@ from hydra_kernels.rlhf.checkpoint import (capture_rng, latest_checkpoint, list_
 from hydra_kernels.rlhf.config import SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample
 from hydra_kernels.rlhf.sft import _demo_batch, _forward, _lm_logprob_sum, evaluate_pairs, hydra_sft, load_sft
+from tests._util import kill_job_when
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 
-ROOT = Path(__file__).resolve().parents[2]
 
 TOK = CharTokenizer()
 RNG = random.Random(0)
@@ -265,20 +262,7 @@ def test_sft_resumes_at_any_step_bitwise(tmp_path, monkeypatch, straight, every,
 
 def _run_until_killed(out: Path, *args):
     """Run this file as a job (see the bottom) that hangs at a given point, then SIGKILL it there."""
-    marker = Path(f"{out}.hanging")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.rlhf.test_sft_checkpoint", str(out), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the job never reached the point where it is killed"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_job_when(Path(f"{out}.hanging"), "tests.rlhf.test_sft_checkpoint", str(out), *args)
 
 
 @pytest.mark.parametrize("when", ["2", "final"], ids=["after-mid-epoch-checkpoint", "before-final"])
