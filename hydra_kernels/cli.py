@@ -102,8 +102,9 @@ def _ppo(args) -> int:
     reward_fn = _load_reward_fn(args.reward_fn) if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
+    import torch
     from transformers import AutoTokenizer
-    model, head = rlhf.load_sft(path, dtype=getattr(__import__("torch"), cfg.model.dtype))
+    model, head = rlhf.load_sft(path, dtype=getattr(torch, cfg.model.dtype))
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or path, local_files_only=True)
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}

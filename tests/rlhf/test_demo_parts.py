@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hydra_kernels.rlhf.demo import plot
-from hydra_kernels.rlhf.demo.task import (ArithmeticTask, TaskConfig, answer_of, gold_reward, mean_and_stderr,
-                                          parse_prompt)
+from hydra_kernels.rlhf.demo.task import (ArithmeticTask, TaskConfig, answer_of, gold_reward, is_slip,
+                                          mean_and_stderr, parse_prompt)
 from hydra_kernels.rlhf.demo.tokenizer import EOS, PAD, save_char_tokenizer
 
 
@@ -51,6 +51,8 @@ def test_gold_reward():
     with pytest.raises(ValueError, match="prompt"):
         gold_reward("12-7=", "5")
     assert parse_prompt("37+48=") == (37, 48) and answer_of("37+48=") == 85
+    assert is_slip("37+48=", "84") and is_slip("37+48=", "75") and is_slip("37+48=", "87")
+    assert not is_slip("37+48=", "85") and not is_slip("37+48=", "58") and not is_slip("37+48=", "8")
 
 
 def test_task_files_schema_split_and_determinism(tmp_path):
@@ -67,9 +69,17 @@ def test_task_files_schema_split_and_determinism(tmp_path):
     rewards = [gold_reward(r["prompt"], r["completion"]) for r in read["sft"]]
     wrong = sum(r < 1.0 for r in rewards) / len(rewards)
     assert 0.3 < wrong < 0.5 and min(rewards) >= 0.0
-    # Preferences: chosen is always the exact answer, rejected never is.
+    # Preferences: chosen is always the exact answer, rejected never is; about 60% of rejected are slips.
     for r in read["pref"] + read["eval_pairs"]:
         assert gold_reward(r["prompt"], r["chosen"]) == 1.0 > gold_reward(r["prompt"], r["rejected"])
+    slips = sum(is_slip(r["prompt"], r["rejected"]) for r in read["pref"]) / len(read["pref"])
+    assert 0.5 < slips < 0.7
+    # carry_error_share: the wrong demonstrations are mostly off by ten when asked to be.
+    carry = ArithmeticTask(TaskConfig(n_sft=400, n_pref=10, n_ppo=10, n_eval_prompts=10, n_eval_pairs=10,
+                                      carry_error_share=0.8)).sft_records()
+    wrong = [r for r in carry if gold_reward(r["prompt"], r["completion"]) < 1.0]
+    tens = sum(abs(int(r["completion"]) - answer_of(r["prompt"])) == 10 for r in wrong) / len(wrong)
+    assert 0.7 < tens < 0.9
     # Held-out prompts never occur in training files.
     train = {r["prompt"] for k in ("sft", "pref", "ppo") for r in read[k]}
     held = {r["prompt"] for k in ("eval_prompts", "eval_pairs") for r in read[k]}

@@ -33,6 +33,7 @@ class TaskConfig:
     max_operand: int = 99          # operands drawn from 0..max_operand
     demo_error_rate: float = 0.4   # fraction of SFT demonstrations that are wrong
     carry_error_share: float = 0.5  # of the wrong ones: share of carry slips (±10); the rest are off by 1 or 2
+    rejected_slip_share: float = 0.6  # rejected answers that are slips; the rest swap, drop or add a digit
     n_sft: int = 4000              # SFT demonstrations {prompt, completion}
     n_pref: int = 4000             # preference pairs {prompt, chosen, rejected}
     n_ppo: int = 2000              # PPO prompts {prompt}
@@ -43,7 +44,7 @@ class TaskConfig:
     def __post_init__(self):
         if not isinstance(self.max_operand, int) or self.max_operand < 9:
             raise ValueError(f"max_operand: need an int >= 9, got {self.max_operand!r}")
-        for name in ("demo_error_rate", "carry_error_share"):
+        for name in ("demo_error_rate", "carry_error_share", "rejected_slip_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: need a fraction in [0, 1], got {getattr(self, name)!r}")
         for name in ("n_sft", "n_pref", "n_ppo", "n_eval_prompts", "n_eval_pairs"):
@@ -88,6 +89,12 @@ def gold_reward(prompt: str, completion: str, ended: bool = True) -> float:
     return 1.0 if err == 0 else max(0.0, 0.5 - 0.05 * err)
 
 
+def is_slip(prompt: str, completion: str) -> bool:
+    """Whether `completion` is one of the task's arithmetic slips: a number off by 1, 2 or 10."""
+    text = completion.strip()
+    return text.isdigit() and abs(int(text) - answer_of(prompt)) in (1, 2, 10)
+
+
 def _slip(rng: random.Random, a: int, b: int, carry_share: float = 0.5) -> int:
     """A plausible wrong sum: a carry slip (±10) with probability `carry_share`, else off by one or two.
     Never the true sum, never negative."""
@@ -105,16 +112,18 @@ def _slip(rng: random.Random, a: int, b: int, carry_share: float = 0.5) -> int:
             return wrong
 
 
-def _rejected(rng: random.Random, a: int, b: int) -> str:
-    """A dispreferred completion: a slip, swapped digits, or a dropped / extra digit."""
+def _rejected(rng: random.Random, a: int, b: int, slip_share: float = 0.6) -> str:
+    """A dispreferred completion: a slip (probability `slip_share`), else swapped digits or a dropped / extra
+    digit (half and half)."""
     truth = str(a + b)
+    other = (1.0 - slip_share) / 2
     while True:
         kind = rng.random()
-        if kind < 0.6:
+        if kind < slip_share:
             text = str(_slip(rng, a, b))
-        elif kind < 0.8 and len(truth) > 1:
+        elif kind < slip_share + other and len(truth) > 1:
             text = truth[::-1]
-        elif kind < 0.9 and len(truth) > 1:
+        elif kind < slip_share + 1.5 * other and len(truth) > 1:
             i = rng.randrange(len(truth))
             text = truth[:i] + truth[i + 1:]
         else:
@@ -156,7 +165,8 @@ class ArithmeticTask:
         return out
 
     def _pairs(self, ops) -> list[dict]:
-        return [{"prompt": prompt_of(a, b), "chosen": str(a + b), "rejected": _rejected(self._rng, a, b)}
+        return [{"prompt": prompt_of(a, b), "chosen": str(a + b),
+                 "rejected": _rejected(self._rng, a, b, self.config.rejected_slip_share)}
                 for a, b in ops]
 
     def preference_records(self) -> list[dict]:
