@@ -4,6 +4,9 @@
   as errors (nvcc's all-warnings and the host compiler's -Wall -Wextra -Werror), with the macros torch's build
   adds, and includes no torch header;
 * ptxas reports no spills and no stack frame for any kernel on either target (-Xptxas -v, parsed);
+* the PTX of every kernel instance holds the instructions the design rests on: 16-byte global accesses in the
+  log-prob kernels, cp.async + ldmatrix + mma.sync in the LoRA main kernel, 16-byte loads in its shrink, and
+  the programmatic-dependent-launch pair (griddepcontrol) on sm_90 only;
 * the host-side helpers link and run without a GPU: shared-memory sizes agree with the Python mirror used for
   dispatch, and the launchers reject bad launch shapes before touching the device;
 * csrc/ops.cpp (the torch op registration) passes g++ -fsyntax-only against the installed torch's headers;
@@ -98,6 +101,11 @@ def _nvcc_cmd(src: str, obj: str) -> list[str]:
             *TORCH_NVCC_DEFINES, "-I", CSRC]
 
 
+def _ptx_cmd(src: str, out: str, arch: str) -> list[str]:
+    return [NVCC, "-ptx", src, "-o", out, "-std=c++17", "-O3", f"-arch=compute_{arch}", *TORCH_NVCC_DEFINES,
+            "-I", CSRC]
+
+
 def _ops_cpp_cmd(shim_dir: str):
     """g++ -fsyntax-only for ops.cpp, or (None, reason to skip)."""
     gxx = shutil.which("g++") or shutil.which("c++")
@@ -129,6 +137,10 @@ def builds(tmp_path_factory):
     (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
     (shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     jobs = {os.path.basename(f): (_nvcc_cmd(f, str(out / (os.path.basename(f) + ".o"))), None) for f in CU_FILES}
+    for f in CU_FILES:
+        for arch in ARCHS:
+            name = f"{os.path.basename(f)}.{arch}.ptx"
+            jobs[name] = (_ptx_cmd(f, str(out / name), arch), None)
     ops_cmd, ops_skip = _ops_cpp_cmd(str(shim))
     if ops_cmd is not None:
         jobs["ops.cpp"] = (ops_cmd, None)
@@ -199,6 +211,40 @@ def test_no_spills(builds, name):
         assert info.get("spill_stores") == 0 and info.get("spill_loads") == 0, f"{name}: {kernel} spills: {info}"
         assert info.get("stack") == 0, f"{name}: {kernel} uses a stack frame (local memory): {info}"
         assert 0 < info.get("registers", 0) <= 255, f"{name}: {kernel}: {info}"
+
+
+# Per kernel: PTX patterns every instance must contain ({arch: patterns}; "!" = must not contain).
+PTX_FEATURES = {
+    "logprobs_fwd_kernel": {"80": [r"ld\.global[.a-z]*\.v4\."], "90": [r"ld\.global[.a-z]*\.v4\."]},
+    "logprobs_bwd_kernel": {a: [r"ld\.global[.a-z]*\.v4\.", r"st\.global[.a-z]*\.v4\."] for a in ARCHS},
+    "lora_small_main_kernel": {
+        "80": [r"cp\.async\.cg\.shared\.global", r"ldmatrix\.sync", r"mma\.sync\.aligned\.m16n8k16", "!griddepcontrol"],
+        "90": [r"cp\.async\.cg\.shared\.global", r"ldmatrix\.sync", r"mma\.sync\.aligned\.m16n8k16",
+               r"griddepcontrol\.wait"]},
+    "lora_shrink_kernel": {"80": [r"ld\.global[.a-z]*\.v4\.", "!griddepcontrol"],
+                           "90": [r"ld\.global[.a-z]*\.v4\.", r"griddepcontrol\.launch_dependents"]},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(EXPECTED_KERNELS))
+def test_ptx_has_the_designed_instructions(builds, name, arch):
+    res = _compiled(builds, f"{name}.{arch}.ptx")
+    ptx = open(os.path.join(builds["_objdir"], f"{name}.{arch}.ptx")).read()
+    entries = re.split(r"^\.(?:visible )?\.?entry ", ptx, flags=re.M)[1:]
+    assert entries, f"no kernels in the PTX of {name}: {res.stderr}"
+    seen = set()
+    for body in entries:
+        mangled = body.split("(", 1)[0]
+        kernel = next((k for k in PTX_FEATURES if k in mangled), None)
+        assert kernel is not None, f"{name}: kernel {mangled} has no expected PTX features listed"
+        seen.add(kernel)
+        for pat in PTX_FEATURES[kernel][arch]:
+            if pat.startswith("!"):
+                assert pat[1:] not in body, f"{name} sm_{arch}: {mangled} contains {pat[1:]}"
+            else:
+                assert re.search(pat, body), f"{name} sm_{arch}: {mangled} lacks /{pat}/"
+    assert seen == set(EXPECTED_KERNELS[name])
 
 
 def test_ops_cpp_syntax(builds):
