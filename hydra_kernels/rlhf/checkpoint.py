@@ -16,7 +16,9 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -156,6 +158,23 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.
     return out
 
 
+class CheckpointSchedule:
+    """When a training loop checkpoints: after every `every` steps (0 = not by count) and after the first step
+    that ends `minutes` or more after the previous checkpoint (or the start; 0 = not by time), so a killed run
+    loses at most about that much work whatever a step costs. Resume is exact wherever checkpoints fall."""
+
+    def __init__(self, every: int, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.every, self.seconds, self.clock = every, 60.0 * minutes, clock
+        self.last = clock()
+
+    def due(self, done: int) -> bool:
+        by_count = bool(self.every) and done % self.every == 0
+        return by_count or (self.seconds > 0 and self.clock() - self.last >= self.seconds)
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     root = Path(root)
@@ -209,4 +228,4 @@ def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.T
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
-           "write_dir_atomically"]
+           "write_dir_atomically", "CheckpointSchedule"]

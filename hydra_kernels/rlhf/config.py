@@ -105,7 +105,8 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/hydra-rlhf"
     device: str = "auto"                 # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = none (PPO: at the end)
+    checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = not by count
+    checkpoint_minutes: float = 30.0     # also checkpoint once this long has passed since the last one; 0 = off
     keep_checkpoints: int = 2            # older checkpoints are deleted
     resume: bool = True                  # continue from the last checkpoint in output_dir when one exists
     progress: bool = True                # tqdm progress bars
@@ -122,6 +123,9 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 _fail(prefix + name, f"must be an int >= 0, got {v!r}")
+        if isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float)) \
+                or not self.checkpoint_minutes >= 0:
+            _fail(prefix + "checkpoint_minutes", f"must be a number >= 0, got {self.checkpoint_minutes!r}")
         if self.keep_checkpoints < 1:
             _fail(prefix + "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 

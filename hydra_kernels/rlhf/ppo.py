@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, whiten
-from hydra_kernels.rlhf.checkpoint import (copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, copy_params_, latest_checkpoint, load_checkpoint,
+                                           restore_rng, save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
 from hydra_kernels.rlhf.losses import ppo_loss
@@ -306,7 +306,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     floats is used when cfg.reward_source == "function"; gold_reward_fn (same signature) is only logged as
     objective/gold_reward. callback(step, metrics) runs after every step. Writes
     <output_dir>/<metrics_file> (one JSON line per step), checkpoints under <output_dir>/checkpoints every
-    run.checkpoint_every steps (and at the end), and the final policy to <output_dir>/final when the run
+    run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the final policy to <output_dir>/final when the run
     completes. With run.resume, an existing checkpoint in <output_dir> is continued. The global RNGs are
     seeded with run.seed first (the LoRA A matrices are drawn when the model is patched).
     """
@@ -344,6 +344,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, metrics_path)
 
+    schedule = CheckpointSchedule(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes)
     progress = None
     if cfg.run.progress:
         from tqdm.auto import tqdm
@@ -356,9 +357,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
                 log.flush()
                 history.append(metrics)
                 done = step + 1
-                if (cfg.run.checkpoint_every and done % cfg.run.checkpoint_every == 0) or done == cfg.steps:
+                if schedule.due(done) or done == cfg.steps:
                     save_checkpoint(ckpt_root, done, trainer.params, trainer.optimizer, config_to_dict(cfg),
                                     trainer.trainer_state(), keep=cfg.run.keep_checkpoints)
+                    schedule.saved()
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(score=f"{metrics['objective/scores']:.3f}",

@@ -26,8 +26,8 @@ from torch import nn
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.rlhf.checkpoint import (copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, copy_params_, latest_checkpoint, load_checkpoint,
+                                           restore_rng, save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
@@ -143,7 +143,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
     `pairs`. callback(epoch, metrics) after every epoch. Writes per-epoch metrics to
     <output_dir>/<metrics_file>, a checkpoint every run.checkpoint_every optimizer-loop STEPS (global over all
-    epochs, skipped non-finite steps included; none after the last step, whose result goes to final) to
+    epochs, skipped non-finite steps included) and every run.checkpoint_minutes (none after the last step,
+    whose result goes to final) to
     <output_dir>/checkpoints, and the result to <output_dir>/final (HF model dir + reward_head.safetensors +
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped.
@@ -209,9 +210,11 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         start = ck.step
     start_epoch, start_s = divmod(start, steps_per_epoch)
 
+    schedule = CheckpointSchedule(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes)
+
     def checkpoint_due(done: int) -> bool:
         # Never after the last step: the result goes to final right after, atomically.
-        return bool(cfg.run.checkpoint_every) and done % cfg.run.checkpoint_every == 0 and done < total
+        return done < total and schedule.due(done)
 
     def checkpoint(done: int, epoch_partial: dict | None) -> None:
         """After `done` loop steps; epoch_partial: the running sums of an unfinished epoch (None at its end,
@@ -220,6 +223,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                         {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
                          "steps_per_epoch": steps_per_epoch, "epoch_partial": epoch_partial},
                         keep=cfg.run.keep_checkpoints)
+        schedule.saved()
 
     def train_step(epoch: int, s: int, demo_order: list[int], pair_order: list[int]):
         """One optimizer step on batch s of the epoch: (lm, bt, acc), or None when it was skipped."""

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import hydra_kernels.rlhf.sft as sft_module
 from hydra_kernels.nn import HydraLinear
-from hydra_kernels.rlhf.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                           restore_rng, save_checkpoint)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, capture_rng, latest_checkpoint, list_checkpoints,
+                                           load_checkpoint, restore_rng, save_checkpoint)
 from hydra_kernels.rlhf.config import SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample
 from hydra_kernels.rlhf.sft import _demo_batch, _forward, _lm_logprob_sum, evaluate_pairs, hydra_sft, load_sft
@@ -220,6 +220,32 @@ def test_sft_checkpoint_every_counts_loop_steps(tmp_path, monkeypatch):
     _job(tmp_path / "c", "full", "epochs=1", "run.checkpoint_every=1", "run.keep_checkpoints=5")
     assert saved == [1, 2, 3]
     assert [p.name for p in list_checkpoints(tmp_path / "c/checkpoints")] == [f"step-0000000{i}" for i in (1, 2, 3)]
+
+
+def test_checkpoint_schedule_by_count_and_by_time():
+    now = [0.0]
+    sched = CheckpointSchedule(every=3, minutes=0.5, clock=lambda: now[0])
+    assert [d for d in range(1, 7) if sched.due(d)] == [3, 6]           # no time has passed
+    now[0] = 29.0
+    assert not sched.due(1)
+    now[0] = 30.0
+    assert sched.due(1)                                                  # 30 s since the start
+    sched.saved()
+    now[0] = 59.0
+    assert not sched.due(4) and sched.due(6)
+    assert not any(CheckpointSchedule(0, 0.0, clock=lambda: 1e9).due(d) for d in range(1, 10))
+
+
+def test_sft_checkpoints_by_time(tmp_path, monkeypatch):
+    saved = []
+    real = sft_module.save_checkpoint
+    monkeypatch.setattr(sft_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
+                        real(root, step, *a, **k))
+    # Any time at all is "long enough": every step but the last checkpoints, with no count set.
+    _job(tmp_path, "full", "epochs=1", "run.checkpoint_every=0", "run.checkpoint_minutes=1e-12")
+    assert saved == [1, 2, 3]
+    with pytest.raises(ValueError, match="run.checkpoint_minutes"):
+        _cfg(tmp_path, "full", "run.checkpoint_minutes=-1")
 
 
 @pytest.mark.parametrize("every, kill, start", [(3, 3, 3), (2, 4, 4), (3, "final", 6)],
