@@ -5,6 +5,8 @@
 #   bash bench/run_gpu.sh bench    # ~9 min: HBM/GEMM ceilings + quick sweeps of every benchmark
 #   bash bench/run_gpu.sh lora     # full bench_lora_linear sweep (issue 2's table), if device time is left
 #   bash bench/run_gpu.sh logprobs # full bench_logprobs sweep (issue 3's tables) + CUDA tuning
+#   bash bench/run_gpu.sh ppo      # ~5-6 min (limit 9.5): memory + time per PPO step, full/LoRA/Hydra/J-Hydra PPO
+#                                  # x activation checkpointing off / on, llama-1b shape (bench_ppo_variants.py)
 #
 # Everything a stage writes (JSON + Markdown results, logs, junit XML) is packed into $OUT/gpu_<stage>.tgz
 # (the device tool returns at most 8 files); a short table is printed last. Unpack it into bench/results/
@@ -56,8 +58,20 @@ case "$stage" in
     step bench_logits 270 python3 bench/bench_logprobs.py --section logits --impls ours cuda eager chunked compile liger --out "$W"
     step bench_linear 270 python3 bench/bench_logprobs.py --section linear --out "$W"
     ;;
+  ppo)
+    # 8 rows (each a fresh process), llama-1b shape in bf16: 16 prompts x (128 + 128) tokens, minibatch 8, 1 epoch,
+    # 3 PPO steps. Estimate: ~25 s a row (imports + CUDA init + build ~10 s; a step ~3-4 s, sampling 128 tokens
+    # dominating) + ~1-2 min of first-time Triton compilation/autotuning: ~4-5 min, plus the CUDA extension's JIT
+    # build on a fresh machine (done first, so that no row pays for it). The bench gets what is left of ~9.5 min:
+    # --budget stops starting rows in time to write the table (no-checkpointing rows run first, later ones are
+    # recorded as skipped); one row is killed after 240 s.
+    step cuda_build 200 python3 -c "import hydra_kernels.kernels.cuda as c; c.load(); print('cuda extension loaded')"
+    left=$((570 - SECONDS))
+    step bench_ppo "$left" python3 bench/bench_ppo_variants.py --model llama-1b --out "$W" \
+        --budget $((left - 60)) --row-timeout 240
+    ;;
   *)
-    echo "unknown stage $stage (tests | bench | lora | logprobs)"; exit 2 ;;
+    echo "unknown stage $stage (tests | bench | lora | logprobs | ppo)"; exit 2 ;;
 esac
 
 tar czf "$OUT/gpu_${stage}_${stamp}.tgz" -C "$W" .
@@ -68,5 +82,8 @@ grep -h -E "passed|failed" "$W"/gpu_tests.log 2>/dev/null | tail -n 3
 for f in "$W"/*.md; do
     [ -e "$f" ] || continue
     echo "--- $(basename "$f")"
-    grep -E "MET|MISSED|target|ceiling" "$f" | head -n 12
+    case "$(basename "$f")" in
+      ppo_variants_*) sed -n '/^| variant | act. ckpt | params held/,/^$/p' "$f" ;;   # the short table
+      *) grep -E "MET|MISSED|target|ceiling" "$f" | head -n 12 ;;
+    esac
 done
