@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
@@ -31,6 +30,7 @@ from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams
                                               repeat_for_streams)
 from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import streams as hydra_streams
+from hydra_kernels.ops.matmul import linear_f32
 
 __all__ = ["HydraModel", "last_token_index"]
 
@@ -215,8 +215,7 @@ class HydraModel(nn.Module):
         Materialises the logits; for log-probs over a large vocab use ops.linear_logprobs(hidden,
         self.lm_head_weight, ...) instead.
         """
-        b = self.lm_head_bias
-        return F.linear(hidden.float(), self.lm_head_weight.float(), None if b is None else b.float())
+        return linear_f32(hidden, self.lm_head_weight, self.lm_head_bias)
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, kl: str | None = None,
                  ignore_index: int = -100):

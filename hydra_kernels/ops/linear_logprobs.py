@@ -50,6 +50,7 @@ import torch
 
 from hydra_kernels.ops._checks import check_positive_float, check_tensor
 from hydra_kernels.ops.backend import choose_backend, requested_backend
+from hydra_kernels.ops.matmul import mm_f32
 
 __all__ = ["linear_logprobs"]
 
@@ -249,18 +250,6 @@ def _pairs(streams, kl_grad):
     return plan
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·b with fp32 output and fp32 accumulation (inputs may be 16-bit)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return a.float() @ b.float()
-
-
 def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, need_h, need_w):
     from hydra_kernels.kernels.triton.linear_logprobs import dz_chunk
     S = len(hidden)
@@ -309,7 +298,7 @@ def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, n
             if need_w:
                 torch.mm(dz.view(n_g * T, n).T, h_cat, out=dW[v0:v1])
             for s in acc:
-                acc[s] += _mm_f32(dz[slot[s]], weight[v0:v1])
+                acc[s] += mm_f32(dz[slot[s]], weight[v0:v1])
         for s in acc:
             dH[s].copy_(acc[s])
     return [dH[s] for s in range(S) if need_h[s]], dW

@@ -27,6 +27,7 @@ from torch import nn
 from hydra_kernels.integrations import HydraModel, disable_dropout, patch_model, position_ids_from_attention_mask
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
 from hydra_kernels.nn import streams
+from hydra_kernels.ops.matmul import mm_f32
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
 SHARED_VARIANTS = ("hydra", "j-hydra")
@@ -99,7 +100,7 @@ class PolicyHandle:
         h, past = decoder_hidden(self.model, input_ids, attention_mask, position_ids, names,
                                  past_key_values, use_cache)
         w = self.model.get_output_embeddings().weight
-        return h[0, :, -1].float() @ w.float().T, past
+        return mm_f32(h[0, :, -1], w.T), past
 
 
 @dataclass
