@@ -1,23 +1,16 @@
 """bench/bench_linear_logprobs.py (section `linear` of bench_logprobs): the CPU smoke mode runs end to end in
 seconds and writes JSON + Markdown through the shared writer; target rows are derived from the results."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench._load import ROOT, load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_linear_logprobs",
-                                                  os.path.join(ROOT, "bench", "bench_linear_logprobs.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_linear_logprobs")
 
 
 def test_smoke_writes_results(bench, tmp_path):

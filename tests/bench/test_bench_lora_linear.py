@@ -1,22 +1,16 @@
 """bench/bench_lora_linear.py: the CPU quick mode runs end to end and writes JSON + Markdown; the target
 checks read the results the way the GPU run will."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench._load import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lora_linear", os.path.join(ROOT, "bench", "bench_lora_linear.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod                     # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_lora_linear")
 
 
 def test_cpu_quick_mode_writes_results(bench, tmp_path):

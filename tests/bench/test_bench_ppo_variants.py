@@ -1,26 +1,19 @@
 """bench/bench_ppo_variants.py: the --quick CPU run measures every row (4 variants x activation checkpointing off/on,
 each in its own process) and writes JSON + Markdown; the parameter accounting matches the variants' definitions;
 an OOM row is shown as such and does not break the ratios of the others."""
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.bench._load import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ppo_variants",
-                                                  os.path.join(ROOT, "bench", "bench_ppo_variants.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_ppo_variants")
 
 
 @pytest.fixture(scope="module")
