@@ -175,6 +175,39 @@ class CheckpointSchedule:
         self.last = self.clock()
 
 
+# Settings a resumed run may change: how long, where and how visibly it runs, and where its inputs live; not
+# what a step computes (activation checkpointing gives bitwise the same gradients). Anything else would make
+# the resumed run silently differ from the one checkpointed: e.g. torch restores the optimizer's learning
+# rates from the checkpoint, so a changed lr would otherwise be ignored without a word.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "epochs", "model.path", "model.tokenizer_path", "model.activation_checkpointing",
+    "data.sft_path", "data.preference_path", "data.prompt_path",
+    "run.output_dir", "run.device", "run.checkpoint_every", "run.checkpoint_minutes", "run.keep_checkpoints",
+    "run.resume", "run.progress", "run.metrics_file"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, checkpoint: str | os.PathLike) -> None:
+    """ValueError naming every setting (outside RESUMABLE_CHANGES) in which `current` differs from the config
+    stored with `checkpoint`."""
+    a, b = _flat(saved), _flat(json.loads(json.dumps(_jsonable(current))))     # as it would be stored
+    diffs = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b))
+             if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(f"run.output_dir: {str(checkpoint)!r} is a checkpoint of a run with other settings ("
+                         + "; ".join(diffs) + "). Resume with the same settings, or use another run.output_dir "
+                         "or run.resume=false")
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     root = Path(root)
@@ -228,4 +261,4 @@ def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.T
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
-           "write_dir_atomically", "CheckpointSchedule"]
+           "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES"]

@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 import torch
 
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, whiten
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, copy_params_, latest_checkpoint, load_checkpoint,
-                                           restore_rng, save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, copy_params_, latest_checkpoint,
+                                           load_checkpoint, restore_rng, save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
 from hydra_kernels.rlhf.losses import ppo_loss
@@ -328,9 +328,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
     if last is not None:
         ck = load_checkpoint(last)
-        if ck.config.get("variant") != cfg.variant:
-            raise ValueError(f"run.output_dir: holds a checkpoint of variant {ck.config.get('variant')!r}, "
-                             f"not {cfg.variant!r}; use another output_dir or run.resume=false")
+        check_resume_config(ck.config, config_to_dict(cfg), last)
         copy_params_(trainer.params, ck.params, str(last))
         trainer.optimizer.load_state_dict(ck.optimizer_state)
         trainer.load_trainer_state(ck.trainer_state)

@@ -26,8 +26,8 @@ from torch import nn
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, copy_params_, latest_checkpoint, load_checkpoint,
-                                           restore_rng, save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, copy_params_, latest_checkpoint,
+                                           load_checkpoint, restore_rng, save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
@@ -194,9 +194,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         # running sums of the epoch in progress; the data order of an epoch depends only on (seed, epoch),
         # so the run continues as if never stopped.
         ck = load_checkpoint(last)
-        if ck.config.get("mode") != cfg.mode:
-            raise ValueError(f"run.output_dir: holds a checkpoint of mode {ck.config.get('mode')!r}, not "
-                             f"{cfg.mode!r}; use another output_dir or run.resume=false")
+        check_resume_config(ck.config, config_to_dict(cfg), last)
         state = ck.trainer_state
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "

@@ -104,6 +104,18 @@ def test_critic_lr_zero_freezes_exactly_the_critic(tmp_path, variant):
         assert moved, "the actor did not move"
 
 
+def test_resume_refuses_changed_settings_and_allows_extending(tmp_path):
+    """torch restores learning rates from the optimizer state: a changed lr must not be ignored silently."""
+    run(tmp_path, ["steps=1"])
+    with pytest.raises(ValueError, match=r"run.output_dir: .*other settings \(critic_lr: None there, 0.5 here; "
+                                         r"lr: 0.01 there, 0.02 here\)"):
+        run(tmp_path, ["steps=2", "lr=0.02", "critic_lr=0.5"])
+    with pytest.raises(ValueError, match=r"variant: 'hydra' there, 'j-hydra' here"):
+        run(tmp_path, ["steps=2", "variant=j-hydra"])
+    _, res = run(tmp_path, ["steps=2", "run.checkpoint_minutes=5", "model.activation_checkpointing=true"])
+    assert [h["step"] for h in res.history] == [1, 2]
+
+
 def test_same_seed_same_run_and_data_order(tmp_path):
     _, a = run(tmp_path / "a", ["run.checkpoint_every=0", "steps=2"])
     _, b = run(tmp_path / "b", ["run.checkpoint_every=0", "steps=2"])

@@ -222,6 +222,14 @@ def test_sft_checkpoint_every_counts_loop_steps(tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(tmp_path / "c/checkpoints")] == [f"step-0000000{i}" for i in (1, 2, 3)]
 
 
+def test_sft_resume_refuses_changed_settings(tmp_path):
+    _job(tmp_path, "lora", "epochs=1", "run.checkpoint_every=3")         # leaves the checkpoint of step 3
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.01 there, 0.02 here\)"):
+        _job(tmp_path, "lora", "epochs=2", "lr=0.02", "run.checkpoint_every=3")
+    with pytest.raises(ValueError, match=r"mode: 'lora' there, 'full' here"):
+        _job(tmp_path, "full", "epochs=2", "run.checkpoint_every=3")
+
+
 def test_checkpoint_schedule_by_count_and_by_time():
     now = [0.0]
     sched = CheckpointSchedule(every=3, minutes=0.5, clock=lambda: now[0])
