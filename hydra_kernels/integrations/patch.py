@@ -146,9 +146,9 @@ def _check_architecture(model: nn.Module, allow_untested: bool) -> None:
                      "targeted projection runs on the whole batch, as in dense decoders)")
 
 
-def _to_hydra(module: nn.Module, adapters, r, alpha) -> HydraLinear:
+def _to_hydra(module: nn.Module, adapters, r, alpha, adapter_dtype) -> HydraLinear:
     if type(module) is nn.Linear:
-        return HydraLinear.from_linear(module, adapters=adapters, r=r, alpha=alpha)
+        return HydraLinear.from_linear(module, adapters=adapters, r=r, alpha=alpha, adapter_dtype=adapter_dtype)
     # Conv1D stores its weight [in, out]. HydraLinear needs [out, in] contiguous, so the weight is transposed
     # once into a new Parameter that replaces the old one: the Conv1D module leaves the model with its [in, out]
     # tensor, which is freed as soon as nothing else refers to it. Peak extra memory is one layer's weight,
@@ -157,11 +157,12 @@ def _to_hydra(module: nn.Module, adapters, r, alpha) -> HydraLinear:
     shell = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None, device="meta")
     shell.weight = weight
     shell.bias = module.bias
-    return HydraLinear.from_linear(shell, adapters=adapters, r=r, alpha=alpha)
+    return HydraLinear.from_linear(shell, adapters=adapters, r=r, alpha=alpha, adapter_dtype=adapter_dtype)
 
 
 def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"), r: int = 16, alpha: float = 32,
-                target_modules: str | Iterable[str] = "all-linear", *, allow_untested: bool = False) -> nn.Module:
+                target_modules: str | Iterable[str] = "all-linear", *, allow_untested: bool = False,
+                adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the decoder's projections of `model` with HydraLinear layers, in place, and return the model.
 
     adapters: LoRA adapter names (each a stream; "base" is the stream with LoRA off).
@@ -170,6 +171,7 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
         each matched on the module path or a suffix of it at a module boundary (as peft does: "q_proj",
         "self_attn.q_proj" or "model.layers.0.self_attn.q_proj").
     allow_untested: patch an architecture outside SUPPORTED_MODEL_TYPES (mixture-of-experts models are refused).
+    adapter_dtype: None = fp32 adapters (master weights) on a bf16 / fp16 model, else the model's dtype.
 
     The weights are shared, not copied (Conv1D weights are transposed once; see _to_hydra). Every base parameter
     (embeddings, norms, heads included) is frozen; only the LoRA A/B stacks are trainable. The LM head and any
@@ -223,7 +225,7 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
     order = [p for p, _ in model.named_modules() if p in chosen]
     for path in order:
         module = chosen[path]
-        layer = _to_hydra(module, adapters, r, alpha)
+        layer = _to_hydra(module, adapters, r, alpha, adapter_dtype)
         if type(module) is not nn.Linear:
             conv1d.add(path)
         parent_path, _, leaf = path.rpartition(".")

@@ -24,30 +24,35 @@ class HydraLinear(nn.Module):
     Public contract: `weight` [out, in] and `bias` (frozen), `lora_A` Parameter [n_adapters, r, in],
     `lora_B` Parameter [n_adapters, out, r], `scaling` (alpha / r), `adapters` (names), `default_stream`
     (what runs outside a `streams(...)` context), `backend` (None = automatic).
+
+    adapter_dtype: the adapters' dtype; None = fp32 for a bf16 / fp16 weight (master weights, as PEFT does:
+    optimizer steps of RLHF-sized learning rates are below a bf16 ulp of most entries), else the weight's.
+    The forward rounds fp32 adapters to the input's dtype (ops.lora_linear), so it equals a 16-bit adapter's.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  adapters: Sequence[str] = ("actor", "critic"), r: int = 16, alpha: float = 32,
-                 lora_dropout: float = 0.0, device=None, dtype=None):
+                 lora_dropout: float = 0.0, device=None, dtype=None, adapter_dtype: torch.dtype | None = None):
         super().__init__()
         weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                               requires_grad=False)
         b = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        self._setup(weight, b, adapters, r, alpha, lora_dropout)
+        self._setup(weight, b, adapters, r, alpha, lora_dropout, adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, adapters: Sequence[str] = ("actor", "critic"), r: int = 16,
-                    alpha: float = 32, lora_dropout: float = 0.0) -> "HydraLinear":
+                    alpha: float = 32, lora_dropout: float = 0.0,
+                    adapter_dtype: torch.dtype | None = None) -> "HydraLinear":
         """Wrap `linear` without copying its weight (the same Parameter object), and freeze it."""
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, adapters, r, alpha, lora_dropout)
+        self._setup(linear.weight, linear.bias, adapters, r, alpha, lora_dropout, adapter_dtype)
         return self
 
-    def _setup(self, weight, bias, adapters, r, alpha, lora_dropout):
+    def _setup(self, weight, bias, adapters, r, alpha, lora_dropout, adapter_dtype):
         adapters = tuple(adapters)
         if lora_dropout:
             raise ValueError("lora_dropout: not supported; dropout makes PPO's old and new log-probs disagree")
@@ -65,7 +70,11 @@ class HydraLinear(nn.Module):
         self.r = r
         self.alpha = float(alpha)
         self.scaling = self.alpha / r
-        n, dev, dt = len(adapters), weight.device, weight.dtype
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+        if adapter_dtype not in (weight.dtype, torch.float32):
+            raise ValueError(f"adapter_dtype: must be float32 or the weight's dtype {weight.dtype}, got {adapter_dtype}")
+        n, dev, dt = len(adapters), weight.device, adapter_dtype
         self.lora_A = nn.Parameter(torch.empty(n, r, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(n, self.out_features, r, device=dev, dtype=dt))
         self.reset_lora_parameters()
@@ -76,6 +85,7 @@ class HydraLinear(nn.Module):
         # (autograd sequence number when the forward ran, layout): grad-mode and no-grad forwards apart.
         self._layouts_grad: deque = deque(maxlen=_LAYOUT_HISTORY)
         self._layouts_nograd: deque = deque(maxlen=_LAYOUT_HISTORY)
+        self._rounded_adapters: tuple | None = None          # see _adapter_operands
 
     def reset_lora_parameters(self) -> None:
         """Standard LoRA init: A like nn.Linear's weight (per adapter), B zero, so every adapter starts as the base."""
@@ -133,10 +143,23 @@ class HydraLinear(nn.Module):
             return torch.zeros(self.weight.shape, device=self.weight.device, dtype=torch.float32)
         return self.scaling * (self.lora_B[i].float() @ self.lora_A[i].float())
 
+    def _adapter_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A, lora_B for ops.lora_linear. With grad enabled, the Parameters themselves (the op rounds fp32
+        ones to x's dtype and returns fp32 gradients). Without, fp32 adapters are rounded once and the copy is
+        reused until a parameter changes (in-place updates bump its version): decoding would otherwise round
+        every adapter of every layer at every token."""
+        A, B = self.lora_A, self.lora_B
+        if A.dtype == dtype or torch.is_grad_enabled():
+            return A, B
+        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        if self._rounded_adapters is None or self._rounded_adapters[0] != key:
+            self._rounded_adapters = (key, A.detach().to(dtype), B.detach().to(dtype))
+        return self._rounded_adapters[1], self._rounded_adapters[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx = self.stream_indices(self.current_layout())
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, idx,
-                           backend=self.backend)
+        A, B = self._adapter_operands(x.dtype)
+        return lora_linear(x, self.weight, self.bias, A, B, self.scaling, idx, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -4,6 +4,11 @@ Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous 
 adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
 The base weight and bias are frozen: gradients flow to x, lora_A and lora_B only.
 
+lora_A / lora_B are in x's dtype, or fp32 master weights with a 16-bit x (as PEFT keeps adapters of a bf16
+model: an AdamW step of lr 1e-5 is below half a bf16 ulp of most adapter entries and would be lost). fp32 adapters
+enter every kernel rounded to x's dtype, so the forward equals that of 16-bit adapters bit for bit; their
+gradients come back in fp32, from the fp32 accumulators, never rounded to 16 bits.
+
 Registered with torch.library (hydra_kernels::lora_linear and its backward) so torch.compile traces it.
 The forward also returns the fp32 shrink x·Aᵀ (rows of base streams are unspecified); the backward reuses
 it for dB, so only x, the shrink and the (shared) parameters are saved.
@@ -15,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_tensor
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from hydra_kernels.ops.backend import choose_backend
 from hydra_kernels.reference import split_streams
 
@@ -45,11 +50,11 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters,
         if a < 0:
             continue
         g = dy[rows].float()
-        gB = g @ lora_B[a].float()                                   # [m, r]
+        gB = g @ lora_B[a].to(x.dtype).float()                       # [m, r]; the B the forward used
         dB[a] += scaling[a] * (g.T @ xa[rows])
         dA[a] += scaling[a] * (gB.T @ x[rows].float())
         if need_dx:
-            dx[rows] = (dx[rows].float() + scaling[a] * (gB @ lora_A[a].float())).to(dx.dtype)
+            dx[rows] = (dx[rows].float() + scaling[a] * (gB @ lora_A[a].to(x.dtype).float())).to(dx.dtype)
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
 
 
@@ -102,7 +107,9 @@ def _backward_impl(backend):
 def _lora_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: Sequence[float],
                     stream_adapters: Sequence[int], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward_impl(backend)(x, weight, bias, lora_A, lora_B, list(scaling), list(stream_adapters))
+    # fp32 master adapters enter the kernels rounded to x's dtype (a no-op copy-free call when they match).
+    return _forward_impl(backend)(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), list(scaling),
+                                  list(stream_adapters))
 
 
 @_lora_linear_op.register_fake
@@ -175,8 +182,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if lora_A is None:
         lora_A = x.new_zeros(0, 1, K)
         lora_B = x.new_zeros(0, N, 1)
-    check_tensor("lora_A", lora_A, ndim=3, dtypes=(x.dtype,), device=x.device)
-    check_tensor("lora_B", lora_B, ndim=3, dtypes=(x.dtype,), device=x.device)
+    adapter_dtypes = (x.dtype, torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else (x.dtype,)
+    check_tensor("lora_A", lora_A, ndim=3, dtypes=adapter_dtypes, device=x.device)
+    check_tensor("lora_B", lora_B, ndim=3, dtypes=adapter_dtypes, device=x.device)
+    check_same_dtype("lora_A", lora_A, lora_B=lora_B)
     n, r = lora_A.shape[0], lora_A.shape[1]
     if lora_A.shape[2] != K:
         raise ValueError(f"lora_A: shape {tuple(lora_A.shape)} does not match in_features {K} (expected [n, r, {K}])")

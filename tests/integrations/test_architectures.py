@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import hydra_kernels as hk
 from hydra_kernels.integrations import HydraModel, hydra_modules, patch_info
+from hydra_kernels.nn import HydraLinear
 
 from tests.integrations._models import (ALPHA, ARCHS, PAD, R, batch, logits, make_model, merged_copy,
                                         randomize_adapters)
@@ -243,9 +245,16 @@ def test_bf16(arch, tmp_path):
     with hk.streams(h.model, "actor"):
         assert torch.equal(logits(h.model, ids, mask), base)         # B = 0: bitwise the base
     randomize_adapters(h.model)
-    assert h.lora_parameters()[0].dtype == torch.bfloat16
+    assert h.lora_parameters()[0].dtype == torch.float32              # fp32 master adapters on a bf16 model
     with hk.streams(h.model, "actor"):
         actor = logits(h.model, ids, mask)
+    # They enter the kernels rounded to bf16: the same forward as bf16 adapters, bit for bit.
+    rounded = copy.deepcopy(h.model)
+    for m in rounded.modules():
+        if isinstance(m, HydraLinear):
+            m.lora_A, m.lora_B = (nn.Parameter(p.detach().bfloat16()) for p in (m.lora_A, m.lora_B))
+    with hk.streams(rounded, "actor"):
+        assert torch.equal(logits(rounded, ids, mask), actor)
     # bf16 weights round W + ΔW differently from W and ΔW apart: compare at bf16 resolution.
     expected = logits(merged_copy(ref, h.model, "actor"), ids, mask)
     assert (actor - expected).abs().max() <= 0.05 * expected.abs().max()

@@ -27,6 +27,38 @@ def test_from_linear_shares_weight_and_freezes():
     assert torch.count_nonzero(fresh.lora_B) == 0 and torch.count_nonzero(fresh.lora_A) > 0
 
 
+def test_adapters_of_a_16bit_layer_are_fp32_master_weights():
+    lin = nn.Linear(13, 11).bfloat16()
+    layer = hk.HydraLinear.from_linear(lin, r=4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert hk.HydraLinear.from_linear(nn.Linear(13, 11), r=4).lora_A.dtype == torch.float32
+    assert hk.HydraLinear.from_linear(nn.Linear(13, 11).double(), r=4).lora_A.dtype == torch.float64
+    same = hk.HydraLinear.from_linear(nn.Linear(13, 11).bfloat16(), r=4, adapter_dtype=torch.bfloat16)
+    assert same.lora_A.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        hk.HydraLinear.from_linear(nn.Linear(13, 11).bfloat16(), r=4, adapter_dtype=torch.float16)
+
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 13).bfloat16()
+    with hk.streams(layer, "actor", "critic"):
+        y_grad = layer(x.repeat(2, 1, 1))                    # grad mode: the op rounds the masters itself
+        with torch.no_grad():
+            y = layer(x.repeat(2, 1, 1))                      # no grad: a cached rounded copy
+            cached = layer._rounded_adapters[1]
+            assert torch.equal(layer(x.repeat(2, 1, 1)), y) and layer._rounded_adapters[1] is cached
+    assert torch.equal(y, y_grad)
+    # An optimizer step changes the masters in place: the cached copy must not outlive it.
+    y_grad.float().pow(2).sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+    torch.optim.SGD(layer.parameters(), lr=1.0).step()
+    with torch.no_grad(), hk.streams(layer, "actor", "critic"):
+        after = layer(x.repeat(2, 1, 1))
+    assert layer._rounded_adapters[1] is not cached and not torch.equal(after, y)
+    with hk.streams(layer, "actor", "critic"):
+        assert torch.equal(layer(x.repeat(2, 1, 1)), after)
+
+
 def test_rejects_dropout_and_bad_names():
     with pytest.raises(ValueError, match="^lora_dropout:"):
         hk.HydraLinear.from_linear(nn.Linear(4, 4), lora_dropout=0.1)

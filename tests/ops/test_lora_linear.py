@@ -60,6 +60,35 @@ def test_forward_backward_matches_reference(backend, dtype, layout):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_master_adapters_of_a_16bit_layer(backend, dtype):
+    """fp32 adapters enter the kernels rounded to x's dtype (the forward equals that of 16-bit adapters bit for
+    bit) and get fp32 gradients, as accurate as fp32 accumulation allows, not rounded to 16 bits."""
+    rows_per_stream, K, N, n, r = 7, 37, 45, 2, 5
+    layout = (1, -1, 0)
+    x, w, b, _, _ = make(rows_per_stream * 3, K, N, n, r, dtype)
+    g = torch.Generator().manual_seed(5)
+    A32 = torch.randn(n, r, K, generator=g) / K ** 0.5
+    B32 = torch.randn(n, N, r, generator=g) / r ** 0.5
+    dy = torch.randn(rows_per_stream * 3, N, generator=g).to(dtype)
+    A16, B16 = A32.to(dtype), B32.to(dtype)
+    y16 = ops.lora_linear(x, w, b, A16, B16, [1.7, 0.6], layout, backend=backend)
+    Ag, Bg = A32.clone().requires_grad_(True), B32.clone().requires_grad_(True)
+    y = ops.lora_linear(x, w, b, Ag, Bg, [1.7, 0.6], layout, backend=backend)
+    assert torch.equal(y, y16)
+    y.backward(dy)
+    assert Ag.grad.dtype == Bg.grad.dtype == torch.float32
+    _, _, dA_ref, dB_ref = ref_forward_backward(x, w, b, A16, B16, [1.7, 0.6], layout, dy)
+    for a in range(n):
+        assert_rel_close(Ag.grad[a], dA_ref[a], torch.float32, f"dA[{a}]")
+        assert_rel_close(Bg.grad[a], dB_ref[a], torch.float32, f"dB[{a}]")
+    with pytest.raises(ValueError, match="lora_B: dtype"):
+        ops.lora_linear(x, w, b, A32, B16, 1.0, layout, backend=backend)
+    with pytest.raises(ValueError, match="lora_A: dtype"):      # fp32 masters only for a 16-bit layer
+        ops.lora_linear(x.double(), w.double(), b.double(), A32, B32, 1.0, layout, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("r", [1, 16, 33])
 def test_ranks_leading_dims_no_bias(backend, r):
     x, w, _, A, B = make(2 * 3 * 5, 29, 19, 1, r, torch.float32, bias=False, seed=r)

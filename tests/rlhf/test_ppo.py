@@ -116,6 +116,32 @@ def test_resume_refuses_changed_settings_and_allows_extending(tmp_path):
     assert [h["step"] for h in res.history] == [1, 2]
 
 
+@pytest.mark.parametrize("adapter_dtype", [None, torch.bfloat16], ids=["fp32-masters", "bf16-adapters"])
+def test_bf16_model_adapters_move_at_rlhf_learning_rates(tmp_path, adapter_dtype):
+    """On a bf16 model the adapters are fp32 master weights by default: with bf16 adapters, AdamW steps of
+    lr 1e-5 are below half an ulp of almost every lora_A entry and vanish (measured: 2% of entries moved)."""
+    from hydra_kernels.integrations import patch_model
+    from hydra_kernels.rlhf.config import PPOConfig, load_config
+    from hydra_kernels.rlhf.models import new_reward_head
+    from hydra_kernels.rlhf.ppo import train_ppo
+    from tests.rlhf._ppo_job import BASE_OVERRIDES, PROMPTS
+    from tests.rlhf._tiny import CharTokenizer, tiny_model
+    tok = CharTokenizer()
+    model = tiny_model(len(tok)).bfloat16()
+    head = new_reward_head(model, torch.Generator().manual_seed(1))
+    patch_model(model, adapters=("actor", "critic"), r=4, alpha=8, adapter_dtype=adapter_dtype)
+    As = [p for n, p in model.named_parameters() if n.endswith("lora_A")]
+    before = [p.detach().float().clone() for p in As]
+    cfg = load_config(PPOConfig, None, [*BASE_OVERRIDES, f"run.output_dir={tmp_path}", "lr=1e-5", "steps=3",
+                                        "run.checkpoint_every=0"])
+    train_ppo(model, head, tok, PROMPTS, cfg, gold_reward_fn=digit_reward)
+    moved = sum(int((p.detach().float() != b).sum()) for p, b in zip(As, before)) / sum(p.numel() for p in As)
+    if adapter_dtype is None:
+        assert As[0].dtype == torch.float32 and moved > 0.95
+    else:
+        assert moved < 0.2              # documents why the default is fp32: bf16 adapters barely train
+
+
 def test_same_seed_same_run_and_data_order(tmp_path):
     _, a = run(tmp_path / "a", ["run.checkpoint_every=0", "steps=2"])
     _, b = run(tmp_path / "b", ["run.checkpoint_every=0", "steps=2"])

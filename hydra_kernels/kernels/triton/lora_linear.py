@@ -550,7 +550,7 @@ def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                          stream_adapters: Sequence[int], need_dx: bool
                          ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """dx (if need_dx) = dY·W (+ s·(dY·B)·A on adapter streams); dA, dB in the parameters' dtype (fp32
-    accumulation; zero for adapters no stream uses)."""
+    accumulation; zero for adapters no stream uses). lora_A / lora_B may be fp32 master weights of a 16-bit x."""
     _check_dtype_device(x)
     rows, K = x.shape
     N = weight.shape[0]
@@ -568,8 +568,9 @@ def lora_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
             dx.zero_()
         return dx, dA, dB
     gB = torch.empty(rows, r, device=x.device, dtype=torch.float32)
-    A = lora_A if n else x.new_zeros(1, r, K)
-    B = lora_B if n else x.new_zeros(1, N, r)
+    # fp32 master adapters are read rounded to x's dtype, as in the forward; dA, dB stay in their dtype.
+    A = lora_A.to(x.dtype) if n else x.new_zeros(1, r, K)
+    B = lora_B.to(x.dtype) if n else x.new_zeros(1, N, r)
     # dY·W + s·(dY·B)·A is the forward kernel on transposed views: W as [K, N], B as the shrink [r, N],
     # A as the expand [K, r]; it writes gB = dY·B[a] for the adapter rows on the way.
     # Without dx (or with K == 0, where dx is empty) only gB is needed: the same kernel in shrink-only mode.
