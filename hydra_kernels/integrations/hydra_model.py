@@ -12,7 +12,6 @@ The heads are never applied implicitly: the caller picks which stream's hidden s
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -25,9 +24,8 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams, hydra_modules,
-                                              patch_info, patch_model, position_ids_from_attention_mask,
-                                              repeat_for_streams)
+from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams, decoder_forward, hydra_modules,
+                                              patch_info, patch_model)
 from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops.matmul import linear_f32
@@ -84,7 +82,6 @@ class HydraModel(nn.Module):
             nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(d + 1))
             self.reward_head.bias.zero_()
         self.init_value_head_from_reward()
-        self._takes_position_ids = "position_ids" in inspect.signature(self.backbone.forward).parameters
 
     # ------------------------------------------------------------------------------------------------ building
     @classmethod
@@ -187,25 +184,7 @@ class HydraModel(nn.Module):
         uses (counted from the attention mask), so scoring a rollout sees the positions it was generated with.
         Stream s runs adapter streams[s] ("base" = LoRA off). No head is applied.
         """
-        names = _validate_streams(self.model, streams)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        S = len(names)
-        if position_ids is None and attention_mask is not None:
-            position_ids = position_ids_from_attention_mask(attention_mask)
-        ids, mask = repeat_for_streams(input_ids, attention_mask, S)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        if position_ids is not None:
-            if position_ids.shape != input_ids.shape:
-                raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match input_ids {(B, T)}")
-            if not self._takes_position_ids:
-                raise ValueError(f"position_ids: {type(self.backbone).__name__} does not take position ids")
-            kwargs["position_ids"] = position_ids.repeat(S, 1)
-        with hydra_streams(self.model, *names):
-            out = self.backbone(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden.view(S, B, T, hidden.shape[-1])
+        return decoder_forward(self.model, input_ids, attention_mask, position_ids, streams)[0]
 
     forward = forward_streams
 

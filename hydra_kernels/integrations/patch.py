@@ -4,6 +4,8 @@ transformers is imported lazily (only GPT-2's Conv1D class is needed here), so `
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -11,8 +13,9 @@ import torch
 from torch import nn
 
 from hydra_kernels.nn.linear import BASE, HydraLinear
+from hydra_kernels.nn.streams import streams as streams_context
 
-__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams",
+__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams", "decoder_forward",
            "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
@@ -282,6 +285,46 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     """
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 0)
+
+
+def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, streams: Sequence[str] | None = None,
+                    past_key_values=None, use_cache: bool = False):
+    """The decoder's final hidden states [S, B, T, D] and the KV cache (None unless use_cache), in one forward
+    of `model.base_model` (the decoder without the LM head).
+
+    streams: names for a patched model: the batch is repeated once per stream and stream s runs adapter
+    streams[s] ("base" = LoRA off); None runs the model as it is (S = 1; an unpatched model, or a patched one on
+    its current layout). position_ids default to cumsum(mask) - 1 (left padding), the positions generate uses.
+    With past_key_values, attention_mask spans the cached tokens and the new ones (as in transformers).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
+    names = None if streams is None else _validate_streams(model, streams)
+    B, T = input_ids.shape
+    S = 1 if names is None else len(names)
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B
+                                       or attention_mask.shape[1] < T):
+        raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} does not cover input_ids {(B, T)} "
+                         "(with a KV cache it spans the cached tokens too)")
+    if position_ids is None and attention_mask is not None:
+        position_ids = position_ids_from_attention_mask(attention_mask)[:, -T:]
+    ids = input_ids.repeat(S, 1)
+    mask = attention_mask.repeat(S, 1) if attention_mask is not None else None
+    backbone = model.base_model
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache}
+    if past_key_values is not None:
+        kwargs["past_key_values"] = past_key_values
+    if position_ids is not None:
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match input_ids {(B, T)}")
+        if "position_ids" not in inspect.signature(backbone.forward).parameters:
+            raise ValueError(f"position_ids: {type(backbone).__name__} does not take position ids")
+        kwargs["position_ids"] = position_ids.repeat(S, 1)
+    with (streams_context(model, *names) if names is not None else contextlib.nullcontext()):
+        out = backbone(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.view(S, B, T, hidden.shape[-1]), (out.past_key_values if use_cache else None)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hydra_kernels.integrations import HydraModel, disable_dropout, patch_model, position_ids_from_attention_mask
+from hydra_kernels.integrations import HydraModel, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
-from hydra_kernels.nn import streams
 from hydra_kernels.ops.matmul import mm_f32
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
@@ -60,27 +59,9 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor:
 def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    position_ids: torch.Tensor | None = None, names: tuple[str, ...] | None = None,
                    past_key_values=None, use_cache: bool = False):
-    """The decoder's final hidden states [S, B, T, D] and the KV cache.
-
-    names: the streams to run (the batch is repeated once per stream, one forward); None for an unpatched
-    model (S = 1). position_ids default to cumsum(mask) − 1 (left padding).
-    """
-    if position_ids is None:
-        position_ids = position_ids_from_attention_mask(attention_mask)
-    decoder = model.get_decoder()
-    B, T = input_ids.shape
-    if names is None:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache)
-        h = out.last_hidden_state.unsqueeze(0)
-    else:
-        S = len(names)
-        with streams(model, *names):
-            out = decoder(input_ids=input_ids.repeat(S, 1), attention_mask=attention_mask.repeat(S, 1),
-                          position_ids=position_ids.repeat(S, 1), past_key_values=past_key_values,
-                          use_cache=use_cache)
-        h = out.last_hidden_state.view(S, B, T, -1)
-    return h, (out.past_key_values if use_cache else None)
+    """The decoder's final hidden states [S, B, T, D] and the KV cache: integrations.decoder_forward (names: the
+    streams of a patched model, None for an unpatched one)."""
+    return decoder_forward(model, input_ids, attention_mask, position_ids, names, past_key_values, use_cache)
 
 
 def _prepare(model: nn.Module) -> nn.Module:
