@@ -32,12 +32,12 @@ rollout    generate(models.policy(...), prompt_ids, prompt_mask, *, max_new_toke
            -> (completions, ended). "reference" is the SFT policy (LoRA off / the frozen copy).
 scoring    score_rollout(models, rollout, *, temperature, kl_estimator) -> Scores (old/ref log-probs, KL,
            entropy, values, scores); policy_and_values(...) is the update's forward.
-advantages per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
+advantages shape_scores, per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
 losses     policy_loss, value_loss, entropy_bonus, ppo_loss.
 checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic).
 """
 from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLController, gae, masked_mean,
-                                           per_token_rewards, whiten)
+                                           per_token_rewards, shape_scores, whiten)
 from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
                                        apply_overrides, config_from_dict, config_to_dict, load_config,
                                        parse_overrides, save_config)
@@ -58,5 +58,5 @@ __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", 
            "train_ppo", "PPOResult", "save_policy", "load_policy",
            "PPOModels", "build_ppo_models", "new_reward_head", "load_model_and_tokenizer",
            "Rollout", "generate", "sample_completions", "Scores", "score_rollout",
-           "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",
+           "shape_scores", "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",
            "policy_loss", "value_loss", "entropy_bonus", "ppo_loss"]

@@ -48,13 +48,23 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return lengths - 1
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float,
-                      reward_clip: float | None = None) -> torch.Tensor:
-    """r_t = −β·KL_t on every response token, plus the (optionally clipped) score at the last one."""
+def shape_scores(scores: torch.Tensor, ended: torch.Tensor, reward_clip: float | None = None,
+                 missing_eos_penalty: float | None = None) -> torch.Tensor:
+    """Sequence scores as PPO uses them: clipped to [-reward_clip, reward_clip], then lowered by
+    missing_eos_penalty where the response never emitted EOS (clipping first keeps the penalty effective for
+    scores beyond the bound)."""
+    r = scores.float()
+    if reward_clip is not None:
+        r = r.clamp(-reward_clip, reward_clip)
+    if missing_eos_penalty is not None:
+        r = r - missing_eos_penalty * (~ended.bool()).float()
+    return r
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = −β·KL_t on every response token, plus the score at the last one."""
     if scores.shape != kl.shape[:1] or kl.shape != mask.shape:
         raise ValueError(f"scores: shape {tuple(scores.shape)} must be [B] for kl/mask of shape {tuple(kl.shape)}")
-    if reward_clip is not None:
-        scores = scores.clamp(-reward_clip, reward_clip)
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
     idx = last_token_index(mask)
@@ -136,5 +146,5 @@ def kl_controller(cfg) -> FixedKLController | AdaptiveKLController:
     return FixedKLController(cfg.kl_coef)
 
 
-__all__ = ["masked_mean", "masked_var", "whiten", "last_token_index", "per_token_rewards", "gae",
+__all__ = ["masked_mean", "masked_var", "whiten", "last_token_index", "shape_scores", "per_token_rewards", "gae",
            "FixedKLController", "AdaptiveKLController", "kl_controller"]

@@ -208,7 +208,7 @@ class PPOConfig:
     kl_target: float = 6.0               # nats per sequence the adaptive controller aims for
     kl_horizon: int = 10000              # samples over which the controller moves β by up to 20%
     whiten_rewards: bool = False         # whiten per-token rewards over the batch (mean kept), as TRL
-    reward_clip: float | None = None     # clip scores to [-reward_clip, reward_clip] before adding the KL penalty
+    reward_clip: float | None = None     # clip scores to [-reward_clip, reward_clip] (before the missing-EOS penalty)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, whiten
+from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, copy_params_, latest_checkpoint,
                                            load_checkpoint, restore_rng, save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
@@ -137,9 +137,8 @@ class PPOTrainer:
                 raise ValueError(f"reward_fn: returned {r.numel()} rewards for {len(prompts)} completions")
             extra["objective/reward_head"] = scores.scores.mean().item()
         else:
-            r = scores.scores.float()
-        if cfg.missing_eos_penalty is not None:
-            r = r - cfg.missing_eos_penalty * (~ro.ended).float()
+            r = scores.scores
+        r = shape_scores(r, ro.ended, cfg.reward_clip, cfg.missing_eos_penalty)
         if self.gold_reward_fn is not None:
             gold = [float(x) for x in self.gold_reward_fn(prompts, texts, ended)]
             extra["objective/gold_reward"] = sum(gold) / len(gold)
@@ -168,7 +167,7 @@ class PPOTrainer:
             return self._finish(metrics)
 
         kl_coef = self.kl_ctl.value
-        rewards = per_token_rewards(r, scores.kl, mask, kl_coef, cfg.reward_clip)
+        rewards = per_token_rewards(r, scores.kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         adv, returns = gae(rewards, scores.values, mask, cfg.gamma, cfg.lam)

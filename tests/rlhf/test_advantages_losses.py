@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLController, gae, masked_mean, masked_var,
-                                           per_token_rewards, whiten)
+                                           per_token_rewards, shape_scores, whiten)
 from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, value_loss
 
 
@@ -51,10 +51,15 @@ def test_per_token_rewards_puts_the_score_on_the_last_real_token():
     m = torch.tensor([[1, 1, 1], [1, 0, 0]])
     r = per_token_rewards(torch.tensor([1.0, -2.0]), kl, m, kl_coef=0.5)
     torch.testing.assert_close(r, torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.2 - 2.0, 0.0, 0.0]]))
-    clipped = per_token_rewards(torch.tensor([10.0, -10.0]), torch.zeros(2, 3), m, 0.0, reward_clip=3.0)
-    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.0, 3.0], [-3.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="mask"):
         per_token_rewards(torch.ones(2), kl, torch.tensor([[1, 1, 1], [0, 0, 0]]), 0.1)
+
+
+def test_shape_scores_clips_then_penalises_missing_eos():
+    scores, ended = torch.tensor([10.0, 9.0, -10.0, 0.5]), torch.tensor([True, False, False, True])
+    torch.testing.assert_close(shape_scores(scores, ended, reward_clip=3.0, missing_eos_penalty=1.0),
+                               torch.tensor([3.0, 2.0, -4.0, 0.5]))        # penalty not swallowed by the clip
+    torch.testing.assert_close(shape_scores(scores, ended), scores)
 
 
 def test_kl_controllers():
