@@ -198,7 +198,8 @@ class PPOConfig:
     # generation
     max_new_tokens: int = 32
     temperature: float = 1.0             # also used for the log-probs of the scoring and update passes
-    top_p: float = 1.0
+    top_p: float = 1.0                   # < 1: sampled from the nucleus, but PPO's log-probs are of the full
+                                         # tempered distribution (as TRL), so the ratio is not exactly on-policy
     missing_eos_penalty: float | None = None   # subtracted from the score of responses that never emit EOS
     # reward shaping
     reward_source: str = "head"          # "head": the learned reward head; "function": the reward_fn passed in
