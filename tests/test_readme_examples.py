@@ -216,6 +216,9 @@ def _check_rlhf(ns, root):
     assert (root / "runs/sft/final").is_dir() and (root / "runs/ppo/final").is_dir()
     # runs/policy is a plain transformers model that computes what the PPO actor computes.
     policy = AutoModelForCausalLM.from_pretrained(str(root / "runs/policy"), local_files_only=True).eval()
+    # ... with the tokenizer PPO was given, so it is usable on its own.
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(root / "runs/policy"), local_files_only=True)("1+2=")["input_ids"]
     hydra, tok = ns["ppo"].models.hydra, ns["tok"]
     ids = tok(ns["prompts"][:2], padding=True, return_tensors="pt")
     device = hydra.lm_head_weight.device                # run.device "auto": CUDA where there is one

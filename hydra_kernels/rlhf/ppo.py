@@ -102,6 +102,8 @@ class PPOTrainer:
         self.prompt_tokens = [encode_prompt(tokenizer, p, cfg.data.max_prompt_len) for p in self.prompts]
         if any(not t for t in self.prompt_tokens):
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
+        if models.hydra is not None and models.hydra.tokenizer is None:
+            models.hydra.tokenizer = tokenizer      # so hydra.merge(...) writes a directory usable on its own
         self.params = models.named_trainable()
         self.optimizer = build_ppo_optimizer(models, self.params, cfg)
         self.kl_ctl = kl_controller(cfg)
