@@ -17,6 +17,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 W=$(mktemp -d)
+# Wheels carried from the dev machine (the GPU machine has no internet), e.g. Liger-Kernel for the log-prob
+# baselines: here `pip download liger-kernel==0.8.5 --no-deps -d .whl` (pure Python; torch and triton are on the
+# GPU image), then run the stage with carry [".whl"]. Installed outside site-packages, for this run only.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/hk_site .whl/*.whl \
+        && export PYTHONPATH=/tmp/hk_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stamp=$(date -u +%Y%m%dT%H%MZ)
 
