@@ -195,6 +195,7 @@ class PPOConfig:
     critic_lr: float | None = None       # critic adapter / weights and value head; None = lr (0 freezes them)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    clip_grad_per_role: bool = False     # clip the actor's and the critic's gradients apart (default: jointly, as TRL)
     # generation
     max_new_tokens: int = 32
     temperature: float = 1.0             # also used for the log-probs of the scoring and update passes
@@ -240,6 +241,8 @@ class PPOConfig:
             _positive("critic_lr", self.critic_lr, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
         _positive("max_grad_norm", self.max_grad_norm)
+        if not isinstance(self.clip_grad_per_role, bool):
+            _fail("clip_grad_per_role", f"must be a bool, got {self.clip_grad_per_role!r}")
         _positive("temperature", self.temperature)
         _in_unit("top_p", self.top_p, lo_open=True)
         if self.missing_eos_penalty is not None:

@@ -1,4 +1,5 @@
-"""PPO's optimizer: AdamW with one learning rate for the actor and one for the critic (`critic_lr`).
+"""PPO's optimizer: AdamW with one learning rate for the actor and one for the critic (`critic_lr`), and
+gradient clipping jointly (as TRL) or per role (`clip_grad_per_role`, as with separate actor / critic engines).
 
 The separate-model variants (lora, full) simply put the critic in its own param group. Hydra-PPO cannot: the
 actor's and the critic's LoRA factors live in one stacked Parameter per layer (lora_A [adapters, r, in],
@@ -45,22 +46,53 @@ class SlicedLRAdamW(torch.optim.AdamW):
         return loss
 
 
-def build_ppo_optimizer(models, params: dict[str, torch.nn.Parameter], cfg) -> SlicedLRAdamW:
-    """AdamW over `params` (PPOModels.named_trainable()): group 0 the actor (cfg.lr), group 1 the critic and the
-    value head (cfg.critic_lr, default cfg.lr). Hydra's critic adapter slice is scaled inside the shared
-    stacks; J-Hydra's one adapter serves both roles and takes cfg.lr."""
-    critic_lr = cfg.lr if cfg.critic_lr is None else cfg.critic_lr
-    actor, critic = [], []
+Role = list[tuple[torch.Tensor, "int | None"]]       # (parameter, index of its slice in the stack, or None)
+
+
+def ppo_roles(models, params: dict[str, torch.nn.Parameter]) -> dict[str, Role]:
+    """Which parameters (or stack slices) serve the actor and which the critic. The critic: its model or its
+    adapter (Hydra: the critic slice of every stacked lora_A / lora_B) and the value head. J-Hydra's one
+    adapter counts as the actor's."""
+    actor: Role = []
+    critic: Role = []
     for name, p in params.items():
-        (critic if name.startswith(("critic.", "value_head.")) else actor).append(p)
-    slices = []
-    if models.variant == "hydra" and critic_lr != cfg.lr:
-        k = models.hydra.adapters.index("critic")
-        for m in models.model.modules():
-            if isinstance(m, HydraLinear):
-                slices += [(m.lora_A, k, critic_lr / cfg.lr), (m.lora_B, k, critic_lr / cfg.lr)]
+        (critic if name.startswith(("critic.", "value_head.")) else actor).append((p, None))
+    if models.variant == "hydra":
+        a, k = models.hydra.adapters.index("actor"), models.hydra.adapters.index("critic")
+        stacked = {id(t) for m in models.model.modules() if isinstance(m, HydraLinear) for t in (m.lora_A, m.lora_B)}
+        critic += [(p, k) for p, _ in actor if id(p) in stacked]
+        actor = [(p, a) if id(p) in stacked else (p, None) for p, _ in actor]
+    return {"actor": actor, "critic": critic}
+
+
+def build_ppo_optimizer(models, params: dict[str, torch.nn.Parameter], cfg) -> SlicedLRAdamW:
+    """AdamW over `params` (PPOModels.named_trainable()): the actor's parameters at cfg.lr, the critic's at
+    cfg.critic_lr (default cfg.lr); a stack shared by both roles sits in the actor's group with its critic
+    slice scaled."""
+    critic_lr = cfg.lr if cfg.critic_lr is None else cfg.critic_lr
+    roles = ppo_roles(models, params)
+    actor = list({id(p): p for p, _ in roles["actor"]}.values())
+    critic = [p for p, i in roles["critic"] if i is None]
+    ratio = critic_lr / cfg.lr
+    slices = [(p, i, ratio) for p, i in roles["critic"] if i is not None] if critic_lr != cfg.lr else []
     groups = [{"params": actor, "lr": cfg.lr}, {"params": critic, "lr": critic_lr}]
     return SlicedLRAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, slice_ratios=slices)
 
 
-__all__ = ["SlicedLRAdamW", "build_ppo_optimizer"]
+def clip_grad_norm_per_role(roles: dict[str, Role], max_norm: float) -> dict[str, torch.Tensor]:
+    """torch.nn.utils.clip_grad_norm_ applied to each role on its own (slices of a shared stack included):
+    {role: its gradient norm before clipping}."""
+    norms = {}
+    for role, items in roles.items():
+        grads = [p.grad if i is None else p.grad[i] for p, i in items if p.grad is not None]
+        if not grads:
+            continue
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        norms[role] = total
+    return norms
+
+
+__all__ = ["SlicedLRAdamW", "build_ppo_optimizer", "ppo_roles", "clip_grad_norm_per_role"]

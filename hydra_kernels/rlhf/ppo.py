@@ -30,7 +30,7 @@ from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, build_ppo_models, resolve_device
-from hydra_kernels.rlhf.optim import build_ppo_optimizer
+from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role, ppo_roles
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.scoring import Scores, policy_and_values, score_rollout
 
@@ -207,6 +207,7 @@ class PPOTrainer:
         B, mb = cfg.batch_size, cfg.mini_batch_size
         gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, step, 3))
         params = list(self.params.values())
+        roles = ppo_roles(models, self.params)
         sums: dict[str, float] = {}
         n = 0
         for _ in range(cfg.ppo_epochs):
@@ -225,14 +226,17 @@ class PPOTrainer:
                     self._skip_loss(step, "loss")
                     continue
                 loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not _finite(norm):
+                if cfg.clip_grad_per_role:
+                    norms = clip_grad_norm_per_role(roles, cfg.max_grad_norm)
+                    st["policy/grad_norm"], st["val/grad_norm"] = norms["actor"], norms["critic"]
+                else:
+                    st["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not all(_finite(v) for k, v in st.items() if k.endswith("/grad_norm")):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._skip_loss(step, "gradient norm")
                     continue
                 self.optimizer.step()
                 n += 1
-                st["policy/grad_norm"] = norm
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         self.optimizer.zero_grad(set_to_none=True)

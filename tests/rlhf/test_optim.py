@@ -72,3 +72,52 @@ def test_bad_slices_name_the_argument():
         SlicedLRAdamW([p], lr=1e-3, slice_ratios=[(p, 2, 0.5)])
     with pytest.raises(ValueError, match="slice_ratios: ratio"):
         SlicedLRAdamW([p], lr=1e-3, slice_ratios=[(p, 0, -1.0)])
+
+
+def test_clip_grad_norm_per_role_with_stack_slices():
+    from hydra_kernels.rlhf.optim import clip_grad_norm_per_role
+    stack = torch.nn.Parameter(torch.zeros(2, 3))
+    head = torch.nn.Parameter(torch.zeros(4))
+    stack.grad = torch.tensor([[3.0, 0.0, 4.0], [0.0, 0.3, 0.4]])      # actor slice norm 5, critic slice 0.5
+    head.grad = torch.tensor([1.2, 0.0, 0.0, 0.0])                     # critic total: sqrt(0.25 + 1.44) = 1.3
+    norms = clip_grad_norm_per_role({"actor": [(stack, 0)], "critic": [(stack, 1), (head, None)]}, 1.0)
+    torch.testing.assert_close(norms["actor"], torch.tensor(5.0))
+    torch.testing.assert_close(norms["critic"], torch.tensor(1.3))
+    torch.testing.assert_close(stack.grad[0], torch.tensor([3.0, 0.0, 4.0]) / (5.0 + 1e-6))
+    torch.testing.assert_close(stack.grad[1], torch.tensor([0.0, 0.3, 0.4]) / (1.3 + 1e-6))
+    torch.testing.assert_close(head.grad, torch.tensor([1.2, 0.0, 0.0, 0.0]) / (1.3 + 1e-6))
+    norms = clip_grad_norm_per_role({"actor": [(stack, 0)]}, 10.0)     # below the bound: untouched
+    torch.testing.assert_close(stack.grad[0], torch.tensor([3.0, 0.0, 4.0]) / (5.0 + 1e-6))
+
+
+@pytest.mark.parametrize("per_role", [True, False])
+def test_per_role_clipping_keeps_the_actor_step_independent_of_the_value_loss(tmp_path, monkeypatch, per_role):
+    """Hydra: the actor's raw gradients do not depend on vf_coef; clipped per role they still do not, clipped
+    jointly (TRL's way) a large value loss shrinks them."""
+    from hydra_kernels.rlhf.optim import SlicedLRAdamW
+    from tests.rlhf._ppo_job import run
+
+    def actor_grads(vf_coef):
+        seen = []
+        real = SlicedLRAdamW.step
+
+        def spy(self, closure=None):
+            if not seen:                                   # the first minibatch update
+                seen.append([p.grad[0].clone() for p in self.param_groups[0]["params"] if p.dim() == 3])
+            return real(self, closure)
+        monkeypatch.setattr(SlicedLRAdamW, "step", spy)
+        run(tmp_path / f"vf{vf_coef}", ["steps=1", "max_grad_norm=0.001", f"vf_coef={vf_coef}",
+                                        f"clip_grad_per_role={str(per_role).lower()}", "run.checkpoint_every=0"])
+        monkeypatch.setattr(SlicedLRAdamW, "step", real)
+        return seen[0]
+    small, large = actor_grads(0.1), actor_grads(10.0)
+    same = all(torch.equal(a, b) for a, b in zip(small, large))
+    assert same == per_role
+
+
+@pytest.mark.parametrize("variant", ["hydra", "j-hydra", "lora", "full"])
+def test_per_role_clipping_runs_every_variant(tmp_path, variant):
+    from tests.rlhf._ppo_job import run
+    _, res = run(tmp_path, [f"variant={variant}", "steps=1", "clip_grad_per_role=true", "run.checkpoint_every=0"])
+    h = res.history[0]
+    assert h["policy/grad_norm"] > 0 and h["val/grad_norm"] > 0
