@@ -196,10 +196,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(saved: dict, current: dict, checkpoint: str | os.PathLike) -> None:
+def _as_stored(config: dict) -> dict:
+    return json.loads(json.dumps(_jsonable(config)))           # tuples become lists, as in state.json
+
+
+def check_resume_config(saved: dict, current: dict, checkpoint: str | os.PathLike,
+                        defaults: dict | None = None) -> None:
     """ValueError naming every setting (outside RESUMABLE_CHANGES) in which `current` differs from the config
-    stored with `checkpoint`."""
-    a, b = _flat(saved), _flat(json.loads(json.dumps(_jsonable(current))))     # as it would be stored
+    stored with `checkpoint`. A setting the stored config lacks (added to the library since) counts as having
+    its value in `defaults`, the config class's defaults, which keep the behaviour it had before."""
+    a, b = _flat(saved), _flat(_as_stored(current))
+    a = {**{k: v for k, v in _flat(_as_stored(defaults or {})).items() if k not in a}, **a}
     diffs = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b))
              if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
     if diffs:

@@ -333,7 +333,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
     if last is not None:
         ck = load_checkpoint(last)
-        check_resume_config(ck.config, config_to_dict(cfg), last)
+        check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(PPOConfig()))
         copy_params_(trainer.params, ck.params, str(last))
         trainer.optimizer.load_state_dict(ck.optimizer_state)
         trainer.load_trainer_state(ck.trainer_state)

@@ -194,7 +194,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         # running sums of the epoch in progress; the data order of an epoch depends only on (seed, epoch),
         # so the run continues as if never stopped.
         ck = load_checkpoint(last)
-        check_resume_config(ck.config, config_to_dict(cfg), last)
+        check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(SFTConfig()))
         state = ck.trainer_state
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "

@@ -114,6 +114,14 @@ def test_resume_refuses_changed_settings_and_allows_extending(tmp_path):
         run(tmp_path, ["steps=2", "variant=j-hydra"])
     _, res = run(tmp_path, ["steps=2", "run.checkpoint_minutes=5", "model.activation_checkpointing=true"])
     assert [h["step"] for h in res.history] == [1, 2]
+    # A checkpoint written before a setting existed resumes when the setting has its default (old behaviour).
+    from hydra_kernels.rlhf.checkpoint import check_resume_config
+    from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
+    old = config_to_dict(PPOConfig())
+    del old["clip_grad_per_role"]
+    check_resume_config(old, config_to_dict(PPOConfig()), "ckpt", config_to_dict(PPOConfig()))
+    with pytest.raises(ValueError, match="clip_grad_per_role: False there, True here"):
+        check_resume_config(old, config_to_dict(PPOConfig(clip_grad_per_role=True)), "ckpt", config_to_dict(PPOConfig()))
 
 
 @pytest.mark.parametrize("adapter_dtype", [None, torch.bfloat16], ids=["fp32-masters", "bf16-adapters"])
