@@ -177,7 +177,9 @@ class TokenBatch:
     """Left-padded prompt+response sequences for teacher-forced passes (SFT, reward scoring).
 
     input_ids, attention_mask, position_ids: [B, T]. loss_mask [B, T]: 1 where the token is a response token
-    (the LM loss predicts it from the previous position; prompt and padding never count).
+    (the LM loss predicts it from the previous position; prompt and padding never count). A row with an empty
+    prompt (no BOS) has no real token before its first response token, so that token is 0 too: it would be
+    "predicted" from a padding position, whose hidden state depends on the rest of the batch.
     The last column is every row's last real token.
     """
     input_ids: torch.Tensor
@@ -204,7 +206,7 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
                                  f"(max_len {max_len})")
             r = r[:max_len - len(p)]
         rows.append(list(p) + r)
-        loss_rows.append([0] * len(p) + [1] * len(r))
+        loss_rows.append([0] * len(p) + [1 if p or j else 0 for j in range(len(r))])
     ids, mask = left_pad(rows, pad_id)
     loss_mask, _ = left_pad(loss_rows, 0, width=ids.shape[1])
     return TokenBatch(ids, mask, position_ids_from_mask(mask), loss_mask)
