@@ -126,7 +126,7 @@ def _split_eval(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
         return pairs, []
     g = torch.Generator().manual_seed(derived_seed(seed, 0, 5))
     order = torch.randperm(len(pairs), generator=g).tolist()
-    n_eval = max(1, int(round(fraction * len(pairs))))
+    n_eval = min(max(1, int(round(fraction * len(pairs)))), len(pairs) - 1)   # at least one pair left to train on
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
