@@ -132,7 +132,10 @@ class Checkpoint:
 
 def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, config: dict, trainer_state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `root/step-<step>` atomically and delete all but the newest `keep`."""
+    """Write checkpoint `root/step-<step>` atomically and delete all but the newest `keep`. Checkpoints of later
+    steps than `step` are deleted too: they belong to an earlier run in the same root (a run writes increasing
+    steps, and a resumed one continues from the latest), and would otherwise outrank this one, which pruning
+    by step would delete at once and `latest_checkpoint` would pass over on the next resume."""
     if keep < 1:
         raise ValueError(f"keep: must be >= 1, got {keep}")
     for name, p in params.items():
@@ -153,7 +156,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.
 
     root = Path(root)
     out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill)
-    for old in list_checkpoints(root)[:-keep]:
+    found = list_checkpoints(root)
+    mine = found.index(out)
+    for old in found[:max(mine + 1 - keep, 0)] + found[mine + 1:]:
         shutil.rmtree(old, ignore_errors=True)
     return out
 

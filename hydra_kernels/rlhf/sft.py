@@ -200,6 +200,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "
                              f"steps per epoch, this one has {steps_per_epoch} (other data or batch_size); use "
                              f"another output_dir or run.resume=false")
+        if ck.step > total:
+            raise ValueError(f"epochs: {str(last)!r} is a checkpoint after {ck.step} steps, more than the "
+                             f"{total} of epochs={cfg.epochs} ({steps_per_epoch} per epoch); resume with more "
+                             f"epochs, or use another output_dir or run.resume=false")
         copy_params_(named, ck.params, str(last))
         optimizer.load_state_dict(ck.optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
