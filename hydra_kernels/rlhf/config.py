@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -40,6 +41,11 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         _fail(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _optional_str(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        _fail(name, f"must be a string or null, got {value!r}")
+
+
 def _in_unit(name: str, value, lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1) \
             or (lo_open and value == 0):
@@ -56,6 +62,8 @@ class ModelConfig:
     activation_checkpointing: bool = False   # recompute decoder-layer activations in backward (trained passes only)
 
     def validate(self, prefix: str = "model.") -> None:
+        for name in ("path", "tokenizer_path"):
+            _optional_str(prefix + name, getattr(self, name))
         if self.dtype not in DTYPES:
             _fail(prefix + "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.activation_checkpointing, bool):
@@ -91,6 +99,8 @@ class DataConfig:
     def validate(self, prefix: str = "data.") -> None:
         if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
             _fail(prefix + "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
+        for name in ("sft_path", "preference_path", "prompt_path"):
+            _optional_str(prefix + name, getattr(self, name))
         for name in ("max_prompt_len", "max_len"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -126,6 +136,11 @@ class RunConfig:
         if isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float)) \
                 or not self.checkpoint_minutes >= 0:
             _fail(prefix + "checkpoint_minutes", f"must be a number >= 0, got {self.checkpoint_minutes!r}")
+        for name in ("resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(prefix + name, f"must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.metrics_file, str) or not self.metrics_file:
+            _fail(prefix + "metrics_file", f"must be a non-empty file name, got {self.metrics_file!r}")
         if self.keep_checkpoints < 1:
             _fail(prefix + "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 
@@ -332,7 +347,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             f = float(value)
         except ValueError:
             _fail(name, f"must be an int, got {value!r}")
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             _fail(name, f"must be an int, got {value!r}")
         return int(f)
     if tp is float:
