@@ -49,7 +49,8 @@ class PreferencePair:
 def _read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict]:
     path = os.fspath(path)
     try:
-        f = open(path, encoding="utf-8")
+        # utf-8-sig: a byte-order mark is skipped; surrogateescape: invalid bytes are reported with their line.
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")
     except OSError as e:
         raise ValueError(f"{path}: cannot read: {e.strerror}") from None
     records = []
@@ -57,6 +58,11 @@ def _read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{ord(line[e.start]) - 0xDC00:02x} at "
+                                 f"column {e.start + 1})") from None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -69,6 +75,11 @@ def _read_jsonl(path: str | os.PathLike, fields: Sequence[str]) -> list[dict]:
                 if not isinstance(obj[name], str):
                     raise ValueError(f"{path}:{lineno}: field '{name}': expected a string, "
                                      f"got {type(obj[name]).__name__}")
+                try:
+                    obj[name].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{path}:{lineno}: field '{name}': not valid Unicode (an unpaired surrogate "
+                                     f"escape such as \\ud800)") from None
             # An empty response trains nothing and has no last token to reward; an empty prompt is allowed.
             for name in fields[1:]:
                 if not obj[name]:
