@@ -7,9 +7,10 @@ outermost `transformers.modeling_layers.GradientCheckpointingLayer`) gets an ins
 runs the layer under `torch.utils.checkpoint.checkpoint` whenever grad mode is on, whatever the module's mode:
 
 - under no_grad / inference_mode (generation, scoring, evaluation) the layer runs as before, untouched;
-- a forward that is given a KV cache runs as before too, with a warning (a recomputation would write the
-  cache twice; transformers instead drops the cache). Note that a plain `model(...)` call creates a cache
-  unless given use_cache=False; the rlhf pipeline's trained forwards pass use_cache=False;
+- a forward that is given a KV cache (as a keyword or positionally: GPT-2 passes it positionally) runs as
+  before too, with a warning (a recomputation would write the cache twice; transformers instead drops the
+  cache). Note that a plain `model(...)` call creates a cache unless given use_cache=False; the rlhf
+  pipeline's trained forwards pass use_cache=False;
 - the RNG state is preserved across recomputation (dropout, where a model trains with it, is replayed).
 - use_reentrant=True (the older autograd.Function implementation) passes keyword arguments through a closure,
   so only positional tensors (the hidden states) carry gradient; since the embeddings are frozen, their output is
@@ -23,6 +24,7 @@ rebinds it to the copy.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 import warnings
 
@@ -57,11 +59,28 @@ def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_arg_positions(cls: type) -> tuple[int, ...]:
+    """Indices into forward's positional args (self excluded) of its KV-cache parameters: some models pass the
+    cache positionally (GPT2Model calls block(hidden_states, past_key_values, ...))."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(i for i, p in enumerate(positional) if p.name in _CACHE_KWARGS)
+
+
+def _given_kv_cache(layer: nn.Module, args: tuple, kwargs: dict) -> bool:
+    return (any(kwargs.get(k) is not None for k in _CACHE_KWARGS)
+            or any(i < len(args) and args[i] is not None for i in _cache_arg_positions(type(layer))))
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     plain = type(self).forward                             # the class's forward (transformers' wrapper included)
     if not torch.is_grad_enabled() or (getattr(self, "gradient_checkpointing", False) and self.training):
         return plain(self, *args, **kwargs)                # no grad, or transformers checkpoints it already
-    if any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+    if _given_kv_cache(self, args, kwargs):
         warnings.warn(f"activation checkpointing: {type(self).__name__} was given a KV cache under grad and runs "
                       "without checkpointing (pass use_cache=False to checkpoint it)", UserWarning, stacklevel=2)
         return plain(self, *args, **kwargs)
