@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import CheckpointFunction
 
 from hydra_kernels.ops import lora_linear
@@ -16,6 +17,19 @@ BASE = "base"
 # A record is only needed until its graph runs backward; a graph older than this many forwards of the same
 # layer that is recomputed raises instead of guessing.
 _LAYOUT_HISTORY = 256
+
+# Number of optimizer steps taken so far (any torch.optim.Optimizer): part of the key of HydraLinear's rounded
+# adapter cache. Fused optimizers (fused=True; transformers' default adamw_torch_fused) and other multi-tensor
+# kernels update parameters in place without bumping their version counters.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class HydraLinear(nn.Module):
@@ -146,12 +160,14 @@ class HydraLinear(nn.Module):
     def _adapter_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """lora_A, lora_B for ops.lora_linear. With grad enabled, the Parameters themselves (the op rounds fp32
         ones to x's dtype and returns fp32 gradients). Without, fp32 adapters are rounded once and the copy is
-        reused until a parameter changes (in-place updates bump its version): decoding would otherwise round
-        every adapter of every layer at every token."""
+        reused until a parameter changes: decoding would otherwise round every adapter of every layer at every
+        token. A change is an in-place update (it bumps the version), a new tensor (another data pointer) or any
+        optimizer step (fused optimizers bump no versions). Writes through `.data` bypass version counting:
+        after `p.data.copy_(...)` outside an optimizer, set `layer._rounded_adapters = None`."""
         A, B = self.lora_A, self.lora_B
         if A.dtype == dtype or torch.is_grad_enabled():
             return A, B
-        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr())
+        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr(), _optimizer_steps)
         if self._rounded_adapters is None or self._rounded_adapters[0] != key:
             self._rounded_adapters = (key, A.detach().to(dtype), B.detach().to(dtype))
         return self._rounded_adapters[1], self._rounded_adapters[2]
