@@ -226,8 +226,10 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
         p.requires_grad_(False)
     conv1d = set()
     order = [p for p, _ in model.named_modules() if p in chosen]
+    # Hold each original layer only until it is replaced, so a Conv1D's [in, out] weight is freed then (_to_hydra).
+    candidates.clear()
     for path in order:
-        module = chosen[path]
+        module = chosen.pop(path)
         layer = _to_hydra(module, adapters, r, alpha, adapter_dtype)
         if type(module) is not nn.Linear:
             conv1d.add(path)
