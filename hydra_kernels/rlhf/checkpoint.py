@@ -42,6 +42,8 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill) -> Path:
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)
+        for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [tmp]:
+            fsync_path(d)                     # the entries: a durable rename of a directory could lose its files
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -247,8 +249,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"path: {str(path)!r} is not a readable checkpoint: {e}") from None
     if state.get("format") != FORMAT:
         raise ValueError(f"path: {str(path)!r} is not a {FORMAT} checkpoint")
-    with safe_open(str(path / "tensors.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path / "tensors.safetensors"), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:                    # safetensors raises its own SafetensorError (and OSError)
+        raise ValueError(f"path: {str(path)!r} is not a readable checkpoint: tensors.safetensors: {e}") from None
     params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
     return Checkpoint(path, state["step"], params, unflatten_optimizer(state["optimizer"], tensors),
                       state["config"], state["trainer_state"], state["rng"],
