@@ -94,7 +94,7 @@ class HydraModel(nn.Module):
         base: a local directory (AutoModelForCausalLM.from_pretrained(base, **load_kwargs)) or a model instance
             (patched in place; an already patched one is used as is, and adapters/r/alpha, if given, must match).
         adapters, r, alpha: default ("actor", "critic"), 16, 32 for an unpatched base.
-        dtype: load dtype (a model instance is converted with .to(dtype)).
+        dtype: load dtype (an unpatched model instance is converted with .to(dtype); a patched one is refused).
         tokenizer: a tokenizer, a path to load one from, or None (loaded from `base` when it is a directory
             that holds one).
         disable_dropout: set all dropout to 0 (PPO needs old and new log-probs to agree).
@@ -112,6 +112,9 @@ class HydraModel(nn.Module):
         elif isinstance(base, nn.Module):
             if isinstance(base, HydraModel):
                 raise ValueError("base: already a HydraModel")
+            if dtype is not None and isinstance(getattr(base, "hydra_patch", None), PatchInfo):
+                # .to(dtype) would also round the adapters, which stay fp32 master weights on a 16-bit model.
+                raise ValueError("dtype: the model is already patched; convert it with .to(dtype) before patching")
             model = base if dtype is None else base.to(dtype)
         else:
             raise ValueError(f"base: expected a directory or a model, got {type(base).__name__}")

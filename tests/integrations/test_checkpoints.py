@@ -56,6 +56,14 @@ def test_mismatched_adapters_rank_and_modules_are_named(tmp_path):
         partial.load_adapters(d)
 
 
+def test_dtype_for_an_unpatched_instance_keeps_fp32_master_adapters():
+    from hydra_kernels import patch_model
+    h = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA, dtype=torch.bfloat16)
+    assert h.lm_head_weight.dtype == torch.bfloat16 and h.lora_parameters()[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype: the model is already patched"):
+        HydraModel.from_pretrained_base(patch_model(make_model("llama"), r=R, alpha=ALPHA), dtype=torch.bfloat16)
+
+
 def _edit(d, fn):
     tensors = load_file(d / "hydra_model.safetensors")
     fn(tensors)
