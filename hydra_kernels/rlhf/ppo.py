@@ -334,6 +334,9 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if last is not None:
         ck = load_checkpoint(last)
         check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(PPOConfig()))
+        if ck.step > cfg.steps:
+            raise ValueError(f"steps: {str(last)!r} is a checkpoint after {ck.step} steps, more than steps="
+                             f"{cfg.steps}; resume with more steps, or use another output_dir or run.resume=false")
         copy_params_(trainer.params, ck.params, str(last))
         trainer.optimizer.load_state_dict(ck.optimizer_state)
         trainer.load_trainer_state(ck.trainer_state)

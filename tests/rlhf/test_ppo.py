@@ -112,8 +112,11 @@ def test_resume_refuses_changed_settings_and_allows_extending(tmp_path):
         run(tmp_path, ["steps=2", "lr=0.02", "critic_lr=0.5"])
     with pytest.raises(ValueError, match=r"variant: 'hydra' there, 'j-hydra' here"):
         run(tmp_path, ["steps=2", "variant=j-hydra"])
-    _, res = run(tmp_path, ["steps=2", "run.checkpoint_minutes=5", "model.activation_checkpointing=true"])
-    assert [h["step"] for h in res.history] == [1, 2]
+    run(tmp_path, ["steps=2"])
+    with pytest.raises(ValueError, match=r"steps: .* after 2 steps, more than steps=1"):
+        run(tmp_path, ["steps=1"])      # would save the 2-step policy as the result of a 1-step run
+    _, res = run(tmp_path, ["steps=3", "run.checkpoint_minutes=5", "model.activation_checkpointing=true"])
+    assert [h["step"] for h in res.history] == [1, 2, 3]
     # A checkpoint written before a setting existed resumes when the setting has its default (old behaviour).
     from hydra_kernels.rlhf.checkpoint import check_resume_config
     from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
