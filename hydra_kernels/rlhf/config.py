@@ -118,7 +118,8 @@ class RunConfig:
     checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = not by count
     checkpoint_minutes: float = 30.0     # also checkpoint once this long has passed since the last one; 0 = off
     keep_checkpoints: int = 2            # older checkpoints are deleted
-    resume: bool = True                  # continue from the last checkpoint in output_dir when one exists
+    resume: bool = True                  # continue from the last checkpoint in output_dir when one exists;
+                                         # false: start over, and this run's checkpoints replace the old ones
     progress: bool = True                # tqdm progress bars
     metrics_file: str = "metrics.jsonl"  # relative to output_dir
 
