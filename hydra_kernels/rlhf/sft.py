@@ -63,7 +63,15 @@ def _pair_batch(tokenizer, pairs: Sequence[PreferencePair], cfg: SFTConfig) -> T
     prompts = [encode_prompt(tokenizer, p.prompt, d.max_prompt_len) for p in pairs]
     responses = [encode_response(tokenizer, p.chosen) for p in pairs] + \
                 [encode_response(tokenizer, p.rejected) for p in pairs]
-    return collate_sequences(prompts + prompts, responses, tokenizer.pad_token_id, d.max_len)
+    batch = collate_sequences(prompts + prompts, responses, tokenizer.pad_token_id, d.max_len)
+    k = len(pairs)
+    same = int((batch.input_ids[:k] == batch.input_ids[k:]).all(dim=1).sum())
+    if same:
+        # Cut at max_len, chosen and rejected can become the same tokens: such a pair teaches the reward head
+        # nothing (loss log 2) and counts as wrong in reward accuracy.
+        warnings.warn(f"Hydra-SFT: {same} of {k} preference pairs in a batch are identical after truncation to "
+                      f"data.max_len={d.max_len}; raise data.max_len", RuntimeWarning, stacklevel=2)
+    return batch
 
 
 def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, int]:
