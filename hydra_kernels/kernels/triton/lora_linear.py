@@ -539,6 +539,8 @@ def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         return y, xa
     A = lora_A if n else x.new_zeros(1, r, K)       # no adapters at all: a valid (never read) pointer
     B = lora_B if n else x.new_zeros(1, N, r)
+    if bias is not None:
+        bias = bias.contiguous()                    # the kernel reads bias[n] at bias_ptr + n
     _launch_gemm(x, (weight, weight.stride(0), weight.stride(1)), bias,
                  (A, A.stride(0), A.stride(1), A.stride(2)), (B, B.stride(0), B.stride(1), B.stride(2)),
                  y, xa, adapters, scales, rps, S, N, K, r, compute_y=True)
