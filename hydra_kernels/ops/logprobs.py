@@ -355,7 +355,9 @@ def _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, ba
     if not torch.compiler.is_compiling() and targets.numel():
         # One small reduction and a host sync: an out-of-range target would otherwise turn into NaN outputs.
         V = logits.shape[-1]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        # In int64, as the kernels compare: a narrow dtype would wrap ignore_index (uint8: -100 -> 156).
+        t = targets if targets.dtype == torch.int64 else targets.long()
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
         if bool(bad.any()):
             raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
     return temperature, chosen

@@ -1,0 +1,27 @@
+"""Review test of the eager target check of ops.token_logprobs / ops.logprobs_and_kl with uint8 targets.
+
+The op compares targets with ignore_index in int64. The eager check compared the uint8 tensor with the Python
+int -100, which torch wraps to uint8 156: a target of 156 (out of range for V <= 156) passed the check as
+"ignored" and the op, which does not ignore it, returned NaN instead of raising ValueError.
+"""
+import pytest
+import torch
+
+from hydra_kernels import ops
+from hydra_kernels.ops.backend import triton_interpreting
+
+needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
+                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_target_equal_to_wrapped_ignore_index_is_rejected(backend):
+    V = 100
+    x = torch.randn(2, V)
+    r = torch.randn(2, V)
+    t = torch.tensor([3, 156], dtype=torch.uint8)             # 156 == uint8(-100), outside [0, 100)
+    with pytest.raises(ValueError, match="^targets:"):
+        ops.token_logprobs(x, t, backend=backend)
+    with pytest.raises(ValueError, match="^targets:"):
+        ops.logprobs_and_kl(x, r, t, backend=backend)
