@@ -82,10 +82,11 @@ def logprobs_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: tor
     """(actor log-prob, reference log-prob, per-token KL, actor entropy), each shaped like targets.
 
     kl: "k1" | "k2" | "k3" (sampled-token estimators) or "full" (exact Σ_v π(v)·(log π(v) − log π_ref(v))).
-    All four are 0 where target == ignore_index.
+    All four are 0 where target == ignore_index. The reference is frozen (as in ops.logprobs_and_kl):
+    ref_logits never receives a gradient.
     """
     logp_all, p, entropy = _log_softmax_stats(logits, temperature)
-    ref_all = torch.log_softmax(ref_logits / temperature, dim=-1)
+    ref_all = torch.log_softmax(ref_logits.detach() / temperature, dim=-1)
     logp, valid = _gather(logp_all, targets, ignore_index)
     ref_logp, _ = _gather(ref_all, targets, ignore_index)
     if kl == "full":
@@ -100,6 +101,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                     kl: str | None = None, ignore_index: int = -100):
     """The LM head fused with the log-probs: hidden [S, T, D] (S streams of the same tokens), weight [V, D],
     targets [T]. Returns (logp [S, T], entropy [S, T], kl [T] between stream 0 (π) and stream 1 (π_ref) or None).
+    Stream 1 is a constant in the KL (as in ops.linear_logprobs): KL's gradient reaches stream 0 only.
     """
     logits = hidden @ weight.T                                   # [S, T, V]
     logp_all, p, entropy = _log_softmax_stats(logits, temperature)
@@ -112,8 +114,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if hidden.shape[0] < 2:
             raise ValueError("kl: needs at least two streams (stream 0 = policy, stream 1 = reference)")
         if kl == "full":
-            k = torch.where(p[0] > 0, p[0] * (logp_all[0] - logp_all[1]), torch.zeros_like(p[0])).sum(-1)
+            k = torch.where(p[0] > 0, p[0] * (logp_all[0] - logp_all[1].detach()), torch.zeros_like(p[0])).sum(-1)
         else:
-            k = kl_estimate(logp[0], logp[1], kl)
+            k = kl_estimate(logp[0], logp[1].detach(), kl)
         k = torch.where(valid[0], k, zero[0])
     return logp, entropy, k
