@@ -15,6 +15,8 @@ it for dB, so only x, the shrink and the (shared) parameters are saved.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -204,10 +206,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"lora_B: shape {tuple(lora_B.shape)}, expected {(n, N, r)} to match lora_A and weight")
     if isinstance(scaling, torch.Tensor):
         scaling = scaling.tolist()
-    scales = [float(scaling)] * n if isinstance(scaling, (int, float)) else [float(s) for s in scaling]
+    try:
+        if isinstance(scaling, (str, bytes)):
+            raise TypeError
+        # numbers.Real covers numpy scalars (np.float32 is no float subclass).
+        scales = [float(scaling)] * n if isinstance(scaling, numbers.Real) else [float(s) for s in scaling]
+    except (TypeError, ValueError):
+        raise ValueError(f"scaling: expected a number or one number per adapter, got {scaling!r}") from None
     if len(scales) != n:
         raise ValueError(f"scaling: expected one value per adapter ({n}), got {len(scales)}")
-    adapters = [int(a) for a in stream_adapters]
+    try:
+        adapters = [operator.index(a) for a in stream_adapters]      # ints only: 0.7 is no adapter index
+    except TypeError:
+        raise ValueError(f"stream_adapters: expected a sequence of int adapter indices, got {stream_adapters!r}") \
+            from None
     if not adapters:
         raise ValueError("stream_adapters: needs at least one stream")
     for a in adapters:
