@@ -12,7 +12,8 @@ KL(pi || pi_ref), see reference.kl_estimate) or "full" (exact KL over the whole 
 actor's. Semantics are those of `hydra_kernels.reference` (the float64 ground truth).
 
 Targets outside [0, V) that are not ignore_index raise ValueError in eager mode (one small reduction and a
-host sync per call); under torch.compile that data-dependent check is skipped and such rows come out NaN.
+host sync per call); under torch.compile (and under dispatch modes such as FakeTensorMode or make_fx) that
+data-dependent check is skipped and such rows come out NaN.
 
 Gradients flow to `logits` only, for any combination of upstream gradients on (logp, kl, entropy). The
 reference side is frozen: ref_logits never receives a gradient (even if it requires one), and a gradient on
@@ -352,7 +353,8 @@ def _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, ba
     if chosen in ("triton", "cuda") and logits.dtype not in _GPU_DTYPES:
         raise ValueError(f"logits: dtype {logits.dtype} is supported by the torch backend only "
                          f"(GPU kernels take {list(_GPU_DTYPES)})")
-    if not torch.compiler.is_compiling() and targets.numel():
+    # Skipped while tracing: under torch.compile, and under a dispatch mode (FakeTensorMode has no values).
+    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0 and targets.numel():
         # One small reduction and a host sync: an out-of-range target would otherwise turn into NaN outputs.
         V = logits.shape[-1]
         # In int64, as the kernels compare: a narrow dtype would wrap ignore_index (uint8: -100 -> 156).

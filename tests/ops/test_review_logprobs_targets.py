@@ -25,3 +25,18 @@ def test_uint8_target_equal_to_wrapped_ignore_index_is_rejected(backend):
         ops.token_logprobs(x, t, backend=backend)
     with pytest.raises(ValueError, match="^targets:"):
         ops.logprobs_and_kl(x, r, t, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_inference_under_fake_tensor_mode(backend):
+    """Under FakeTensorMode (shape inference) the ops run their fake implementations, as ops.linear_logprobs
+    does. The eager target check read a value from the targets (bool(bad.any())) and raised
+    DataDependentOutputException there; like under torch.compile it is skipped under a dispatch mode."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with FakeTensorMode():
+        x, r = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+        t = torch.zeros(2, 3, dtype=torch.long)
+        lp = ops.token_logprobs(x, t, backend=backend)
+        outs = ops.logprobs_and_kl(x, r, t, 0.5, "full", backend=backend)
+    for o in (lp, *outs):
+        assert isinstance(o, FakeTensor) and o.shape == (2, 3) and o.dtype == torch.float32
