@@ -75,18 +75,28 @@ def _sft(args) -> int:
 
 def _load_reward_fn(spec: str):
     """`package.module:function` (or a path/to/file.py:function) -> the callable."""
+    import importlib.util
+    import os
+
     if ":" not in spec:
         raise ValueError(f"--reward-fn: expected module:function or file.py:function, got {spec!r}")
     mod_name, fn_name = spec.rsplit(":", 1)
     if mod_name.endswith(".py"):
-        import importlib.util
+        if not os.path.isfile(mod_name):
+            raise ValueError(f"--reward-fn: no such file {mod_name!r}")
         sp = importlib.util.spec_from_file_location("hydra_rlhf_user_reward", mod_name)
         if sp is None or sp.loader is None:
             raise ValueError(f"--reward-fn: cannot load {mod_name!r}")
         module = importlib.util.module_from_spec(sp)
         sp.loader.exec_module(module)
     else:
-        module = importlib.import_module(mod_name)
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (mod_name == e.name or mod_name.startswith(e.name + ".")):
+                raise                   # the user's module failed to import one of its own dependencies
+            raise ValueError(f"--reward-fn: cannot import module {mod_name!r} ({e}); for a file, give "
+                             f"path/to/file.py:{fn_name}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"--reward-fn: {spec!r} is not a callable")
@@ -96,7 +106,20 @@ def _load_reward_fn(spec: str):
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
 
-    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.reward_fn:
+        # --reward-fn selects the function (as python/hydra_ppo.py does); an explicit contradiction is refused.
+        given = rlhf.parse_overrides(overrides).get("reward_source", "function")
+        if given != "function":
+            raise ValueError(f"reward_source: {given!r} contradicts --reward-fn (which uses the function); "
+                             f"drop one of them")
+        overrides.insert(0, "reward_source=function")
+    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides)
+    args.output_dir = cfg.run.output_dir
+    from hydra_kernels.rlhf.models import SHARED_VARIANTS
+    if args.merge_to and cfg.variant not in SHARED_VARIANTS:
+        raise ValueError(f"--merge-to: variant {cfg.variant!r} has no shared base to merge into "
+                         f"(only {' and '.join(SHARED_VARIANTS)})")
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
     reward_fn = _load_reward_fn(args.reward_fn) if args.reward_fn else None
@@ -109,8 +132,6 @@ def _ppo(args) -> int:
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
-        if result.models.hydra is None:
-            raise ValueError(f"--merge-to: variant {cfg.variant!r} has no shared base to merge into")
         result.models.hydra.tokenizer = tok
         info["merged_policy"] = str(result.models.hydra.merge("actor", args.merge_to))
     last = result.history[-1] if result.history else {}
@@ -145,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppo", help="PPO (variant hydra, j-hydra, lora or full) on a Hydra-SFT result",
                        description="Needs model.path (a Hydra-SFT output directory, i.e. <sft output>/final) and "
-                                   "data.prompt_path; the reward is the SFT reward head, or --reward-fn with "
-                                   "reward_source=function.")
+                                   "data.prompt_path; the reward is the SFT reward head, or your function "
+                                   "given with --reward-fn (which sets reward_source=function).")
     p.add_argument("--config", default=None, help="JSON or YAML PPOConfig")
     p.add_argument("--reward-fn", default=None, metavar="MOD:FN",
                    help="reward function (prompts, completions, ended) -> floats, as module:function or file.py:function")
