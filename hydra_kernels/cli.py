@@ -61,6 +61,7 @@ def _sft(args) -> int:
     from hydra_kernels import rlhf
 
     cfg = rlhf.load_config(rlhf.SFTConfig, args.config, args.overrides)
+    args.run_cfg = cfg.run
     _require(cfg.model.path, "model.path", "a local model directory")
     if not cfg.data.sft_path and not cfg.data.preference_path:
         raise ValueError("data.sft_path: give demonstrations (data.sft_path) and/or pairs (data.preference_path)")
@@ -115,7 +116,7 @@ def _ppo(args) -> int:
                              f"drop one of them")
         overrides.insert(0, "reward_source=function")
     cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides)
-    args.output_dir = cfg.run.output_dir
+    args.run_cfg = cfg.run
     from hydra_kernels.rlhf.models import SHARED_VARIANTS
     if args.merge_to and cfg.variant not in SHARED_VARIANTS:
         raise ValueError(f"--merge-to: variant {cfg.variant!r} has no shared base to merge into "
@@ -178,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _after_interrupt(args) -> str:
+    """What running the same command again does, for the one line printed on Ctrl-C."""
+    run = getattr(args, "run_cfg", None)
+    if run is None:
+        return ""
+    from pathlib import Path
+
+    from hydra_kernels.rlhf.checkpoint import latest_checkpoint
+    if not run.resume:
+        return "; with run.resume=false the same command starts over"
+    last = latest_checkpoint(Path(run.output_dir) / "checkpoints")
+    if last is None:
+        return f"; no checkpoint in {run.output_dir} yet, so the same command starts over"
+    return f"; the same command continues from {last}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -186,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         # Configuration and data errors are the user's to fix: one line, no traceback.
         print(f"hydra-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: checkpoints and final results are written atomically (temporary directory + rename).
+        print(f"hydra-rlhf {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
