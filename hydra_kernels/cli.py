@@ -126,10 +126,19 @@ def _ppo(args) -> int:
     reward_fn = _load_reward_fn(args.reward_fn) if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
+    import os
+
     import torch
-    from transformers import AutoTokenizer
+
+    from hydra_kernels.rlhf.models import load_tokenizer
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path: no such directory: {path!r}")
+    if not os.path.isfile(os.path.join(path, "sft.json")):
+        raise ValueError(f"model.path: {path!r} is not a Hydra-SFT output (no sft.json); give the final/ "
+                         f"directory that `hydra-rlhf sft` wrote under its run.output_dir")
+    tok = load_tokenizer(cfg.model.tokenizer_path or path,
+                         "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path")
     model, head = rlhf.load_sft(path, dtype=getattr(torch, cfg.model.dtype))
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or path, local_files_only=True)
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:

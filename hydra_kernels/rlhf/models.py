@@ -19,6 +19,7 @@ forwards given a KV cache run exactly as without it; gradients are unchanged.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -208,17 +209,38 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
                      actor=actor, critic=critic)
 
 
+def _local_dir(path: str, name: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{name}: no such directory: {path!r} (local directories only; nothing is downloaded)")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def load_tokenizer(path: str, name: str = "model.tokenizer_path"):
+    """AutoTokenizer from a local directory; errors are ValueErrors naming the setting `name`."""
+    from transformers import AutoTokenizer
+    _local_dir(path, name)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
+
+
 def load_model_and_tokenizer(model_cfg, device: str | torch.device = "cpu"):
     """A local transformers causal LM and its tokenizer (never downloads: local_files_only)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     if not model_cfg.path:
         raise ValueError("model.path: a local model directory is required")
     dtype = getattr(torch, model_cfg.dtype)
+    # The tokenizer first: it is quick, and a wrong model.tokenizer_path is reported before a model is loaded.
+    tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path,
+                               "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.path, local_files_only=True)
-    except OSError as e:
-        raise ValueError(f"model.path: cannot load a model and tokenizer from {model_cfg.path!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path: cannot load a model from {model_cfg.path!r}: {_one_line(e)}") from None
     return model.to(device), tokenizer
 
 
@@ -232,4 +254,4 @@ def resolve_device(name: str) -> torch.device:
 
 
 __all__ = ["PPOModels", "PolicyHandle", "build_ppo_models", "decoder_hidden", "lm_head_weight", "new_reward_head",
-           "hidden_size", "load_model_and_tokenizer", "resolve_device", "BASE", "ACTOR", "CRITIC"]
+           "hidden_size", "load_model_and_tokenizer", "load_tokenizer", "resolve_device", "BASE", "ACTOR", "CRITIC"]

@@ -1,0 +1,65 @@
+"""A wrong model.path / model.tokenizer_path on the command line (python -m hydra_kernels.cli).
+
+Before: a directory that does not exist gave "model.path: cannot load ... Repo id must be in the form
+'repo_name' or 'namespace/repo_name'" (the Hub's message: nothing said the directory is missing); a directory
+without a model gave transformers' "Unrecognized model in ..." without the setting's name; a bad
+model.tokenizer_path was reported as model.path (sft) or as the Hub's message (ppo); ppo on a directory that
+is not a Hydra-SFT output named the setting "path".
+"""
+import pytest
+
+from tests._cli_review import PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_model_path")
+    paths = make_local(root)
+    (root / "empty").mkdir()
+    return root, paths
+
+
+def _sft(paths, tmp_path, *extra):
+    return cli("sft", f"data.sft_path={paths['demos']}", f"run.output_dir={tmp_path / 'out'}", *SFT_SMALL, *extra)
+
+
+def _ppo(paths, tmp_path, *extra):
+    return cli("ppo", f"data.prompt_path={paths['prompts']}", f"run.output_dir={tmp_path / 'out'}", *PPO_SMALL,
+               *extra)
+
+
+def test_sft_model_path_that_does_not_exist(local, tmp_path):
+    root, paths = local
+    line = assert_one_line_error(_sft(paths, tmp_path, f"model.path={root / 'nope'}"), "model.path:",
+                                 str(root / "nope"), "no such directory")
+    assert "Repo id" not in line
+
+
+def test_sft_model_path_without_a_model(local, tmp_path):
+    root, paths = local
+    assert_one_line_error(_sft(paths, tmp_path, f"model.path={root / 'empty'}"), "model.path:", str(root / "empty"))
+
+
+def test_sft_tokenizer_path_is_named(local, tmp_path):
+    root, paths = local
+    line = assert_one_line_error(_sft(paths, tmp_path, f"model.path={paths['model']}",
+                                      f"model.tokenizer_path={root / 'nope'}"), "model.tokenizer_path:",
+                                 str(root / "nope"))
+    assert "Repo id" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_ppo_on_a_directory_that_is_not_a_hydra_sft_output(local, tmp_path):
+    root, paths = local
+    for bad in (paths["model"], root / "nope"):
+        assert_one_line_error(_ppo(paths, tmp_path, f"model.path={bad}"), "model.path:", str(bad))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ppo_tokenizer_path_is_named(local, tmp_path):
+    root, paths = local
+    line = assert_one_line_error(_ppo(paths, tmp_path, f"model.path={paths['sft']}",
+                                      f"model.tokenizer_path={root / 'nope'}"), "model.tokenizer_path:",
+                                 str(root / "nope"))
+    assert "Repo id" not in line
+    assert not (tmp_path / "out").exists()
