@@ -5,6 +5,7 @@ A checkpoint is a directory `<root>/step-00000012/` holding
                          torch RNG states ("rng/torch", "rng/cuda/<d>"), numpy's key array ("rng/numpy")
     state.json           step, config, parameter order, optimizer hyper-parameters and scalar state,
                          python/numpy RNG scalars, the trainer's own state (KL coefficient, counters)
+                         and digests of the run's inputs (model weights, data records)
 It is built in a hidden temporary directory and renamed into place when complete, so a kill leaves either
 no checkpoint or a whole one; `latest_checkpoint` only sees complete ones.
 """
@@ -222,6 +223,42 @@ def check_resume_config(saved: dict, current: dict, checkpoint: str | os.PathLik
                          "or run.resume=false")
 
 
+def inputs_digest(*, modules: dict | None = None, data: dict | None = None, values: int = 1024) -> dict[str, str]:
+    """Short digests of what a run starts from, keyed by the setting that names it (e.g. "model.path",
+    "data.prompt_path"): for each module, its parameters' names, shapes, dtypes and up to `values` evenly
+    spaced entries each (cheap even for a large model, and independent of its device); for each data entry, every
+    record. Stored with checkpoints so that a run on other inputs is not resumed from them (`check_resume_inputs`)."""
+    import hashlib
+    out = {}
+    for name, module in (modules or {}).items():
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for pname, p in module.named_parameters():
+                flat = p.detach().reshape(-1)
+                n = flat.numel()
+                if n > values:
+                    flat = flat[torch.linspace(0, n - 1, values, device=flat.device).round().long()]
+                h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
+                h.update(flat.float().cpu().numpy().tobytes())
+        out[name] = h.hexdigest()[:16]
+    for name, records in (data or {}).items():
+        h = hashlib.sha256()
+        for r in records:
+            h.update(repr(r).encode("utf-8", "surrogatepass") + b"\n")
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def check_resume_inputs(saved: dict | None, current: dict[str, str], checkpoint: str | os.PathLike) -> None:
+    """ValueError naming each input whose digest differs from the one stored with `checkpoint` (older
+    checkpoints store none: nothing to check)."""
+    diffs = [k for k in current if saved and k in saved and saved[k] != current[k]]
+    if diffs:
+        raise ValueError(f"run.output_dir: {str(checkpoint)!r} is a checkpoint of a run that started from other "
+                         f"inputs ({', '.join(diffs)}: other contents). Use another run.output_dir, or "
+                         f"run.resume=false to replace that run")
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     root = Path(root)
@@ -278,4 +315,5 @@ def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.T
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
-           "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES"]
+           "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES",
+           "inputs_digest", "check_resume_inputs"]

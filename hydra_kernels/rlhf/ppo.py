@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import torch
 
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, copy_params_, latest_checkpoint,
-                                           load_checkpoint, restore_rng, save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, check_resume_inputs, copy_params_,
+                                           inputs_digest, latest_checkpoint, load_checkpoint, restore_rng,
+                                           save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import PPOConfig, config_to_dict
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
 from hydra_kernels.rlhf.losses import ppo_loss
@@ -312,7 +313,8 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     objective/gold_reward. callback(step, metrics) runs after every step. Writes
     <output_dir>/<metrics_file> (one JSON line per step), checkpoints under <output_dir>/checkpoints every
     run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the final policy to <output_dir>/final when the run
-    completes. With run.resume, an existing checkpoint in <output_dir> is continued. The global RNGs are
+    completes. With run.resume, an existing checkpoint in <output_dir> is continued (one of a run on another
+    SFT model or other prompts is refused: ValueError naming run.output_dir). The global RNGs are
     seeded with run.seed first (the LoRA A matrices are drawn when the model is patched).
     """
     if not isinstance(cfg, PPOConfig):
@@ -322,6 +324,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     device = resolve_device(cfg.run.device)
     model.to(device)
     reward_head = reward_head.to(device)
+    # What this run starts from, stored with its checkpoints: another run's checkpoints in output_dir (on another
+    # SFT model or other prompts) are refused rather than resumed (their paths may change, their contents not).
+    inputs = inputs_digest(modules={"model.path": torch.nn.ModuleList([model, reward_head])},
+                           data={"data.prompt_path": list(prompts)})
     models = build_ppo_models(model, reward_head, cfg)
     trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn)
 
@@ -334,6 +340,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if last is not None:
         ck = load_checkpoint(last)
         check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(PPOConfig()))
+        check_resume_inputs(ck.trainer_state.get("inputs"), inputs, last)
         if ck.step > cfg.steps:
             raise ValueError(f"steps: {str(last)!r} is a checkpoint after {ck.step} steps, more than steps="
                              f"{cfg.steps}; resume with more steps, or use another output_dir or run.resume=false")
@@ -365,7 +372,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
                 done = step + 1
                 if schedule.due(done) or done == cfg.steps:
                     save_checkpoint(ckpt_root, done, trainer.params, trainer.optimizer, config_to_dict(cfg),
-                                    trainer.trainer_state(), keep=cfg.run.keep_checkpoints)
+                                    {**trainer.trainer_state(), "inputs": inputs}, keep=cfg.run.keep_checkpoints)
                     schedule.saved()
                 if progress is not None:
                     progress.update(1)

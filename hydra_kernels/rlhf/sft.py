@@ -26,8 +26,9 @@ from torch import nn
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, copy_params_, latest_checkpoint,
-                                           load_checkpoint, restore_rng, save_checkpoint, write_dir_atomically)
+from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, check_resume_inputs, copy_params_,
+                                           inputs_digest, latest_checkpoint, load_checkpoint, restore_rng,
+                                           save_checkpoint, write_dir_atomically)
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
@@ -155,7 +156,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     whose result goes to final) to
     <output_dir>/checkpoints, and the result to <output_dir>/final (HF model dir + reward_head.safetensors +
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
-    also from the middle of an epoch, to the same result as a run never stopped.
+    also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
+    another model or other data (same settings) is refused with a ValueError naming run.output_dir.
     """
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
@@ -166,6 +168,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if eval_pairs is None:
         pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
     eval_pairs = list(eval_pairs)
+    # What this run starts from, stored with its checkpoints: another run's checkpoints in output_dir (on another
+    # base model or other data) are refused rather than resumed (their paths may change, their contents not).
+    inputs = inputs_digest(modules={"model.path": model},
+                           data={"data.sft_path": demonstrations, "data.preference_path": pairs + eval_pairs})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
@@ -203,6 +209,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         # so the run continues as if never stopped.
         ck = load_checkpoint(last)
         check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(SFTConfig()))
+        check_resume_inputs(ck.trainer_state.get("inputs"), inputs, last)
         state = ck.trainer_state
         if state.get("steps_per_epoch") != steps_per_epoch:
             raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "
@@ -231,7 +238,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         when history already holds it)."""
         save_checkpoint(ckpt_root, done, named, optimizer, config_to_dict(cfg),
                         {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
-                         "steps_per_epoch": steps_per_epoch, "epoch_partial": epoch_partial},
+                         "steps_per_epoch": steps_per_epoch, "epoch_partial": epoch_partial, "inputs": inputs},
                         keep=cfg.run.keep_checkpoints)
         schedule.saved()
 
