@@ -3,7 +3,8 @@
     python python/hydra_ppo.py --sft runs/sft/final --prompts prompts.jsonl --out runs/ppo \
         [--variant hydra] [--steps 100] [--reward-fn my_reward.py:reward] [--config ppo.yaml] [key=value ...]
 
---sft is the directory python/hydra_sft.py wrote (<out>/final: model + reward_head.safetensors).
+--sft is the directory python/hydra_sft.py wrote (<out>/final: model + reward_head.safetensors). --sft,
+--prompts and --out may instead come from --config (model.path, data.prompt_path, run.output_dir).
 prompts.jsonl holds {"prompt"} per line. By default the reward is the SFT reward head (with LoRA off, it is the
 reward model). --reward-fn module:function or file.py:function uses your function instead:
 
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 from hydra_kernels import rlhf
+from hydra_kernels.rlhf.models import load_tokenizer
 
 
 def example_reward(prompts, completions, ended):
@@ -41,19 +43,44 @@ def load_reward_fn(spec: str):
         raise ValueError(f"--reward-fn: expected module:function or file.py:function, got {spec!r}")
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise ValueError(f"--reward-fn: no such file {where!r}")
         sp = importlib.util.spec_from_file_location(Path(where).stem, where)
         module = importlib.util.module_from_spec(sp)
         sp.loader.exec_module(module)
     else:
-        module = importlib.import_module(where)
-    return getattr(module, name)
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (where == e.name or where.startswith(e.name + ".")):
+                raise                   # the module itself failed to import one of its dependencies
+            raise ValueError(f"--reward-fn: cannot import module {where!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"--reward-fn: {spec!r} is not a callable")
+    return fn
+
+
+DEFAULT_OUT = "runs/hydra-ppo"
+
+
+def settings(args, flags: dict, default_out: str) -> list[str]:
+    """key=value overrides from the flags that were given (they win over --config; key=value wins over them),
+    and the recipe's default --out when neither the flag, the config file nor a key=value sets run.output_dir."""
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.out is None:
+        file = rlhf.config.read_config_file(args.config) if args.config else {}
+        given = rlhf.parse_overrides(args.overrides)
+        if "output_dir" not in (file.get("run") or {}) and "output_dir" not in (given.get("run") or {}):
+            overrides.append(f"run.output_dir={default_out}")
+    return overrides + list(args.overrides)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sft", required=True, help="Hydra-SFT output directory (<sft out>/final)")
-    ap.add_argument("--prompts", required=True, help="prompts JSONL {prompt}")
-    ap.add_argument("--out", default="runs/hydra-ppo")
+    ap.add_argument("--sft", help="Hydra-SFT output directory (<sft out>/final; or model.path in --config)")
+    ap.add_argument("--prompts", help="prompts JSONL {prompt} (or data.prompt_path)")
+    ap.add_argument("--out", default=None, help=f"run.output_dir (default: the config's, else {DEFAULT_OUT})")
     ap.add_argument("--variant", choices=["hydra", "j-hydra", "lora", "full"], default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--reward-fn", default=None, help="module:function, file.py:function or 'example'")
@@ -61,20 +88,24 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
-    flags = {"variant": args.variant, "steps": args.steps}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"model.path={args.sft}", f"data.prompt_path={args.prompts}", f"run.output_dir={args.out}"]
-    if args.reward_fn:
-        overrides.append("reward_source=function")
-    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides + list(args.overrides))
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    import torch
+    try:
+        flags = {"variant": args.variant, "steps": args.steps, "model.path": args.sft,
+                 "data.prompt_path": args.prompts, "run.output_dir": args.out,
+                 "reward_source": "function" if args.reward_fn else None}
+        cfg = rlhf.load_config(rlhf.PPOConfig, args.config, settings(args, flags, DEFAULT_OUT))
+        if not cfg.model.path or not cfg.data.prompt_path:
+            ap.error("give --sft and --prompts (or model.path and data.prompt_path)")
+        reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
-    from transformers import AutoTokenizer
-    model, reward_head = rlhf.load_sft(args.sft)
-    tokenizer = AutoTokenizer.from_pretrained(args.sft, local_files_only=True)
-    prompts = rlhf.load_prompt_jsonl(args.prompts)
+        model, reward_head = rlhf.load_sft(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        prompts = rlhf.load_prompt_jsonl(cfg.data.prompt_path)
 
-    result = rlhf.train_ppo(model, reward_head, tokenizer, prompts, cfg, reward_fn=reward_fn)
+        result = rlhf.train_ppo(model, reward_head, tokenizer, prompts, cfg, reward_fn=reward_fn)
+    except ValueError as e:                     # settings, data, reward function: one line, no traceback
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
 
     # The SFT policy (LoRA off / the frozen reference) and the PPO policy on a few prompts, same seed.
     shown = prompts[:4]
@@ -88,7 +119,7 @@ def main(argv=None) -> int:
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if result.models.hydra is not None:
         result.models.hydra.tokenizer = tokenizer
-        info["merged_policy"] = str(result.models.hydra.merge("actor", Path(args.out) / "merged"))
+        info["merged_policy"] = str(result.models.hydra.merge("actor", Path(cfg.run.output_dir) / "merged"))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
     print(json.dumps(info, indent=2))

@@ -5,7 +5,8 @@
 
 Inputs (one JSON object per line):  demos.jsonl {"prompt", "completion"};  pairs.jsonl {"prompt", "chosen",
 "rejected"}. Either may be left out. --model is a local Hugging Face causal-LM directory (with its tokenizer);
-nothing is downloaded. A tokenizer without a pad token distinct from EOS gets one.
+nothing is downloaded. A tokenizer without a pad token distinct from EOS gets one. --model, --sft, --pref and
+--out may instead come from --config (model.path, data.sft_path, data.preference_path, run.output_dir).
 
 Loss: LM on demonstrations (and on chosen responses) + reward_coef · Bradley–Terry on pairs. --mode lora trains
 a LoRA adapter and merges it into the base at the end, so the result's base IS the SFT model (what PPO's
@@ -20,34 +21,52 @@ import sys
 
 from hydra_kernels import rlhf
 
+DEFAULT_OUT = "runs/hydra-sft"
+
+
+def settings(args, flags: dict, default_out: str) -> list[str]:
+    """key=value overrides from the flags that were given (they win over --config; key=value wins over them),
+    and the recipe's default --out when neither the flag, the config file nor a key=value sets run.output_dir."""
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.out is None:
+        file = rlhf.config.read_config_file(args.config) if args.config else {}
+        given = rlhf.parse_overrides(args.overrides)
+        if "output_dir" not in (file.get("run") or {}) and "output_dir" not in (given.get("run") or {}):
+            overrides.append(f"run.output_dir={default_out}")
+    return overrides + list(args.overrides)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="local HF causal-LM directory")
-    ap.add_argument("--sft", help="demonstrations JSONL {prompt, completion}")
-    ap.add_argument("--pref", help="preference pairs JSONL {prompt, chosen, rejected}")
-    ap.add_argument("--out", default="runs/hydra-sft")
+    ap.add_argument("--model", help="local HF causal-LM directory (or model.path in --config)")
+    ap.add_argument("--sft", help="demonstrations JSONL {prompt, completion} (or data.sft_path)")
+    ap.add_argument("--pref", help="preference pairs JSONL {prompt, chosen, rejected} (or data.preference_path)")
+    ap.add_argument("--out", default=None, help=f"run.output_dir (default: the config's, else {DEFAULT_OUT})")
     ap.add_argument("--mode", choices=["full", "lora"], default=None)
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--config", default=None, help="JSON/YAML SFTConfig (flags and key=value win over it)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
-    if not args.sft and not args.pref:
-        ap.error("give --sft and/or --pref")
+    try:
+        flags = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "model.path": args.model,
+                 "data.sft_path": args.sft, "data.preference_path": args.pref, "run.output_dir": args.out}
+        cfg = rlhf.load_config(rlhf.SFTConfig, args.config, settings(args, flags, DEFAULT_OUT))
+        if not cfg.model.path:
+            ap.error("give --model (or model.path)")
+        if not cfg.data.sft_path and not cfg.data.preference_path:
+            ap.error("give --sft and/or --pref (or data.sft_path / data.preference_path)")
 
-    flags = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"model.path={args.model}", f"run.output_dir={args.out}"]
-    cfg = rlhf.load_config(rlhf.SFTConfig, args.config, overrides + list(args.overrides))
+        model, tokenizer = rlhf.load_model_and_tokenizer(cfg.model)
+        rlhf.add_pad_token(tokenizer, model)    # pad must differ from EOS (reward positions, value targets)
+        demos = rlhf.load_sft_jsonl(cfg.data.sft_path) if cfg.data.sft_path else []
+        pairs = rlhf.load_preference_jsonl(cfg.data.preference_path) if cfg.data.preference_path else []
 
-    model, tokenizer = rlhf.load_model_and_tokenizer(cfg.model)
-    rlhf.add_pad_token(tokenizer, model)        # pad must differ from EOS (reward positions, value targets)
-    demos = rlhf.load_sft_jsonl(args.sft) if args.sft else []
-    pairs = rlhf.load_preference_jsonl(args.pref) if args.pref else []
-
-    # Held-out pairs: data.eval_fraction of the pairs (default 10%) measure reward accuracy after every epoch.
-    result = rlhf.hydra_sft(model, tokenizer, demos, pairs, cfg)
+        # Held-out pairs: data.eval_fraction of the pairs (default 10%) measure reward accuracy after every epoch.
+        result = rlhf.hydra_sft(model, tokenizer, demos, pairs, cfg)
+    except ValueError as e:                     # settings and data: one line, no traceback
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
     return 0
 
