@@ -42,10 +42,12 @@ def _selfcheck(args) -> int:
 def _demo(args) -> int:
     from hydra_kernels.rlhf.demo.run import DemoConfig, apply_demo_overrides, quick_config, run_demo
 
+    import dataclasses
+
     cfg = quick_config() if args.quick else DemoConfig()
+    if args.out is not None:        # as typed: as a key=value pair, YAML would read "runs/demo #2" as runs/demo
+        cfg = dataclasses.replace(cfg, out=args.out)
     pairs = [f"seed={args.seed}"] if args.seed is not None else []
-    if args.out is not None:
-        pairs.append(f"out={args.out}")
     cfg = apply_demo_overrides(cfg, pairs + list(args.overrides))
     run_demo(cfg, progress=not args.no_progress)
     return 0

@@ -9,7 +9,7 @@ Files are JSON or YAML with one mapping per section, e.g.::
 
 and the command line overrides any field with dotted `key=value` pairs (`lora.r=8 run.seed=3 top_p=0.9`).
 Values are parsed as YAML scalars/lists (`true`, `1e-3`, `null`, `[q_proj,v_proj]`) and converted to the
-field's type. Every check raises ValueError naming the dotted field.
+field's type; string fields (paths, names) take the text as written (`run.output_dir=runs/exp #2`). Every check raises ValueError naming the dotted field.
 """
 from __future__ import annotations
 
@@ -399,8 +399,28 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def parse_overrides(pairs: Sequence[str]) -> dict:
-    """["lora.r=8", "top_p=0.9"] -> {"lora": {"r": 8}, "top_p": 0.9}; values parsed as YAML scalars/lists."""
+def _type_at(cls, parts: Sequence[str]):
+    """The annotated type of the dotted field `parts` of config class `cls`, or None if there is none."""
+    tp = cls
+    for part in parts:
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = _field_types(tp).get(part)
+    return tp
+
+
+def _is_text(tp) -> bool:
+    """str or str | None: a path or a name."""
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}
+
+
+def parse_overrides(pairs: Sequence[str], cls: type | None = None) -> dict:
+    """["lora.r=8", "top_p=0.9"] -> {"lora": {"r": 8}, "top_p": 0.9}; values parsed as YAML scalars/lists.
+
+    With `cls` (SFTConfig / PPOConfig), a string field (a path, a name) takes the text as written, unless it is
+    null / ~ or quoted: as YAML, `runs/exp #2` would be `runs/exp` (a comment), `007` 7 and `yes` True."""
     out: dict = {}
     for pair in pairs:
         if "=" not in pair:
@@ -409,10 +429,16 @@ def parse_overrides(pairs: Sequence[str]) -> dict:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ValueError(f"override: bad key in {pair!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw                          # not YAML: keep the text (e.g. a path with a colon)
+        text = raw.strip()
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        if cls is not None and _is_text(_type_at(cls, key.split("."))) and not quoted \
+                and text not in ("null", "Null", "NULL", "~"):
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(raw) if text else ""
+            except yaml.YAMLError:
+                value = raw                      # not YAML: keep the text (e.g. a path with a colon)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -432,7 +458,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def apply_overrides(cfg: C, pairs: Sequence[str]) -> C:
     """A new config with dotted `key=value` overrides applied (and validated)."""
-    return config_from_dict(type(cfg), _merge(config_to_dict(cfg), parse_overrides(pairs)))
+    return config_from_dict(type(cfg), _merge(config_to_dict(cfg), parse_overrides(pairs, type(cfg))))
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -457,7 +483,7 @@ def read_config_file(path: str | os.PathLike) -> dict:
 def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> C:
     """Defaults < file (JSON/YAML, optional) < dotted overrides. Raises ValueError naming the bad field."""
     data = read_config_file(path) if path is not None else {}
-    return config_from_dict(cls, _merge(data, parse_overrides(overrides)))
+    return config_from_dict(cls, _merge(data, parse_overrides(overrides, cls)))
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
