@@ -82,8 +82,9 @@ class LoRAConfig:
             _fail(prefix + "r", f"must be a positive int, got {self.r!r}")
         _positive(prefix + "alpha", self.alpha)
         tm = self.target_modules
-        if not (isinstance(tm, str) and tm) and not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
-            _fail(prefix + "target_modules", f"must be 'all-linear' or a non-empty list of names, got {tm!r}")
+        if not tm == "all-linear" and not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
+            _fail(prefix + "target_modules", f"must be 'all-linear' or a non-empty list of module names (on the "
+                                             f"command line: {prefix}target_modules=[q_proj,v_proj]), got {tm!r}")
 
 
 @dataclass
