@@ -17,12 +17,36 @@ import sys
 
 
 def _selfcheck(args) -> int:
-    """Check every op's CPU path against the float64 reference on random data, and time it."""
+    """Check every public op's CPU path against the float64 reference on random data (values, and gradients where
+    the op has its own backward), and time it. Exit status 1 if any relative error exceeds 1e-5."""
     import time
 
     import torch
 
     from hydra_kernels import ops, reference
+
+    def rel(out, ref) -> float:
+        out, ref = out.double(), ref.double()
+        return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+    def grads(fn, *inputs):
+        inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+        outs = [o for o in fn(*inputs) if o is not None]
+        sum(o.sum() for o in outs).backward()
+        return outs, [t.grad for t in inputs]
+
+    ok = True
+
+    def report(name: str, what: str, pairs, fn) -> None:
+        nonlocal ok
+        err = max(rel(out, ref) for out, ref in pairs)
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        ms = (time.perf_counter() - t0) / 20 * 1e3
+        ok &= err < 1e-5
+        print(f"{name:16s} {what}: rel err {err:.2e}, {ms:.3f} ms (cpu, torch backend){'' if err < 1e-5 else '  FAIL'}")
 
     torch.manual_seed(0)
     x, w, b = torch.randn(3 * 64, 256), torch.randn(384, 256) / 16, torch.randn(384)
@@ -30,13 +54,31 @@ def _selfcheck(args) -> int:
     layout = (-1, 0, 1)
     y = ops.lora_linear(x, w, b, A, B, 2.0, layout)
     ref = reference.lora_linear(x.double(), w.double(), b.double(), A.double(), B.double(), [2.0, 2.0], layout)
-    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        ops.lora_linear(x, w, b, A, B, 2.0, layout)
-    ms = (time.perf_counter() - t0) / 20 * 1e3
-    print(f"lora_linear  3 streams x 64 rows, 256->384, r=16: rel err {err:.2e}, {ms:.3f} ms (cpu, torch backend)")
-    return 0 if err < 1e-5 else 1
+    report("lora_linear", "3 streams x 64 rows, 256->384, r=16", [(y, ref)],
+           lambda: ops.lora_linear(x, w, b, A, B, 2.0, layout))
+
+    V, D, tau = 512, 64, 0.7
+    logits, ref_logits = torch.randn(4, 32, V), torch.randn(4, 32, V)
+    targets = torch.randint(0, V, (4, 32))
+    targets[:, :5] = -100                                        # prompt / padding tokens
+    (lp,), (g,) = grads(lambda lo: (ops.token_logprobs(lo, targets, temperature=tau),), logits)
+    (lp_r,), (g_r,) = grads(lambda lo: (reference.token_logprobs(lo, targets, temperature=tau),), logits.double())
+    report("token_logprobs", f"4x32 tokens, vocab {V}, T={tau} (+grad)", [(lp, lp_r), (g, g_r)],
+           lambda: ops.token_logprobs(logits, targets, temperature=tau))
+    outs, (g,) = grads(lambda lo: ops.logprobs_and_kl(lo, ref_logits, targets, temperature=tau, kl="k3"), logits)
+    outs_r, (g_r,) = grads(lambda lo: reference.logprobs_and_kl(lo, ref_logits.double(), targets, temperature=tau,
+                                                                kl="k3"), logits.double())
+    report("logprobs_and_kl", f"4x32 tokens, vocab {V}, k3 (+grad)", list(zip(outs, outs_r)) + [(g, g_r)],
+           lambda: ops.logprobs_and_kl(logits, ref_logits, targets, temperature=tau, kl="k3"))
+    hidden, head = torch.randn(2, 128, D), torch.randn(V, D) / 8
+    flat = targets.reshape(-1)
+    outs, gs = grads(lambda h, wt: ops.linear_logprobs(h, wt, flat, temperature=tau, kl="k3"), hidden, head)
+    outs_r, gs_r = grads(lambda h, wt: reference.linear_logprobs(h, wt, flat, temperature=tau, kl="k3"),
+                         hidden.double(), head.double())
+    report("linear_logprobs", f"2 streams x 128 tokens, {D}->{V} head, k3 (+grad)",
+           list(zip(outs, outs_r)) + list(zip(gs, gs_r)),
+           lambda: ops.linear_logprobs(hidden, head, flat, temperature=tau, kl="k3"))
+    return 0 if ok else 1
 
 
 def _demo(args) -> int:
