@@ -1,6 +1,6 @@
 """hydra_kernels: fused multi-stream LoRA and log-prob kernels for Hydra-RLHF.
 
-One frozen base, several LoRA adapters, one forward for all of them. See README.md and DESIGN.md.
+One frozen base, several LoRA adapters, one forward for all of them. See README.md.
 """
 from hydra_kernels import ops
 from hydra_kernels.nn import HydraLinear, set_default_stream, streams

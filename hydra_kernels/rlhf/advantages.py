@@ -12,6 +12,7 @@ import torch
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean of x over the entries where the 0/1 mask is 1 (over all of them, or along `dim`); 0 where none are."""
     mask = mask.to(x.dtype)
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp_min(1)

@@ -3,7 +3,7 @@
 One token per character, plus distinct special tokens. It is a `PreTrainedTokenizerFast` over a `tokenizers`
 WordLevel model, saved with `save_pretrained`, so the pipeline loads it with `AutoTokenizer.from_pretrained`
 exactly like a user's tokenizer. pad and eos are different ids on purpose: pad == eos corrupts value targets
-and reward positions (DESIGN.md, pitfalls).
+and reward positions (see hydra_kernels.rlhf.data.check_tokenizer).
 """
 from __future__ import annotations
 
