@@ -165,6 +165,9 @@ def _ppo(args) -> int:
     if args.merge_to and cfg.variant not in SHARED_VARIANTS:
         raise ValueError(f"--merge-to: variant {cfg.variant!r} has no shared base to merge into "
                          f"(only {' and '.join(SHARED_VARIANTS)})")
+    if args.merge_to:
+        from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
+        check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
     reward_fn = _load_reward_fn(args.reward_fn) if args.reward_fn else None

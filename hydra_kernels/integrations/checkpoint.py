@@ -22,9 +22,13 @@ from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, p
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
-           "save_merged", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "save_merged", "check_replaceable", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "hydra_config.json"
+# Files of the directories a merged model must not replace: a Hydra-SFT result, a PPO policy, a checkpoint, a
+# HydraModel or PEFT checkpoint (all of which also hold, or may hold, a config.json).
+MERGE_FOREIGN = ("sft.json", "reward_head.safetensors", "policy.json", "state.json", "hydra_config.json",
+                 "adapter_config.json")
 WEIGHTS_NAME = "hydra_model.safetensors"
 FORMAT = "hydra_kernels.HydraModel"
 FORMAT_VERSION = 1
@@ -237,6 +241,29 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
     return shards
 
 
+def check_replaceable(out_dir, *, name: str = "out_dir", marker: str | None = None,
+                      foreign: tuple[str, ...] = ()) -> None:
+    """Refuse (ValueError naming `name`) to replace an existing directory that is not an earlier result of the same
+    writer: the writers swap the new result in and DELETE what the directory held, so a parent directory
+    (runs/, a home directory), a data directory or another kind of result must never be taken for one. Allowed:
+    no directory, an empty one, or one with no subdirectory that holds `marker` (if given) and none of `foreign`."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{name}: {str(out)!r} exists and is not a directory")
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    why = next((f"holds the directory {e.name!r}" for e in entries if e.is_dir()), None)
+    if why is None and marker is not None and not (out / marker).is_file():
+        why = f"is not an earlier result of this kind (no {marker})"
+    if why is None:
+        why = next((f"holds {e.name!r}" for e in entries if e.name in foreign), None)
+    if why is not None:
+        raise ValueError(f"{name}: {str(out)!r} {why}; writing there would delete all it holds. Give a new directory")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished temporary directory `tmp` to `out`; an existing `out` is swapped out, then removed."""
     old = None
@@ -256,11 +283,13 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
     """Write a plain transformers model directory (config.json, generation_config.json, model*.safetensors,
     the tokenizer if given) with `adapter` folded in; AutoModelForCausalLM.from_pretrained loads it.
 
-    The directory is built next to out_dir and renamed into place when complete.
+    The directory is built next to out_dir and renamed into place when complete. An existing out_dir must be an
+    earlier model directory (see check_replaceable): it is replaced as a whole.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError(f"model: {type(model).__name__} has no transformers config to write")
+    check_replaceable(out_dir, marker="config.json", foreign=MERGE_FOREIGN)
     state = merged_state_dict(model, adapter)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

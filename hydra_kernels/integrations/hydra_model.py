@@ -361,7 +361,9 @@ class HydraModel(nn.Module):
     # ------------------------------------------------------------------------------------ merging and PEFT
     def merge(self, adapter: str | None, out_dir) -> Path:
         """Write a plain transformers directory with `adapter` folded into the weights (None or "base": the base
-        as it is now), plus the tokenizer if one is attached. Loads with AutoModelForCausalLM.from_pretrained."""
+        as it is now), plus the tokenizer if one is attached. Loads with AutoModelForCausalLM.from_pretrained.
+        An existing out_dir is replaced only if it is an earlier model directory (config.json, no subdirectory,
+        not a Hydra-SFT / PPO / PEFT result); anything else raises ValueError and nothing is written."""
         return ckpt.save_merged(self.model, adapter, out_dir, tokenizer=self.tokenizer)
 
     def merge_adapter_into_base(self, adapter: str) -> None:

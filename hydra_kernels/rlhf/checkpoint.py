@@ -26,15 +26,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hydra_kernels.integrations.checkpoint import fsync_path
+from hydra_kernels.integrations.checkpoint import check_replaceable, fsync_path
 
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
 PREFIX = "step-"
 
 
-def write_dir_atomically(out_dir: str | os.PathLike, fill) -> Path:
-    """Call fill(tmp_dir), then rename tmp_dir to out_dir (an existing out_dir is replaced)."""
+def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = None) -> Path:
+    """Call fill(tmp_dir), then rename tmp_dir to out_dir. An existing out_dir is replaced only if it is an earlier
+    result of the same kind (no subdirectory, holds `marker` if given); otherwise ValueError, nothing written."""
+    check_replaceable(out_dir, marker=marker)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

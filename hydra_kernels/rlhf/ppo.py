@@ -281,7 +281,7 @@ def save_policy(out_dir: str | os.PathLike, models: PPOModels, cfg: PPOConfig, e
         save_file(tensors, str(tmp / "policy.safetensors"))
         with open(tmp / "policy.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-    return write_dir_atomically(out_dir, fill)
+    return write_dir_atomically(out_dir, fill, marker="policy.json")
 
 
 def load_policy(path: str | os.PathLike, models: PPOModels) -> dict:

@@ -373,7 +373,7 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
                 "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None}
         with open(tmp / "sft.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
-    return write_dir_atomically(out_dir, fill)
+    return write_dir_atomically(out_dir, fill, marker="sft.json")
 
 
 def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -127,6 +127,7 @@ def test_merged_directory_sharded_and_overwritten(tmp_path):
     randomize_adapters(h.model)
     out = tmp_path / "merged"
     out.mkdir()
+    (out / "config.json").write_text("{}")                  # an earlier merged directory, with a stale file
     (out / "stale.txt").write_text("old")
     ckpt.save_merged(h.model, "critic", out, max_shard_size=20_000)
     files = sorted(os.listdir(out))
