@@ -256,10 +256,10 @@ def check_replaceable(out_dir, *, name: str = "out_dir", marker: str | None = No
     if not entries:
         return
     why = next((f"holds the directory {e.name!r}" for e in entries if e.is_dir()), None)
-    if why is None and marker is not None and not (out / marker).is_file():
-        why = f"is not an earlier result of this kind (no {marker})"
     if why is None:
         why = next((f"holds {e.name!r}" for e in entries if e.name in foreign), None)
+    if why is None and marker is not None and not (out / marker).is_file():
+        why = f"is not an earlier result of this kind (no {marker})"
     if why is not None:
         raise ValueError(f"{name}: {str(out)!r} {why}; writing there would delete all it holds. Give a new directory")
 

@@ -114,7 +114,7 @@ class DataConfig:
 class RunConfig:
     """Seeds, output, logging and checkpoints."""
     seed: int = 0
-    output_dir: str = "runs/hydra-rlhf"
+    output_dir: str = "runs/hydra-rlhf"      # SFTConfig's default: runs/hydra-sft, PPOConfig's: runs/hydra-ppo
     device: str = "auto"                 # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = not by count
     checkpoint_minutes: float = 30.0     # also checkpoint once this long has passed since the last one; 0 = off
@@ -168,7 +168,7 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-sft"))
 
     def __post_init__(self):
         self.validate()
@@ -239,7 +239,7 @@ class PPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-ppo"))
 
     def __post_init__(self):
         self.validate()
@@ -284,6 +284,15 @@ class PPOConfig:
         _validate_sections(self)
 
 
+def _with_section_defaults(cls, name: str, data: dict) -> dict:
+    """`data` for section `name` of stage config `cls` over that stage's defaults for it (which may differ from the
+    section class's own: SFTConfig's run.output_dir is runs/hydra-sft, PPOConfig's runs/hydra-ppo)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is dataclasses.MISSING:
+        return data
+    return _merge(dataclasses.asdict(f.default_factory()), data)
+
+
 def _validate_sections(cfg) -> None:
     types_ = _field_types(type(cfg))
     for f in dataclasses.fields(cfg):
@@ -291,7 +300,8 @@ def _validate_sections(cfg) -> None:
         if isinstance(expected, type) and dataclasses.is_dataclass(expected):
             section = getattr(cfg, f.name)
             if isinstance(section, dict):             # PPOConfig(lora={"r": 8}) is accepted
-                section = _from_mapping(expected, section, prefix=f.name + ".")
+                section = _from_mapping(expected, _with_section_defaults(type(cfg), f.name, section),
+                                        prefix=f.name + ".")
                 setattr(cfg, f.name, section)
             if not isinstance(section, expected):
                 _fail(f.name, f"must be a {expected.__name__}, got {type(section).__name__}")
@@ -380,7 +390,10 @@ def _from_mapping(cls, data: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), list(types_), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             _fail(f"{prefix}{key}", f"unknown field of {cls.__name__}{hint}")
-        kwargs[key] = _coerce(prefix + key, value, types_[key])
+        tp = types_[key]
+        if cls in (SFTConfig, PPOConfig) and isinstance(value, dict) and dataclasses.is_dataclass(tp):
+            value = _with_section_defaults(cls, key, value)
+        kwargs[key] = _coerce(prefix + key, value, tp)
     if dataclasses.is_dataclass(cls) and cls in (SFTConfig, PPOConfig):
         return cls(**kwargs)                       # validates itself
     obj = cls(**kwargs)

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from hydra_kernels.integrations.checkpoint import check_replaceable
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, check_resume_inputs, copy_params_,
                                            inputs_digest, latest_checkpoint, load_checkpoint, restore_rng,
@@ -320,6 +321,9 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    # Up front, not after the run: output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
+    check_replaceable(Path(cfg.run.output_dir) / "final", name="run.output_dir", marker="policy.json",
+                      foreign=("sft.json",))
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)

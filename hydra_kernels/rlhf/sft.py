@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
+from hydra_kernels.integrations.checkpoint import check_replaceable
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
 from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, check_resume_inputs, copy_params_,
@@ -162,6 +163,9 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    # Up front, not after training: output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
+    check_replaceable(Path(cfg.run.output_dir) / "final", name="run.output_dir", marker="sft.json",
+                      foreign=("policy.json",))
     demonstrations, pairs = list(demonstrations), list(pairs)
     if not demonstrations and not pairs:
         raise ValueError("demonstrations: need demonstrations or preference pairs to train on")
