@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reward-fn", default=None, help="module:function, file.py:function or 'example'")
     ap.add_argument("--config", default=None, help="JSON/YAML PPOConfig (flags and key=value win over it)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)     # key=value pairs on both sides of the flags
 
     import torch
     try:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--config", default=None, help="JSON/YAML SFTConfig (flags and key=value win over it)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)     # key=value pairs on both sides of the flags
     try:
         flags = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "model.path": args.model,
                  "data.sft_path": args.sft, "data.preference_path": args.pref, "run.output_dir": args.out}
