@@ -2,11 +2,13 @@
 
     hydra-rlhf demo [--out DIR] [--quick] [--seed N] [key=value ...]   Hydra-RLHF end to end on a synthetic task
     hydra-rlhf sft  [--config FILE] [key=value ...]                    Hydra-SFT on your JSONL and local model
-    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [key=value ...]  PPO on a Hydra-SFT result
+    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [key=value ...]
+                                                                       PPO on a Hydra-SFT result
     hydra-rlhf selfcheck                                               ops against the float64 reference
 
 Configs are JSON or YAML (fields: hydra_kernels.rlhf.config); `key=value` pairs override any field, dotted
-into sections (`lora.r=8 run.seed=3 data.sft_path=train.jsonl`).
+into sections (`lora.r=8 run.seed=3 data.sft_path=train.jsonl`). Results go to run.output_dir (default
+runs/hydra-sft and runs/hydra-ppo). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
