@@ -64,18 +64,6 @@ def load_reward_fn(spec: str):
 DEFAULT_OUT = "runs/hydra-ppo"
 
 
-def settings(args, flags: dict, default_out: str) -> list[str]:
-    """key=value overrides from the flags that were given (they win over --config; key=value wins over them),
-    and the recipe's default --out when neither the flag, the config file nor a key=value sets run.output_dir."""
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.out is None:
-        file = rlhf.config.read_config_file(args.config) if args.config else {}
-        given = rlhf.parse_overrides(args.overrides)
-        if "output_dir" not in (file.get("run") or {}) and "output_dir" not in (given.get("run") or {}):
-            overrides.append(f"run.output_dir={default_out}")
-    return overrides + list(args.overrides)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sft", help="Hydra-SFT output directory (<sft out>/final; or model.path in --config)")
@@ -93,7 +81,8 @@ def main(argv=None) -> int:
         flags = {"variant": args.variant, "steps": args.steps, "model.path": args.sft,
                  "data.prompt_path": args.prompts, "run.output_dir": args.out,
                  "reward_source": "function" if args.reward_fn else None}
-        cfg = rlhf.load_config(rlhf.PPOConfig, args.config, settings(args, flags, DEFAULT_OUT))
+        overrides = rlhf.config.recipe_overrides(args.config, args.overrides, flags, DEFAULT_OUT)
+        cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides)
         if not cfg.model.path or not cfg.data.prompt_path:
             ap.error("give --sft and --prompts (or model.path and data.prompt_path)")
         reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None

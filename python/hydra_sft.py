@@ -24,18 +24,6 @@ from hydra_kernels import rlhf
 DEFAULT_OUT = "runs/hydra-sft"
 
 
-def settings(args, flags: dict, default_out: str) -> list[str]:
-    """key=value overrides from the flags that were given (they win over --config; key=value wins over them),
-    and the recipe's default --out when neither the flag, the config file nor a key=value sets run.output_dir."""
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    if args.out is None:
-        file = rlhf.config.read_config_file(args.config) if args.config else {}
-        given = rlhf.parse_overrides(args.overrides)
-        if "output_dir" not in (file.get("run") or {}) and "output_dir" not in (given.get("run") or {}):
-            overrides.append(f"run.output_dir={default_out}")
-    return overrides + list(args.overrides)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="local HF causal-LM directory (or model.path in --config)")
@@ -51,7 +39,8 @@ def main(argv=None) -> int:
     try:
         flags = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "model.path": args.model,
                  "data.sft_path": args.sft, "data.preference_path": args.pref, "run.output_dir": args.out}
-        cfg = rlhf.load_config(rlhf.SFTConfig, args.config, settings(args, flags, DEFAULT_OUT))
+        overrides = rlhf.config.recipe_overrides(args.config, args.overrides, flags, DEFAULT_OUT)
+        cfg = rlhf.load_config(rlhf.SFTConfig, args.config, overrides)
         if not cfg.model.path:
             ap.error("give --model (or model.path)")
         if not cfg.data.sft_path and not cfg.data.preference_path:

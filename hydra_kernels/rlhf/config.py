@@ -500,6 +500,20 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
     return config_from_dict(cls, _merge(data, parse_overrides(overrides, cls)))
 
 
+def recipe_overrides(config_path: str | os.PathLike | None, overrides: Sequence[str], flags: dict,
+                     default_output_dir: str) -> list[str]:
+    """The overrides a command-line recipe passes to load_config: its flags that were given (`flags`, dotted
+    key -> value or None; they win over the --config file) then the user's key=value pairs (which win over
+    them), plus run.output_dir=default_output_dir when neither the flags, the file nor a pair sets it."""
+    out = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if flags.get("run.output_dir") is None:
+        file = read_config_file(config_path) if config_path else {}
+        given = parse_overrides(overrides)
+        if "output_dir" not in (file.get("run") or {}) and "output_dir" not in (given.get("run") or {}):
+            out.append(f"run.output_dir={default_output_dir}")
+    return out + list(overrides)
+
+
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write the config as JSON (atomically: temp file + rename)."""
     path = os.fspath(path)
@@ -512,4 +526,4 @@ def save_config(cfg, path: str | os.PathLike) -> None:
 
 __all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS",
            "KL_ESTIMATORS", "load_config", "apply_overrides", "parse_overrides", "config_from_dict",
-           "config_to_dict", "read_config_file", "save_config"]
+           "config_to_dict", "read_config_file", "save_config", "recipe_overrides"]
