@@ -40,15 +40,6 @@ def test_sft_model_path_without_a_model(local, tmp_path):
     assert_one_line_error(_sft(paths, tmp_path, f"model.path={root / 'empty'}"), "model.path:", str(root / "empty"))
 
 
-def test_sft_tokenizer_path_is_named(local, tmp_path):
-    root, paths = local
-    line = assert_one_line_error(_sft(paths, tmp_path, f"model.path={paths['model']}",
-                                      f"model.tokenizer_path={root / 'nope'}"), "model.tokenizer_path:",
-                                 str(root / "nope"))
-    assert "Repo id" not in line
-    assert not (tmp_path / "out").exists()
-
-
 def test_ppo_on_a_directory_that_is_not_a_hydra_sft_output(local, tmp_path):
     root, paths = local
     for bad in (paths["model"], root / "nope"):
@@ -56,10 +47,11 @@ def test_ppo_on_a_directory_that_is_not_a_hydra_sft_output(local, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ppo_tokenizer_path_is_named(local, tmp_path):
+@pytest.mark.parametrize("command, model", [(_sft, "model"), (_ppo, "sft")], ids=["sft", "ppo"])
+def test_tokenizer_path_is_named(local, tmp_path, command, model):
     root, paths = local
-    line = assert_one_line_error(_ppo(paths, tmp_path, f"model.path={paths['sft']}",
-                                      f"model.tokenizer_path={root / 'nope'}"), "model.tokenizer_path:",
+    line = assert_one_line_error(command(paths, tmp_path, f"model.path={paths[model]}",
+                                         f"model.tokenizer_path={root / 'nope'}"), "model.tokenizer_path:",
                                  str(root / "nope"))
     assert "Repo id" not in line
     assert not (tmp_path / "out").exists()
