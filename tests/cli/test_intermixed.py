@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from tests._cli_review import PPO_SMALL, ROOT, assert_one_line_error, cli, env, make_local
+from tests.cli._local import PPO_SMALL, ROOT, assert_one_line_error, cli, env, make_local
 
 
 def test_overrides_after_an_option_are_read(tmp_path):

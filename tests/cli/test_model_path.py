@@ -8,7 +8,7 @@ is not a Hydra-SFT output named the setting "path".
 """
 import pytest
 
-from tests._cli_review import PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local
+from tests.cli._local import PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from hydra_kernels import ops
 from hydra_kernels.cli import main
-from tests._cli_review import cli
+from tests.cli._local import cli
 
 OPS = ("lora_linear", "token_logprobs", "logprobs_and_kl", "linear_logprobs")
 

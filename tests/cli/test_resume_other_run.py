@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from tests._cli_review import (PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local, write_jsonl)
+from tests.cli._local import (PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local, write_jsonl)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests._cli_review import ROOT, assert_one_line_error, env, make_local
+from tests.cli._local import ROOT, assert_one_line_error, env, make_local
 
 
 def recipe(name, *args, cwd):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests._cli_review import PPO_SMALL, assert_one_line_error, cli, make_local
+from tests.cli._local import PPO_SMALL, assert_one_line_error, cli, make_local
 
 REWARD = "def reward(prompts, completions, ended):\n    return [0.5] * len(prompts)\n"
 

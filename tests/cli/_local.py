@@ -1,4 +1,4 @@
-"""Helpers for the tests/test_review_cli_*.py files: a tiny local model, an SFT directory and JSONL files, and
+"""Helpers for the tests in tests/cli: a tiny local model, an SFT directory and JSONL files, and
 `python -m hydra_kernels.cli ...` run as a user runs it (a subprocess from the repo root)."""
 import json
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SFT_SMALL = ["epochs=1", "batch_size=4", "data.max_prompt_len=16", "data.max_len=24", "run.progress=false"]
 PPO_SMALL = ["steps=1", "batch_size=2", "mini_batch_size=2", "ppo_epochs=1", "max_new_tokens=3", "lora.r=2",
              "data.max_prompt_len=16", "run.progress=false"]

@@ -8,7 +8,7 @@ and showing the list syntax.
 import pytest
 
 from hydra_kernels import rlhf
-from tests._cli_review import SFT_SMALL, assert_one_line_error, cli
+from tests.cli._local import SFT_SMALL, assert_one_line_error, cli
 
 
 @pytest.mark.parametrize("value", ["q_proj,v_proj", "q_proj", "all_linear"])

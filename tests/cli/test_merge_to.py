@@ -13,7 +13,7 @@ import json
 import pytest
 
 from hydra_kernels import rlhf
-from tests._cli_review import PPO_SMALL, assert_one_line_error, cli, make_local
+from tests.cli._local import PPO_SMALL, assert_one_line_error, cli, make_local
 
 
 @pytest.fixture(scope="module")

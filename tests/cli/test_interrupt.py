@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests._cli_review import PPO_SMALL, ROOT, env, error_lines, make_local
+from tests.cli._local import PPO_SMALL, ROOT, env, error_lines, make_local
 
 # Sleeps (once, until interrupted) in the second call, i.e. in step 2, after step 1's checkpoint.
 SLOW_REWARD = """

@@ -9,7 +9,7 @@ recipes), and a stage refuses up front an output_dir whose final/ is another sta
 import hashlib
 import json
 
-from tests._cli_review import PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local
+from tests.cli._local import PPO_SMALL, SFT_SMALL, assert_one_line_error, cli, make_local
 
 
 def _digest(*files):

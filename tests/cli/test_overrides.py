@@ -7,7 +7,7 @@ yes became True, 0x10 became 16; `demo --out` had the same problem.
 import pytest
 
 from hydra_kernels import rlhf
-from tests._cli_review import SFT_SMALL, cli, make_local
+from tests.cli._local import SFT_SMALL, cli, make_local
 
 
 @pytest.mark.parametrize("text", ["runs/exp #2", "007", "yes", "0x10", "1_000", "a #b # c", "runs/#1"])
