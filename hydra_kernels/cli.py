@@ -13,7 +13,7 @@ runs/hydra-sft and runs/hydra-ppo). Settings and data errors print one line and 
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import sys
 
@@ -120,9 +120,8 @@ def _sft(args) -> int:
     return 0
 
 
-def _load_reward_fn(spec: str):
+def load_reward_fn(spec: str):
     """`package.module:function` (or a path/to/file.py:function) -> the callable."""
-    import importlib.util
     import os
 
     if ":" not in spec:
@@ -172,7 +171,7 @@ def _ppo(args) -> int:
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
-    reward_fn = _load_reward_fn(args.reward_fn) if args.reward_fn else None
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
     import os

@@ -21,13 +21,11 @@ Any PPOConfig field can be set as key=value (e.g. kl_coef=0.1 lora.r=8 max_new_t
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-from hydra_kernels import rlhf
+from hydra_kernels import cli, rlhf
 from hydra_kernels.rlhf.models import load_tokenizer
 
 
@@ -37,28 +35,8 @@ def example_reward(prompts, completions, ended):
 
 
 def load_reward_fn(spec: str):
-    if spec == "example":
-        return example_reward
-    if ":" not in spec:
-        raise ValueError(f"--reward-fn: expected module:function or file.py:function, got {spec!r}")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        if not Path(where).is_file():
-            raise ValueError(f"--reward-fn: no such file {where!r}")
-        sp = importlib.util.spec_from_file_location(Path(where).stem, where)
-        module = importlib.util.module_from_spec(sp)
-        sp.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (where == e.name or where.startswith(e.name + ".")):
-                raise                   # the module itself failed to import one of its dependencies
-            raise ValueError(f"--reward-fn: cannot import module {where!r} ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--reward-fn: {spec!r} is not a callable")
-    return fn
+    """"example" (the function above), or module:function / path/to/file.py:function as `hydra-rlhf ppo` takes."""
+    return example_reward if spec == "example" else cli.load_reward_fn(spec)
 
 
 DEFAULT_OUT = "runs/hydra-ppo"
