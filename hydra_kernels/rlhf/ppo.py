@@ -313,8 +313,8 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     floats is used when cfg.reward_source == "function"; gold_reward_fn (same signature) is only logged as
     objective/gold_reward. callback(step, metrics) runs after every step. Writes
     <output_dir>/<metrics_file> (one JSON line per step), checkpoints under <output_dir>/checkpoints every
-    run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the final policy to <output_dir>/final when the run
-    completes. With run.resume, an existing checkpoint in <output_dir> is continued (one of a run on another
+    run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the final policy to
+    <output_dir>/final when the run completes. With run.resume, an existing checkpoint in <output_dir> is continued (one of a run on another
     SFT model or other prompts is refused: ValueError naming run.output_dir). The global RNGs are
     seeded with run.seed first (the LoRA A matrices are drawn when the model is patched).
     """
