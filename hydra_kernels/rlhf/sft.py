@@ -152,10 +152,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
     `pairs`. callback(epoch, metrics) after every epoch. Writes per-epoch metrics to
-    <output_dir>/<metrics_file>, a checkpoint every run.checkpoint_every optimizer-loop STEPS (global over all
-    epochs, skipped non-finite steps included) and every run.checkpoint_minutes (none after the last step,
-    whose result goes to final) to
-    <output_dir>/checkpoints, and the result to <output_dir>/final (HF model dir + reward_head.safetensors +
+    <output_dir>/<metrics_file>, a checkpoint to <output_dir>/checkpoints every run.checkpoint_every
+    optimizer-loop STEPS (global over all epochs, skipped non-finite steps included) and every
+    run.checkpoint_minutes (none after the last step, whose result goes to final), and the result to
+    <output_dir>/final (HF model dir + reward_head.safetensors +
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
     another model or other data (same settings) is refused with a ValueError naming run.output_dir.
