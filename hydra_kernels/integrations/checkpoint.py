@@ -22,7 +22,7 @@ from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, p
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
-           "save_merged", "check_replaceable", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "save_merged", "check_replaceable", "write_dir_atomically", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "hydra_config.json"
 # Files of the directories a merged model must not replace: a Hydra-SFT result, a PPO policy, a checkpoint, a
@@ -264,18 +264,35 @@ def check_replaceable(out_dir, *, name: str = "out_dir", marker: str | None = No
         raise ValueError(f"{name}: {str(out)!r} {why}; writing there would delete all it holds. Give a new directory")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory `tmp` to `out`; an existing `out` is swapped out, then removed."""
-    old = None
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"out_dir: {str(out)!r} exists and is not a directory")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    fsync_path(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = None, *, name: str = "out_dir",
+                         foreign: tuple[str, ...] = ()) -> Path:
+    """Call fill(tmp_dir) on a temporary directory beside out_dir, fsync every file and directory in it, then
+    rename it to out_dir, so a crash leaves either no result or a whole one. An existing out_dir is replaced only
+    if it is an earlier result of the same kind (check_replaceable with marker / foreign; ValueError naming
+    `name` otherwise, nothing written); it is swapped out first and removed after."""
+    check_replaceable(out_dir, name=name, marker=marker, foreign=foreign)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [tmp]:
+            fsync_path(d)                     # the entries: a durable rename of a directory could lose its files
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        fsync_path(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
@@ -289,12 +306,9 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ValueError(f"model: {type(model).__name__} has no transformers config to write")
-    check_replaceable(out_dir, marker="config.json", foreign=MERGE_FOREIGN)
     state = merged_state_dict(model, adapter)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         from safetensors.torch import save_file
         shards = _shard(state, max_shard_size)
         meta = {"format": "pt"}
@@ -326,11 +340,4 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_dir_atomically(out_dir, fill, marker="config.json", foreign=MERGE_FOREIGN)

@@ -16,49 +16,20 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hydra_kernels.integrations.checkpoint import check_replaceable, fsync_path
+from hydra_kernels.integrations.checkpoint import write_dir_atomically   # re-exported: rlhf writes its results with it
 
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
 PREFIX = "step-"
-
-
-def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = None) -> Path:
-    """Call fill(tmp_dir), then rename tmp_dir to out_dir. An existing out_dir is replaced only if it is an earlier
-    result of the same kind (no subdirectory, holds `marker` if given); otherwise ValueError, nothing written."""
-    check_replaceable(out_dir, marker=marker)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_path(f)
-        for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [tmp]:
-            fsync_path(d)                     # the entries: a durable rename of a directory could lose its files
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_path(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 # ------------------------------------------------------------------------------------------ RNG states

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-import hydra_kernels.rlhf.checkpoint as ckpt
+import hydra_kernels.integrations.checkpoint as ckpt
 from hydra_kernels.rlhf.checkpoint import (copy_params_, latest_checkpoint, load_checkpoint, save_checkpoint,
                                            write_dir_atomically)
 from hydra_kernels.rlhf.optim import SlicedLRAdamW
