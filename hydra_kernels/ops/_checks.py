@@ -1,4 +1,4 @@
-"""Argument checks shared by every op. Each raises ValueError naming the offending argument."""
+"""Argument checks shared by every op (each raises ValueError naming the offending argument), and plain_eager."""
 from __future__ import annotations
 
 import torch
@@ -34,3 +34,11 @@ def check_positive_float(name: str, value) -> float:
     if not v > 0 or v != v or v == float("inf"):
         raise ValueError(f"{name}: must be a finite positive number, got {value!r}")
     return v
+
+
+def plain_eager(x: torch.Tensor) -> bool:
+    """Neither torch.compile nor a dispatch mode (FakeTensorMode, make_fx's proxy mode, ...) is tracing, and x is a
+    plain tensor: only then may an op look at values on the host (a data-dependent check) or bypass its custom
+    op (whose fake implementation those tools need: a kernel launched on fake tensors or proxies fails)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and type(x) is torch.Tensor)

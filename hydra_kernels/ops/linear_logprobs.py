@@ -362,7 +362,7 @@ def _linear_logprobs_backward_op(g_logp: torch.Tensor, g_entropy: torch.Tensor, 
                                  need_weight: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dH [n, T, D] for the n streams with need_hidden (in order) and dW [V, D] ([0] if not needed)."""
     hidden = list(hidden)
-    S, (T, D) = len(hidden), hidden[0].shape
+    T, D = hidden[0].shape
     n = sum(bool(x) for x in need_hidden)
     if T == 0:
         dw = torch.zeros_like(weight) if need_weight else weight.new_empty(0)

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_positive_float, check_tensor
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_positive_float, check_tensor, plain_eager
 from hydra_kernels.ops.backend import choose_backend
 
 __all__ = ["token_logprobs", "logprobs_and_kl", "KL_ESTIMATORS"]
@@ -354,7 +354,7 @@ def _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, ba
         raise ValueError(f"logits: dtype {logits.dtype} is supported by the torch backend only "
                          f"(GPU kernels take {list(_GPU_DTYPES)})")
     # Skipped while tracing: under torch.compile, and under a dispatch mode (FakeTensorMode has no values).
-    if not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0 and targets.numel():
+    if plain_eager(targets) and targets.numel():
         # One small reduction and a host sync: an out-of-range target would otherwise turn into NaN outputs.
         V = logits.shape[-1]
         # In int64, as the kernels compare: a narrow dtype would wrap ignore_index (uint8: -100 -> 156).

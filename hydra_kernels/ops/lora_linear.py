@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, plain_eager
 from hydra_kernels.ops.backend import choose_backend
 from hydra_kernels.reference import split_streams
 
@@ -161,13 +161,6 @@ def _backward(ctx, dy, _dxa):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _plain_eager(x: torch.Tensor) -> bool:
-    """No dispatch mode is active (FakeTensorMode, make_fx's proxy mode, ...) and x is a plain tensor: only then
-    may the no-grad fast path bypass the op, whose fake implementation those tools need (a kernel launched on
-    fake tensors or proxies fails)."""
-    return torch._C._len_torch_dispatch_stack() == 0 and type(x) is torch.Tensor
-
-
 # ------------------------------------------------------------------------------------- public op
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
@@ -238,7 +231,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                needs_grad=needs_grad, device=x.device)
     chosen = choose_backend(backend, x.device, gpu_default=gpu_default)
     args = (x2.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), scales, adapters)
-    if needs_grad or torch.compiler.is_compiling() or not _plain_eager(x):
+    if needs_grad or not plain_eager(x):
         y, _ = _lora_linear_op(*args, chosen)
     else:
         # Eager and no gradient (decoding, scoring): the same implementation without the custom op's dispatch,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -431,7 +430,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
         (f"  of which {len(slips)} arithmetic slips (off by 1, 2 or 10)", f"{acc_slips:.1%}"),
         (f"gold reward, SFT policy ({len(eval_prompts)} held-out prompts, {dec})",
          pm(ev["sft"]["gold_reward"], ev["sft"]["gold_reward_se"])),
-        (f"gold reward, PPO policy (same prompts, same decoding)",
+        ("gold reward, PPO policy (same prompts, same decoding)",
          pm(ev["ppo"]["gold_reward"], ev["ppo"]["gold_reward_se"])),
         ("PPO - SFT (paired s.e.)", f"{d_mean:+.3f} ± {d_se:.3f} ({z:.1f} s.e.)"),
         ("exact answers, SFT -> PPO", f"{ev['sft']['exact']:.1%} -> {ev['ppo']['exact']:.1%}"),
