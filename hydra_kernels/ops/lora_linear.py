@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -68,6 +69,12 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters,
 # at most 64 rows per stream and 128 rows in all, forward only (no gradient needed).
 _CUDA_MAX_ROWS_PER_STREAM = 64
 _CUDA_MAX_ROWS = 128
+# `auto` uses the rule above only with HYDRA_KERNELS_CUDA_AUTO=1. The kernel compiles (sm_80/sm_90, no spills)
+# and its tile addressing is checked on the host, but it has never run on a GPU: until bench/run_gpu.sh's
+# `tests` and `bench` stages have passed and measured it on one, `auto` keeps to the Triton kernel (which has)
+# rather than JIT-compile and trust unexecuted code in the middle of a user's decoding loop. `backend="cuda"`
+# (or HYDRA_KERNELS_BACKEND=cuda) asks for the CUDA kernel explicitly.
+CUDA_AUTO_ENV = "HYDRA_KERNELS_CUDA_AUTO"
 
 
 def _gpu_default(rows_per_stream: int, rank: int, *, n_streams: int = 1, dtype: torch.dtype | None = None,
@@ -75,7 +82,7 @@ def _gpu_default(rows_per_stream: int, rank: int, *, n_streams: int = 1, dtype: 
                  device: torch.device | None = None) -> str:
     """Which GPU kernel `auto` picks for a shape (see the crossover note above)."""
     if (needs_grad or device is None or device.type != "cuda" or rows_per_stream > _CUDA_MAX_ROWS_PER_STREAM
-            or rows_per_stream * n_streams > _CUDA_MAX_ROWS):
+            or rows_per_stream * n_streams > _CUDA_MAX_ROWS or os.environ.get(CUDA_AUTO_ENV) != "1"):
         return "triton"
     from hydra_kernels.kernels import cuda as cuda_kernels
     if not cuda_kernels.lora_small_supported(rows_per_stream, n_streams, rank, dtype, in_features,

@@ -409,10 +409,16 @@ def test_backend_cuda_on_cpu_tensors_is_a_value_error():
 
 
 # -------------------------------------------------------------------------------------- dispatch rule
-def test_lora_dispatch_rule():
-    from hydra_kernels.ops.lora_linear import _gpu_default
+def test_lora_dispatch_rule(monkeypatch):
+    from hydra_kernels.ops.lora_linear import CUDA_AUTO_ENV, _gpu_default
     cuda = torch.device("cuda", 0)
     kw = dict(n_streams=2, dtype=torch.bfloat16, in_features=4096, n_adapters_used=1, device=cuda)
+    # Until the kernel has run on a GPU, `auto` picks it only when asked to.
+    monkeypatch.delenv(CUDA_AUTO_ENV, raising=False)
+    assert _gpu_default(8, 16, **kw) == "triton"
+    monkeypatch.setenv(CUDA_AUTO_ENV, "0")
+    assert _gpu_default(8, 16, **kw) == "triton"
+    monkeypatch.setenv(CUDA_AUTO_ENV, "1")
     assert _gpu_default(8, 16, **{**kw, "device": torch.device("cpu")}) == "triton"
     assert _gpu_default(8, 16, **kw, needs_grad=True) == "triton"             # forward-only kernel
     assert _gpu_default(65, 16, **kw) == "triton"                             # > 64 rows per stream
