@@ -29,6 +29,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <mutex>
 
 #include "hydra_kernels.h"
 #include "lora_small_tiles.cuh"
@@ -518,23 +519,31 @@ int compute_major(int device) {
   return v;
 }
 
-// cudaFuncSetAttribute once per kernel instantiation, device and size (it is a driver call).
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int device, int bytes) {
-  static std::atomic<int> done[kMaxDevices];
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) for one kernel instantiation on one device, once per size
+// increase (it is a driver call). The cache is a static of a function templated on the instantiation's own
+// parameters: a template on the kernel's pointer type would be ONE function for every instantiation (they all
+// have the type void (*)(MainParams)), so a size set for one kernel would let another launch without its own
+// opt-in and fail. The attribute only grows, under a lock, so concurrent launchers never lower it.
+template <typename T, int MW, int NI>
+cudaError_t allow_smem(int device, int bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  if (device >= 0 && device < kMaxDevices && done[device].load(std::memory_order_relaxed) >= bytes) {
-    return cudaSuccess;
+  const auto kernel = lora_small_main_kernel<T, MW, NI>;
+  if (device < 0 || device >= kMaxDevices) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   }
+  static std::atomic<int> done[kMaxDevices];
+  static std::mutex mu;
+  if (done[device].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mu);
+  if (done[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess && device >= 0 && device < kMaxDevices) done[device].store(bytes, std::memory_order_relaxed);
+  if (err == cudaSuccess) done[device].store(bytes, std::memory_order_release);
   return err;
 }
 
 template <typename T, int MW, int NI>
 cudaError_t launch_main(const MainParams& mp, int total_bytes, bool pdl, int device, cudaStream_t stream) {
-  auto kernel = lora_small_main_kernel<T, MW, NI>;
-  cudaError_t err = allow_smem(kernel, device, total_bytes);
+  cudaError_t err = allow_smem<T, MW, NI>(device, total_bytes);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(mp.n_tiles * mp.splits));
@@ -546,7 +555,7 @@ cudaError_t launch_main(const MainParams& mp, int total_bytes, bool pdl, int dev
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, mp);
+  return cudaLaunchKernelEx(&cfg, lora_small_main_kernel<T, MW, NI>, mp);
 }
 
 template <typename T, int MW>

@@ -9,6 +9,8 @@
   the programmatic-dependent-launch pair (griddepcontrol) on sm_90 only;
 * the host-side helpers link and run without a GPU: shared-memory sizes agree with the Python mirror used for
   dispatch, and the launchers reject bad launch shapes before touching the device;
+* the launchers run against a stand-in for libcudart (cuda_host/fake_cudart.cpp) that enforces the runtime's launch
+  rules (shared-memory opt-in per kernel and device, grid limits) and logs every launch;
 * csrc/ops.cpp (the torch op registration) passes g++ -fsyntax-only against the installed torch's headers;
 * cuda_build.py runs with torch and hydra_kernels unimportable (setup.py's situation) and has the right flags;
 * hydra_kernels.kernels.cuda imports on a CPU machine without compiling, and says plainly why it cannot load;
@@ -320,6 +322,59 @@ def test_host_helpers_without_gpu(builds, tmp_path):
     assert out["ws"] == str(8 * 64 * 64 * 16)
     for key in ("fwd_threads", "fwd_ref", "bwd_ref", "lora_k", "lora_streams", "lora_rows", "lora_f32"):
         assert out[key] == "1", f"{key}: expected cudaErrorInvalidValue (1), got {out[key]}"
+
+
+def test_launchers_on_a_fake_runtime(builds, tmp_path):
+    """The host launchers of csrc/*.cu run for real against a stand-in for libcudart (cuda_host/fake_cudart.cpp)
+    that enforces the runtime's launch rules and logs every launch: a process that meets several LoRA shapes,
+    both 16-bit dtypes and two devices opts every main-kernel instantiation into its > 48 KiB of shared memory
+    (the opt-in used to be cached once for all instantiations, so the second shape failed with 'invalid
+    argument'); PDL only on sm_90 and only behind the shrink kernel; split-K clamped to the K tiles; log-prob
+    grids on axis x, capped at max_blocks."""
+    for name in EXPECTED_KERNELS:
+        _compiled(builds, name)
+    gxx = shutil.which("g++") or shutil.which("c++")
+    if gxx is None or TOOLKIT_INCLUDE is None:
+        pytest.skip("no g++ or no CUDA runtime headers: the launchers were not linked")
+    host_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host")
+    exe = tmp_path / "launch_host"
+    objs = [os.path.join(builds["_objdir"], n + ".o") for n in sorted(EXPECTED_KERNELS)]
+    link = subprocess.run([gxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", CSRC, "-isystem", TOOLKIT_INCLUDE,
+                           os.path.join(host_dir, "launch_host.cpp"), os.path.join(host_dir, "fake_cudart.cpp"),
+                           *objs, "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert link.returncode == 0, link.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    calls, launches, pending = {}, {}, []
+    for line in run.stdout.splitlines():
+        parts = line.split()
+        if parts[0] == "launch":
+            f = dict(zip(parts[2::2], parts[3::2]))
+            kernel = next(k for ks in EXPECTED_KERNELS.values() for k in ks if k in parts[1])
+            pending.append(dict(kernel=kernel, dev=int(parts[3]), grid=tuple(map(int, parts[5:8])),
+                                smem=int(f["smem"]), pdl=int(f["pdl"]), rc=int(f["rc"])))
+        elif parts[0] == "call":
+            calls[parts[1]], launches[parts[1]], pending = int(parts[2]), pending, []
+    assert calls and all(rc == 0 for rc in calls.values()), run.stdout
+    for label, ls in launches.items():
+        assert all(l["rc"] == 0 for l in ls), (label, ls)
+    names = lambda label: [l["kernel"] for l in launches[label]]  # noqa: E731
+    # LoRA: the shrink precedes the main kernel when an adapter is used or split-K needs its counters zeroed;
+    # the main kernel is its programmatic dependent on sm_90 (device 0) and an ordinary launch on sm_80 (device 1).
+    for label in ("lora_bf16_r128_mw2", "lora_fp16_r128_mw2", "lora_bf16_r128_mw1", "lora_bf16_splitk",
+                  "lora_bf16_splitk_base"):
+        assert names(label) == ["lora_shrink_kernel", "lora_small_main_kernel"], label
+        assert launches[label][1]["pdl"] == 1, label
+    for label in ("lora_bf16_r64_mw1", "lora_bf16_one_ktile", "lora_dev1_bf16_r64_mw1"):
+        assert names(label) == ["lora_small_main_kernel"] and launches[label][0]["pdl"] == 0, label
+    assert launches["lora_dev1_bf16_r128_mw1"][1]["pdl"] == 0
+    assert all(l["smem"] > 48 * 1024 for label in ("lora_bf16_r64_mw1", "lora_fp16_r128_mw2", "lora_bf16_r128_mw1",
+                                                    "lora_dev1_bf16_r64_mw1") for l in launches[label][-1:])
+    assert launches["lora_bf16_splitk"][1]["grid"] == (1024 // 64 * 8, 1, 1)        # 16 tiles x 8 K splits
+    assert launches["lora_bf16_one_ktile"][0]["grid"] == (256 // 64, 1, 1)          # K = 64: one split
+    # Log-probs: one block per row up to max_blocks, on grid axis x only.
+    assert launches["logprobs_fwd_3e9_rows"][0]["grid"] == (2147483647, 1, 1)
+    assert launches["logprobs_bwd_140k_rows"][0]["grid"] == (65535, 1, 1)
 
 
 # --------------------------------------------------------------------------------------- build helper
