@@ -35,7 +35,7 @@ struct LogprobsFwdArgs {
   float* kl;                     // [B*T] or nullptr (kKlNone)
   float* entropy;                // [B*T] or nullptr (kKlNone: token_logprobs computes no entropy)
   float* stats;                  // [B*T, 4]: (m, log_s, m_ref, log_s_ref)
-  int threads;                   // block size: a multiple of 32 in [32, 1024]
+  int threads;                   // block size: a multiple of 32 in [32, 512]
   int max_blocks;                // grid cap on axis 0; blocks loop over rows beyond it
 };
 

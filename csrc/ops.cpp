@@ -248,7 +248,7 @@ std::tuple<Tensor, Tensor> lora_small_fwd(const Tensor& x, const Tensor& weight,
               " streams supported, got ", S);
   TORCH_CHECK(R % S == 0, "stream_adapters: ", R, " rows do not split into ", S, " equal streams");
   TORCH_CHECK(R <= hydra::kLoraMaxRows, "x: at most ", hydra::kLoraMaxRows, " rows (all streams) supported, got ", R);
-  TORCH_CHECK(K % 8 == 0, "x: in_features must be a multiple of 8, got ", K);
+  TORCH_CHECK(K > 0 && K % 8 == 0, "x: in_features must be a positive multiple of 8, got ", K);
   TORCH_CHECK(N <= 2147483647 && K <= 2147483647, "weight: dimensions must fit in int32");
   TORCH_CHECK(block_m_warps == 1 || block_m_warps == 2, "block_m_warps: must be 1 or 2, got ", block_m_warps);
   TORCH_CHECK(splits >= 1 && splits <= 1024, "splits: must be in [1, 1024], got ", splits);

@@ -152,6 +152,19 @@ def load() -> None:
         _loaded = True
 
 
+MIN_COMPUTE_CAPABILITY = (8, 0)   # sm_80 SASS (runs on 8.x) and compute_90 PTX: nothing runs on 7.x or older
+
+
+def _old_device() -> str | None:
+    """The first visible GPU the kernels have no code for (compute capability < 8.0), or None."""
+    for i in range(torch.cuda.device_count()):
+        cc = torch.cuda.get_device_capability(i)
+        if tuple(cc) < MIN_COMPUTE_CAPABILITY:
+            return (f"cuda:{i} ({torch.cuda.get_device_name(i)}) has compute capability {cc[0]}.{cc[1]}; the "
+                    "kernels are built for 8.0 and newer (cp.async, bf16 mma.sync)")
+    return None
+
+
 def unavailable_reason() -> str | None:
     """None if the CUDA kernels can run here (loading them if needed), else why not."""
     if _loaded:
@@ -159,6 +172,9 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)" if torch.version.cuda is not None \
             else f"torch {torch.__version__} is a CPU-only build"
+    old = _old_device()
+    if old is not None:
+        return old
     try:
         load()
     except RuntimeError as e:
@@ -317,7 +333,7 @@ def lora_small_config(rows: int, out_features: int, in_features: int, rank: int,
     else:
         return None
     bn = 64 * mw
-    tiles = math.ceil(out_features / bn)
+    tiles = max(1, math.ceil(out_features / bn))     # out_features == 0: nothing to split (no division by 0)
     k_tiles = math.ceil(in_features / _BK)
     per_sm = max(1, min(4, (228 * 1024) // (smem + 1024)))
     splits = sm_count * per_sm // tiles          # one wave: a partial second wave would double the time
@@ -325,13 +341,31 @@ def lora_small_config(rows: int, out_features: int, in_features: int, rank: int,
     return mw, splits
 
 
+# Shared memory per block a kernel may opt into on A100 (sm_80), the smallest of the targets the build ships SASS
+# for; assumed where no GPU is visible.
+A100_SMEM_OPTIN = 163 * 1024
+
+
+def _smem_optin(device: torch.device | None) -> int:
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return A100_SMEM_OPTIN
+    return _sm_count_and_smem(device if device is not None else torch.device("cuda"))[1]
+
+
 def lora_small_supported(rows_per_stream: int, n_streams: int, rank: int, dtype: torch.dtype, in_features: int,
-                         n_used: int = 1) -> bool:
-    """Whether lora_linear_forward takes this shape (cheap; does not load the extension)."""
+                         n_used: int = 1, *, device: torch.device | None = None,
+                         smem_optin: int | None = None) -> bool:
+    """Whether lora_linear_forward takes this shape (cheap; does not load the extension): exactly where
+    lora_small_config finds a configuration within the shared memory per block that `device` (default: the
+    current CUDA device; A100's 163 KiB without one) lets a kernel opt into: 99 KiB on sm_86/sm_89, 163 KiB on
+    A100, 227 KiB on H100. `smem_optin` overrides the device's figure."""
     rows = rows_per_stream * n_streams
+    if smem_optin is None:
+        smem_optin = _smem_optin(device)
     return (dtype in LORA_DTYPES and 1 <= n_streams <= LORA_MAX_STREAMS and 0 < rows <= LORA_MAX_ROWS
             and in_features % 8 == 0 and in_features > 0 and (n_used == 0 or 1 <= rank <= LORA_MAX_RANK)
-            and _smem_bytes(rows, rank, n_used, 1) <= 163 * 1024)
+            and lora_small_config(rows, 1, in_features, rank if n_used else 0, n_used,
+                                  smem_optin=smem_optin) is not None)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -360,8 +394,8 @@ def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if rows > LORA_MAX_ROWS:
         raise ValueError(f"x: the CUDA small-batch kernel takes at most {LORA_MAX_ROWS} rows (all streams), "
                          f"got {rows}")
-    if K % 8:
-        raise ValueError(f"x: in_features must be a multiple of 8 for the CUDA kernel, got {K}")
+    if K % 8 or K == 0:
+        raise ValueError(f"x: in_features must be a positive multiple of 8 for the CUDA kernel, got {K}")
     used = sorted({a for a in stream_adapters if a >= 0})
     r = lora_A.shape[1]
     if used and not 1 <= r <= LORA_MAX_RANK:

@@ -497,6 +497,58 @@ def test_lora_small_config_one_wave():
     assert lora_small_config(128, 4096, 4096, 64, 2, sm_count=108, smem_optin=166912)[0] == 1
     assert lora_small_config(129, 4096, 4096, 16, 1) is None
     assert lora_small_config(1, 8, 8, 0, 0) == (1, 1)
+    assert lora_small_config(16, 0, 4096, 16, 1)[0] == 1          # out_features 0 (was ZeroDivisionError)
+
+
+SMEM_OPTINS = {"sm_86/sm_89": 99 * 1024, "A100": 163 * 1024, "H100": 227 * 1024}
+
+
+@pytest.mark.parametrize("device", sorted(SMEM_OPTINS))
+def test_lora_small_supported_iff_a_config_fits(device):
+    """lora_small_supported (what dispatch asks) says yes exactly where lora_linear_forward finds a configuration
+    (lora_small_config) within the device's shared memory: it used to assume 163 KiB on every GPU, so on a 99 KiB
+    part (A10, L4, L40S, RTX 30xx/40xx) `auto` chose the CUDA kernel for e.g. 2 x 64 rows and the launcher raised
+    'does not fit the CUDA kernel's shared memory'."""
+    from hydra_kernels.kernels.cuda import lora_small_config, lora_small_supported
+    optin = SMEM_OPTINS[device]
+    seen = set()
+    for S in range(1, 9):
+        for m in (1, 3, 8, 16, 33, 64):
+            for rank in (1, 8, 16, 24, 64, 128):
+                for n_used in range(0, S + 1):
+                    got = lora_small_supported(m, S, rank, torch.bfloat16, 4096, n_used, smem_optin=optin)
+                    fits = S * m <= 128 and lora_small_config(S * m, 4096, 4096, rank if n_used else 0, n_used,
+                                                              smem_optin=optin) is not None
+                    assert got == fits, (S, m, rank, n_used)
+                    seen.add(got)
+    assert seen == {True, False}
+
+
+def test_lora_small_supported_reads_the_current_device(monkeypatch):
+    from hydra_kernels.kernels import cuda as ck
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for optin, want in ((99 * 1024, False), (227 * 1024, True)):
+        monkeypatch.setattr(ck, "_sm_count_and_smem", lambda device, o=optin: (84, o))
+        assert ck.lora_small_supported(64, 2, 16, torch.bfloat16, 4096, 1) is want      # 128 rows: ~100 KiB
+
+
+def test_cuda_kernels_unavailable_below_sm80(monkeypatch):
+    """The build ships sm_80/sm_90 code only: on a T4 or V100 every launch would fail with 'no kernel image', so
+    the backend reports itself unavailable (and `auto` keeps to Triton) instead of building and failing later."""
+    from hydra_kernels.kernels import cuda as ck
+    if ck._loaded:
+        pytest.skip("the extension is loaded in this process")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0) if i == 0 else (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla T4")
+
+    def no_build():
+        raise AssertionError("load() must not be attempted")
+
+    monkeypatch.setattr(ck, "load", no_build)
+    reason = ck.unavailable_reason()
+    assert reason is not None and "cuda:1" in reason and "compute capability 7.5" in reason
 
 
 # ------------------------------------------------------------------ log-prob kernel math, replayed on the CPU
