@@ -86,7 +86,7 @@ def _gpu_default(rows_per_stream: int, rank: int, *, n_streams: int = 1, dtype: 
         return "triton"
     from hydra_kernels.kernels import cuda as cuda_kernels
     if not cuda_kernels.lora_small_supported(rows_per_stream, n_streams, rank, dtype, in_features,
-                                             n_adapters_used):
+                                             n_adapters_used, device=device):
         return "triton"
     return "cuda" if cuda_kernels.is_available() else "triton"
 

@@ -127,11 +127,19 @@ def _store_stats(part_ptr, split, s, S: tl.constexpr, T, rows, row_ok, m, l, b, 
     tl.store(base + 3 * T + rows, tz, mask=row_ok)
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    """Keep the S fp32 accumulators within 2 × [128, 128] (more spills heavily on sm_90)."""
-    S = kwargs.get("S", named_args.get("S", 1))
-    kept = [c for c in configs if c.kwargs["BT"] * c.kwargs["BV"] * S <= 2 * 128 * 128]
+def _fits_registers(configs, streams):
+    """Keep the per-stream fp32 [BT, BV] accumulators within 2 × [128, 128] (more spills heavily on sm_90:
+    the dz kernel at BT=128, BV=256 with two streams spills ~1.7 KB per thread, Triton 3.9 and 3.6)."""
+    kept = [c for c in configs if c.kwargs["BT"] * c.kwargs["BV"] * streams <= 2 * 128 * 128]
     return kept or configs[-1:]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _fits_registers(configs, kwargs.get("S", named_args.get("S", 1)))
+
+
+def _prune_dz(configs, named_args, **kwargs):
+    return _fits_registers(configs, kwargs.get("NS", named_args.get("NS", 1)))
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "S", "KL_FULL", "FP32"],
@@ -257,7 +265,8 @@ def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, tgt_ptr, inv_t_ptr, part_
         tl.store(klpart_ptr + split.to(tl.int64) * T + rows, a01, mask=row_ok)
 
 
-@triton.autotune(configs=_DZ_CONFIGS, key=["D", "NS", "KL_GRAD", "WRITE_B", "FP32"])
+@triton.autotune(configs=_DZ_CONFIGS, key=["D", "NS", "KL_GRAD", "WRITE_B", "FP32"],
+                 prune_configs_by={"early_config_prune": _prune_dz})
 @triton.jit
 def _dz_kernel(ha_ptr, hb_ptr, w_ptr, tgt_ptr, inv_t_ptr, rowa_ptr, rowb_ptr, klrow_ptr, dza_ptr, dzb_ptr,
                T, t_begin, n_rows, v_begin, n_cols, D, stride_ht, stride_wv, stride_dz,
