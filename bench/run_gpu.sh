@@ -7,6 +7,8 @@
 #   bash bench/run_gpu.sh logprobs # full bench_logprobs sweep (issue 3's tables) + CUDA tuning
 #   bash bench/run_gpu.sh ppo      # ~5-6 min (limit 9.5): memory + time per PPO step, full/LoRA/Hydra/J-Hydra PPO
 #                                  # x activation checkpointing off / on, llama-1b shape (bench_ppo_variants.py)
+#   bash bench/run_gpu.sh decode   # ~3 min: generate() ms/token, llama-1b, 16 x (128 + 128): plain HF, peft LoRA,
+#                                  # Hydra actor / base, Hydra actor with the CUDA small-batch kernel (bench_decode.py)
 #
 # Everything a stage writes (JSON + Markdown results, logs, junit XML) is packed into $OUT/gpu_<stage>.tgz
 # (the device tool returns at most 8 files); a short table is printed last. Unpack it into bench/results/
@@ -77,8 +79,12 @@ case "$stage" in
     step bench_ppo "$left" python3 bench/bench_ppo_variants.py --model llama-1b --out "$W" \
         --budget $((left - 60)) --row-timeout 240
     ;;
+  decode)
+    step cuda_build 200 python3 -c "import hydra_kernels.kernels.cuda as c; c.load(); print('cuda extension loaded')"
+    step bench_decode 360 python3 bench/bench_decode.py --out "$W"
+    ;;
   *)
-    echo "unknown stage $stage (tests | bench | lora | logprobs | ppo)"; exit 2 ;;
+    echo "unknown stage $stage (tests | bench | lora | logprobs | ppo | decode)"; exit 2 ;;
 esac
 
 tar czf "$OUT/gpu_${stage}_${stamp}.tgz" -C "$W" .
@@ -91,6 +97,7 @@ for f in "$W"/*.md; do
     echo "--- $(basename "$f")"
     case "$(basename "$f")" in
       ppo_variants_*) sed -n '/^| variant | act. ckpt | params held/,/^$/p' "$f" ;;   # the short table
+      decode_*) grep -E "^\|" "$f" ;;
       *) grep -E "MET|MISSED|target|ceiling" "$f" | head -n 12 ;;
     esac
 done

@@ -1,0 +1,33 @@
+"""bench/bench_decode.py: the CPU smoke mode runs end to end in seconds, times every impl and checks that they
+all decode the same tokens (lora_B is zero, so peft's and Hydra's adapted models are the plain model)."""
+import json
+import os
+
+import pytest
+
+from tests.bench._load import load_bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench("bench_decode")
+
+
+def test_smoke_writes_results(bench, tmp_path):
+    assert bench.main(["--cpu", "--quick", "--new-tokens", "6", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert os.path.exists(tmp_path / js.replace(".json", ".md"))
+    result = json.load(open(tmp_path / js))
+    assert result["device_type"] == "cpu" and result["date"] and result["versions"]["torch"]
+    rows = {r["impl"]: r for r in result["results"]}
+    assert set(rows) == {"hf", "peft", "hydra-actor", "hydra-base"}
+    for r in rows.values():
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and len(r["raw_s"]) == 1
+        assert r["same_tokens_as_hf"] == 1.0, r["impl"]          # fp32 on CPU: exactly the same function
+    assert rows["peft"]["x_vs_peft"] == pytest.approx(1.0) and rows["hf"]["overhead_vs_hf"] == pytest.approx(1.0)
+
+
+def test_bad_arguments_name_the_option(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu", "--new-tokens", "0"])
+    assert "--new-tokens" in capsys.readouterr().err
