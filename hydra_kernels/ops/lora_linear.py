@@ -40,7 +40,11 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
             continue
         xa[rows] = x[rows].float() @ lora_A[a].float().T
         # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
-        y[rows] = (y[rows].float() + scaling[a] * (xa[rows] @ lora_B[a].float().T)).to(y.dtype)
+        delta = scaling[a] * (xa[rows] @ lora_B[a].float().T)
+        if y.dtype in (torch.float32, torch.float64):
+            y[rows].add_(delta)                 # the same roundings as below, without the copies (decoding on CPU)
+        else:
+            y[rows] = (y[rows].float() + delta).to(y.dtype)
     return y, xa
 
 
@@ -113,9 +117,10 @@ def _backward_impl(backend):
 
 # ------------------------------------------------------------------------------- torch.library op
 def _run_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters, backend):
-    # fp32 master adapters enter the kernels rounded to x's dtype (a no-op copy-free call when they match).
-    return _forward_impl(backend)(x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), list(scaling),
-                                  list(stream_adapters))
+    # fp32 master adapters enter the kernels rounded to x's dtype.
+    if lora_A.dtype != x.dtype:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return _forward_impl(backend)(x, weight, bias, lora_A, lora_B, list(scaling), list(stream_adapters))
 
 
 @torch.library.custom_op("hydra_kernels::lora_linear", mutates_args=())
