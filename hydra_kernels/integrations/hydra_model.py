@@ -35,6 +35,26 @@ __all__ = ["HydraModel", "last_token_index"]
 _HEAD_NAMES = ("reward_head", "value_head")
 
 
+# Config attributes with which a model's forward rescales its logits after the LM head (value that means "off").
+# The fused head (ops.linear_logprobs) scores h·Wᵀ, so on such a model PPO's log-probs would not be those of the
+# distribution generate() samples from. Gemma 2/3: tanh soft-capping; Cohere: logit_scale; Granite: logits_scaling.
+_LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0),
+                     ("output_multiplier", 1.0))
+
+
+def _check_plain_logits(model: nn.Module) -> None:
+    configs = [getattr(model, "config", None)]
+    configs.append(getattr(configs[0], "text_config", None))         # multimodal wrappers keep it here
+    for cfg in filter(None, configs):
+        for key, off in _LOGIT_TRANSFORMS:
+            value = getattr(cfg, key, off)
+            if value is not None and value != off and not (key == "final_logit_softcapping" and value == 0):
+                raise ValueError(
+                    f"model: {type(model).__name__} has config.{key}={value!r}: its forward transforms the logits "
+                    "after the LM head, which the fused LM head (ops.linear_logprobs, used to score rollouts) does "
+                    "not do, so PPO's log-probs would differ from the distribution it samples from")
+
+
 def _dtype_kwarg() -> str:
     """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
     import transformers
@@ -67,6 +87,7 @@ class HydraModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__()
         patch_info(model)
+        _check_plain_logits(model)
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
         if head is None or not hasattr(head, "weight"):

@@ -232,3 +232,35 @@ def test_logprobs_through_the_lm_head_match_materialised_logits():
     assert logp.shape == (2, 3, 6) and kl.shape == (3, 6)
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent[0], -(full[0].exp() * full[0]).sum(-1) * (targets != -100), rtol=1e-5, atol=1e-5)
+
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, vocab_size=97)
+
+
+@pytest.mark.parametrize("make, key", [
+    (lambda T: T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8)), "final_logit_softcapping=30.0"),
+    (lambda T: T.CohereForCausalLM(T.CohereConfig(**_SMALL)), "logit_scale=0.0625"),
+    (lambda T: T.GraniteForCausalLM(T.GraniteConfig(**_SMALL, logits_scaling=8.0)), "logits_scaling=8.0"),
+])
+def test_models_that_transform_their_logits_are_refused(make, key):
+    """Their forward rescales h·Wᵀ (soft-capping, a scale): log-probs from the fused head would not be those of
+    the distribution generate() samples from."""
+    import transformers as T
+    model = make(T)
+    hk.patch_model(model, r=R, allow_untested=True)
+    with pytest.raises(ValueError, match=rf"model: \w+ has config.{key}: its forward transforms the logits"):
+        HydraModel(model)
+
+
+def test_logit_transforms_switched_off_are_accepted():
+    import transformers as T
+    model = T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8, final_logit_softcapping=None))
+    hk.patch_model(model, r=R, allow_untested=True)
+    hydra = HydraModel(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        h = hydra.forward_streams(ids, torch.ones_like(ids), streams=("base",))[0]
+        ref = model(input_ids=ids).logits                          # LoRA B = 0: every stream is the base
+    torch.testing.assert_close(hydra.lm_logits(h), ref.float(), rtol=1e-5, atol=1e-5)
+
