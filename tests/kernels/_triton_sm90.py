@@ -174,8 +174,8 @@ def lora_cases(full: bool):
 
 def markdown(records) -> str:
     """The records as a Markdown table (one row per build) with the versions they were built with."""
-    keys = ("dtype", "kl_mode", "streams", "rank", "rows", "BT", "BV", "BK", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-            "N_GROUP", "BLOCK_BIG", "BLOCK_ROWS")
+    keys = ("dtype", "kl_mode", "block_v", "streams", "rank", "rows", "BT", "BV", "BK", "BLOCK_M", "BLOCK_N",
+            "BLOCK_K", "N_GROUP", "BLOCK_BIG", "BLOCK_ROWS")
     lines = [f"sm_90 ahead-of-time builds: triton {triton.__version__}, torch {torch.__version__}, "
              f"{len(records)} builds, {sum(not r['ok'] for r in records)} failed", "",
              "| kernel | config | warps | stages | regs | spill STL+LDL | wgmma | mma.sync | LDG.128 | s |",
