@@ -21,18 +21,32 @@ mkdir -p "$OUT"
 W=$(mktemp -d)
 # Wheels carried from the dev machine (the GPU machine has no internet), e.g. Liger-Kernel for the log-prob
 # baselines: here `pip download liger-kernel==0.8.5 --no-deps -d .whl` (pure Python; torch and triton are on the
-# GPU image), then run the stage with carry [".whl"]. Installed outside site-packages, for this run only.
+# GPU image), then run the stage with carry [".whl"]. Installed outside site-packages, for this run only; their
+# console scripts go on PATH (e.g. a `ninja` wheel, should the image lack the ninja that the CUDA JIT build needs).
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/hk_site .whl/*.whl \
-        && export PYTHONPATH=/tmp/hk_site${PYTHONPATH:+:$PYTHONPATH}
+        && export PYTHONPATH=/tmp/hk_site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/hk_site/bin:$PATH
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stamp=$(date -u +%Y%m%dT%H%MZ)
 
+# The device call is killed at 600 s, and what a stage wrote is packed only at its end: every step's limit is cut
+# to what is left before END seconds of this script (SECONDS), less the KILL_AFTER grace that `timeout` gives a
+# process after its SIGINT, so the last step ends, and the tar and the summary run, inside the call. (The stages'
+# nominal limits add up to more than that, e.g. tests 240 + 330 + 120 s.) A step with under 5 s left is skipped.
+END=${HK_RUN_GPU_END:-575}
+KILL_AFTER=${HK_RUN_GPU_KILL_AFTER:-20}
 step() {   # step NAME SECONDS CMD...: run with a time limit, log to $W/NAME.log, remember the status
     local name=$1 limit=$2; shift 2
+    local left=$((END - KILL_AFTER - SECONDS))
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt 5 ]; then
+        echo "=== $name skipped: no time left before ${END}s"
+        echo "$name skipped (no time left)" >> "$W/status.txt"
+        return
+    fi
     echo "=== $name ($(date -u +%T), limit ${limit}s): $*"
-    timeout --signal=INT --kill-after=20 "$limit" "$@" > "$W/$name.log" 2>&1
+    timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" > "$W/$name.log" 2>&1
     local rc=$?
     tail -n 15 "$W/$name.log"
     echo "$name rc=$rc" >> "$W/status.txt"
@@ -69,13 +83,16 @@ case "$stage" in
     ;;
   ppo)
     # 8 rows (each a fresh process), llama-1b shape in bf16: 16 prompts x (128 + 128) tokens, minibatch 8, 1 epoch,
-    # 3 PPO steps. Estimate: ~25 s a row (imports + CUDA init + build ~10 s; a step ~3-4 s, sampling 128 tokens
-    # dominating) + ~1-2 min of first-time Triton compilation/autotuning: ~4-5 min, plus the CUDA extension's JIT
-    # build on a fresh machine (done first, so that no row pays for it). The bench gets what is left of ~9.5 min:
+    # 3 PPO steps. Estimate: ~25 s a row (imports + CUDA init ~10 s; a step ~3-4 s, sampling 128 tokens
+    # dominating) + ~1-2 min of first-time Triton compilation/autotuning: ~4-5 min. The PPO path never loads the
+    # CUDA extension (its ops pick Triton unless HYDRA_KERNELS_CUDA_AUTO=1 or HYDRA_KERNELS_BACKEND=cuda), so it
+    # is built first only then (so that no row pays for it). The bench gets what is left of the stage:
     # --budget stops starting rows in time to write the table (no-checkpointing rows run first, later ones are
     # recorded as skipped); one row is killed after 240 s.
-    step cuda_build 200 python3 -c "import hydra_kernels.kernels.cuda as c; c.load(); print('cuda extension loaded')"
-    left=$((570 - SECONDS))
+    if [ "${HYDRA_KERNELS_CUDA_AUTO:-}" = 1 ] || [ "${HYDRA_KERNELS_BACKEND:-}" = cuda ]; then
+        step cuda_build 200 python3 -c "import hydra_kernels.kernels.cuda as c; c.load(); print('cuda extension loaded')"
+    fi
+    left=$((END - KILL_AFTER - SECONDS))
     step bench_ppo "$left" python3 bench/bench_ppo_variants.py --model llama-1b --out "$W" \
         --budget $((left - 60)) --row-timeout 240
     ;;
@@ -98,6 +115,6 @@ for f in "$W"/*.md; do
     case "$(basename "$f")" in
       ppo_variants_*) sed -n '/^| variant | act. ckpt | params held/,/^$/p' "$f" ;;   # the short table
       decode_*) grep -E "^\|" "$f" ;;
-      *) grep -E "MET|MISSED|target|ceiling" "$f" | head -n 12 ;;
+      *) grep -E "MET|MISSED|target|ceiling|\| (yes|NO) \|$" "$f" | head -n 16 ;;
     esac
 done
