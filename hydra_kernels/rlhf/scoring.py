@@ -10,7 +10,8 @@ hydra    scoring: ONE forward with streams (base, actor, critic); ONE linear_log
          update:  one forward with streams (actor, critic).
 j-hydra  scoring: streams (base, actor); values from the actor stream. update: stream (actor).
 lora / full  four separate forwards (reference, reward model, actor, critic); log-probs and KL from the
-         materialised logits (ops.logprobs_and_kl), as the peer frameworks do.
+         materialised logits (ops.logprobs_and_kl), as the peer frameworks do; the logits are fp32 (as sampled),
+         never the bf16 output of a bf16 head.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hydra_kernels import ops
+from hydra_kernels.ops.matmul import linear_f32
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PPOModels, decoder_hidden, lm_head_weight
 from hydra_kernels.rlhf.rollout import Rollout
 
@@ -68,8 +70,33 @@ def _fused_logprobs(h_streams: list[torch.Tensor], weight: torch.Tensor, targets
                            ignore_index=IGNORE_INDEX)
 
 
+class _LogitsF32(torch.autograd.Function):
+    """h·Wᵀ as fp32 logits (ops.matmul.linear_f32: fp32 accumulation, no fp32 copy of W on CUDA), the same
+    function generation samples from (models.PolicyHandle). The backward is a plain linear's in the operands'
+    dtype (what the model's own head would give), so nothing but the logits' rounding changes."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        return linear_f32(h, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gh = gw = None
+        if ctx.needs_input_grad[0]:
+            gh = (g.to(weight.dtype) @ weight).reshape(h.shape).to(h.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = (g.to(h.dtype).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        return gh, gw
+
+
 def _logits(model, h: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(h)
+    """fp32 logits [..., V] of the LM head. Not the head's own output: in a bf16 model that is rounded to bf16,
+    which makes the old log-probs (and the reference's, and the KL) those of another distribution than the one
+    the rollout sampled from (DESIGN.md pitfall)."""
+    return _LogitsF32.apply(h, lm_head_weight(model))
 
 
 @torch.no_grad()

@@ -4,17 +4,23 @@ The existing tests check greedy decoding against a full recomputation (argmax on
 agreement at step 0; this checks the sampled path at temperature != 1 with an actor that differs from the
 reference: log_softmax(generation logits / T) at each sampled token == score_rollout's logprobs (and the
 reference log-probs are the reference policy's, at the same temperature).
+
+In a bf16 model too: generation samples from fp32 logits (models.PolicyHandle, never rounded to bf16). The
+lora / full baselines used to score and update from the LM head's own output, bf16-rounded logits, so their
+old and reference log-probs and KL were those of another distribution than the one sampled (up to 0.02
+nats per token on the tiny model below; DESIGN.md pitfall: much more on real vocabularies and logit scales).
 """
 import pytest
 import torch
 
 from hydra_kernels.nn import HydraLinear
 from hydra_kernels.rlhf import rollout as rollout_mod
+from hydra_kernels.rlhf import scoring as scoring_mod
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import tokenize_prompts
 from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf.rollout import generate
-from hydra_kernels.rlhf.scoring import score_rollout
+from hydra_kernels.rlhf.scoring import policy_and_values, score_rollout
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 
 TOK = CharTokenizer()
@@ -22,15 +28,18 @@ PROMPTS = ["12+3=", "1+1=", "99+99=", "7+0="]
 T = 0.7
 
 
-def _perturbed(variant):
-    model = tiny_model(len(TOK), seed=0)
+def _perturbed(variant, dtype=torch.float32, hidden=32, head_scale=1.0, full_noise=0.05):
+    model = tiny_model(len(TOK), seed=0, hidden=hidden)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
+    model = model.to(dtype)
     models = build_ppo_models(model, new_reward_head(model, torch.Generator().manual_seed(1)),
                               PPOConfig(variant=variant, lora={"r": 4, "alpha": 8}))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         if variant == "full":
             for p in models.actor.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                p.add_((torch.randn(p.shape, generator=g) * full_noise).to(p.dtype))
         else:
             root = models.model if models.shared else models.actor
             for m in root.modules():
@@ -71,3 +80,36 @@ def test_old_logprobs_are_the_sampling_distribution(variant, monkeypatch):
                                atol=1e-5, rtol=1e-5)
     # k1 is log pi - log pi_ref, per token, 0 off the mask.
     torch.testing.assert_close(s.kl, (s.logprobs - s.ref_logprobs) * m, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ("hydra", "j-hydra", "lora", "full"))
+def test_bf16_old_logprobs_are_the_sampling_distribution(variant, monkeypatch):
+    # Logits of a realistic size (|z| ~ 10), which bf16 rounds by ~0.03.
+    models = _perturbed(variant, dtype=torch.bfloat16, hidden=64, head_scale=40.0, full_noise=0.02)
+    ro, behaviour = _sample(models, "actor", monkeypatch)
+    m = ro.response_mask.float()
+    s = score_rollout(models, ro, temperature=T, kl_estimator="k1")
+    assert (behaviour * m).abs().max() > 0.5                 # the sampled tokens are not all near-certain
+    torch.testing.assert_close(s.logprobs, behaviour * m, atol=1e-4, rtol=0)
+    # The update's first forward is the scoring function: ratio 1, and the actor gets a gradient through it.
+    logp, ent, _ = policy_and_values(models, ro, temperature=T, need_entropy=True)
+    assert logp.dtype == torch.float32
+    torch.testing.assert_close(logp.detach(), s.logprobs, atol=1e-5, rtol=0)
+    (logp.sum() + ent.sum()).backward()
+    grads = [p.grad for p in models.named_trainable().values() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fp32_logits_backward_matches_a_plain_linear():
+    """full PPO trains the actor's LM head: the fp32-logit head's gradients are F.linear's (fp32 model)."""
+    model = tiny_model(len(TOK), seed=0)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    h = torch.randn(2, 3, head.weight.shape[1], requires_grad=True)
+    w = torch.randn(2, 3, head.weight.shape[0])
+    (scoring_mod._logits(model, h) * w).sum().backward()
+    gh, gw = h.grad.clone(), head.weight.grad.clone()
+    h.grad, head.weight.grad = None, None
+    (torch.nn.functional.linear(h, head.weight) * w).sum().backward()
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, head.weight.grad)
