@@ -11,10 +11,14 @@ import torch
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D a, b with fp32 output and fp32 accumulation (inputs may be 16-bit)."""
+    """a @ b for 2-D a, b with fp32 output and fp32 accumulation (inputs may be 16-bit); differentiable (with
+    grad the CUDA path copies the operands to fp32, as the CPU one always does)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
+    # torch.mm(out_dtype=...) has no derivative (its result's grad_fn raises "derivative for aten::mm is not
+    # implemented" in backward), so it serves only products that autograd does not record.
+    recorded = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if a.is_cuda and a.dtype == b.dtype and not recorded:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
