@@ -22,31 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,4096x1024", help="KxN list")
-    ap.add_argument("--rows", default="1,8,16,32,64", help="rows per stream")
-    ap.add_argument("--streams", type=int, default=2, help="streams: base + adapters (2 = base, actor)")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--splits", default="1,2,3,4,6,8,12,16,24,32")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
-        return 1
-    import triton.testing as tt
-
-    from hydra_kernels.kernels import cuda as ck
-    ck.load()
-    dev = torch.device("cuda")
-    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)
-    dst = torch.empty_like(src)
-    hbm = 2 * src.numel() * 2 / (tt.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median") * 1e-3) / 1e9
-    del src, dst
-    sms, optin = ck._sm_count_and_smem(dev)
-    layout = [-1] + [i % 2 for i in range(args.streams - 1)]
-    results = []
-    print(f"{torch.cuda.get_device_name()}: HBM copy {hbm:.0f} GB/s, {sms} SMs; layout {layout}, rank {args.rank}")
+def _sweep(args, ck, tt, dev, hbm, sms, optin, layout, results) -> None:
+    """Time every (block_m_warps, splits) pair per shape; appends one row per shape to `results` as it goes."""
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.lower().split("x"))
         for m in (int(v) for v in args.rows.split(",")):
@@ -73,6 +50,8 @@ def main(argv=None) -> int:
                         timings[(mw, sp)] = None
                         print(f"  K={K} N={N} rows/stream={m} mw={mw} splits={sp}: {type(e).__name__}: {e}"[:160])
             ok = {k: v for k, v in timings.items() if v is not None}
+            if not ok:                            # every pair failed (printed above): no row for this shape
+                continue
             best = min(ok, key=ok.get)
             wbytes = N * K * 2
             row = dict(K=K, N=N, rows_per_stream=m, streams=args.streams, rank=args.rank,
@@ -86,6 +65,39 @@ def main(argv=None) -> int:
             print(f"K={K:<6} N={N:<6} rows/stream={m:<3} best mw={best[0]} splits={best[1]:<3} {ok[best]:.4f} ms "
                   f"{row['best']['weight_gbps']:.0f} GB/s ({row['best']['pct_hbm']:.0f}% HBM); heuristic {heur} "
                   f"{hm if hm is None else f'{hm:.4f}'} ms", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096,4096x1024", help="KxN list")
+    ap.add_argument("--rows", default="1,8,16,32,64", help="rows per stream")
+    ap.add_argument("--streams", type=int, default=2, help="streams: base + adapters (2 = base, actor)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--splits", default="1,2,3,4,6,8,12,16,24,32")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 1
+    import triton.testing as tt
+
+    from hydra_kernels.kernels import cuda as ck
+    ck.load()
+    dev = torch.device("cuda")
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device=dev)
+    dst = torch.empty_like(src)
+    hbm = 2 * src.numel() * 2 / (tt.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median") * 1e-3) / 1e9
+    del src, dst
+    sms, optin = ck._sm_count_and_smem(dev)
+    layout = [-1] + [i % 2 for i in range(args.streams - 1)]
+    results = []
+    print(f"{torch.cuda.get_device_name()}: HBM copy {hbm:.0f} GB/s, {sms} SMs; layout {layout}, rank {args.rank}")
+    interrupted = False
+    try:
+        _sweep(args, ck, tt, dev, hbm, sms, optin, layout, results)
+    except KeyboardInterrupt:     # Ctrl-C, or run_gpu.sh's time limit (SIGINT): keep and write what was measured
+        interrupted = True
+        print(f"interrupted after {len(results)} shape(s); writing those", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         date = _dt.datetime.now(_dt.timezone.utc)
@@ -93,12 +105,13 @@ def main(argv=None) -> int:
         base = os.path.join(args.out, f"tune_cuda_lora_{dev_name}_{date:%Y-%m-%d}")
         meta = dict(device=torch.cuda.get_device_name(), date=date.isoformat(timespec="seconds"),
                     torch=torch.__version__, cuda=torch.version.cuda, hbm_copy_GBps=hbm, sms=sms,
-                    layout=layout, timing="do_bench_cudagraph median", results=results)
+                    layout=layout, timing="do_bench_cudagraph median", interrupted=interrupted, results=results)
         with open(base + ".json", "w") as f:
             json.dump(meta, f, indent=1)
         lines = [f"# CUDA small-batch LoRA launch sweep — {meta['device']}", "",
                  f"{meta['date']} · torch {meta['torch']} · CUDA {meta['cuda']} · HBM copy {hbm:.0f} GB/s · "
-                 f"layout {layout} · rank {args.rank} · bf16", "",
+                 f"layout {layout} · rank {args.rank} · bf16"
+                 + (" · **interrupted**: the shapes below only" if interrupted else ""), "",
                  "| K | N | rows/stream | best (mw, splits) | ms | W GB/s | % HBM | heuristic | heuristic ms |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in results:
