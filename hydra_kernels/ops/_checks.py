@@ -42,3 +42,18 @@ def plain_eager(x: torch.Tensor) -> bool:
     op (whose fake implementation those tools need: a kernel launched on fake tensors or proxies fails)."""
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and type(x) is torch.Tensor)
+
+
+def check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """targets in [0, V) or == ignore_index, else ValueError: one small reduction and a host sync (an out-of-range
+    target would otherwise turn into NaN outputs, or an out-of-bounds read). Skipped where values cannot be read
+    or a sync is not allowed: while tracing (torch.compile, a dispatch mode) and while a CUDA graph is captured."""
+    if targets.numel() == 0 or not plain_eager(targets):
+        return
+    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    # In int64, as the kernels compare: a narrow dtype would wrap ignore_index (uint8: -100 -> 156).
+    t = targets if targets.dtype == torch.int64 else targets.long()
+    bad = (t != ignore_index) & ((t < 0) | (t >= V))
+    if bool(bad.any()):
+        raise ValueError(f"targets: values must lie in [0, {V}) (the vocabulary) or equal ignore_index={ignore_index}")

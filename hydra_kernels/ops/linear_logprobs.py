@@ -48,7 +48,7 @@ from typing import List, Sequence
 
 import torch
 
-from hydra_kernels.ops._checks import check_positive_float, check_tensor
+from hydra_kernels.ops._checks import check_positive_float, check_target_values, check_tensor
 from hydra_kernels.ops.backend import choose_backend, requested_backend
 from hydra_kernels.ops.matmul import mm_f32
 
@@ -321,17 +321,6 @@ def _backward_impl(backend):
     raise ValueError(f"backend: unknown backend {backend!r}")
 
 
-def _check_target_values(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """targets in [0, V) or == ignore_index. A device sync on CUDA (skipped while a CUDA graph is captured)."""
-    if targets.numel() == 0:
-        return
-    if targets.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-    if bool(bad.any()):
-        raise ValueError(f"targets: values must lie in [0, {V}) (the vocabulary) or equal ignore_index={ignore_index}")
-
-
 # ------------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("hydra_kernels::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: List[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
@@ -339,7 +328,7 @@ def _linear_logprobs_op(hidden: List[torch.Tensor], weight: torch.Tensor, target
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns logp [S, T], entropy [S, T], kl [T] ([0] when kl == "none"), lse [S, T] (for the backward)."""
     S, (T, _) = len(hidden), hidden[0].shape
-    _check_target_values(targets, weight.shape[0], ignore_index)
+    check_target_values(targets, weight.shape[0], ignore_index)
     if T == 0:
         z = weight.new_zeros(S, 0, dtype=torch.float32)
         return z, z.clone(), weight.new_zeros(0, dtype=torch.float32), z.clone()

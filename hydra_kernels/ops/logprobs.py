@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_positive_float, check_tensor, plain_eager
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_positive_float, check_target_values, check_tensor
 from hydra_kernels.ops.backend import choose_backend
 
 __all__ = ["token_logprobs", "logprobs_and_kl", "KL_ESTIMATORS"]
@@ -353,15 +353,7 @@ def _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, ba
     if chosen in ("triton", "cuda") and logits.dtype not in _GPU_DTYPES:
         raise ValueError(f"logits: dtype {logits.dtype} is supported by the torch backend only "
                          f"(GPU kernels take {list(_GPU_DTYPES)})")
-    # Skipped while tracing: under torch.compile, and under a dispatch mode (FakeTensorMode has no values).
-    if plain_eager(targets) and targets.numel():
-        # One small reduction and a host sync: an out-of-range target would otherwise turn into NaN outputs.
-        V = logits.shape[-1]
-        # In int64, as the kernels compare: a narrow dtype would wrap ignore_index (uint8: -100 -> 156).
-        t = targets if targets.dtype == torch.int64 else targets.long()
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
-        if bool(bad.any()):
-            raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    check_target_values(targets, logits.shape[-1], ignore_index)
     return temperature, chosen
 
 

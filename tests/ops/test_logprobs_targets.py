@@ -40,3 +40,23 @@ def test_shape_inference_under_fake_tensor_mode(backend):
         outs = ops.logprobs_and_kl(x, r, t, 0.5, "full", backend=backend)
     for o in (lp, *outs):
         assert isinstance(o, FakeTensor) and o.shape == (2, 3) and o.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["token_logprobs", "linear_logprobs"])
+def test_capture_in_a_cuda_graph(op):
+    """The target check syncs with the host; under CUDA graph capture (where a sync raises) it is skipped, for
+    both log-prob ops (ops/_checks.check_target_values)."""
+    V, D = 64, 32
+    x = torch.randn(2, 5, V, device="cuda")
+    h, w = torch.randn(10, D, device="cuda"), torch.randn(V, D, device="cuda")
+    t = torch.randint(0, V, (2, 5), device="cuda")
+    run = (lambda: ops.token_logprobs(x, t)) if op == "token_logprobs" else \
+        (lambda: ops.linear_logprobs(h, w, t.reshape(-1))[0])
+    expected = run()                                      # eager: checked; also warms up (compiles) the kernel
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)

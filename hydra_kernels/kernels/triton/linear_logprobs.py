@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hydra_kernels.kernels.triton import device_guard
 from hydra_kernels.ops.backend import triton_interpreting
 
 MAX_STREAMS = 4      # streams per forward launch (one fp32 [BT, BV] accumulator each)
@@ -385,9 +386,10 @@ def forward_partials(hidden: list[torch.Tensor], weight: torch.Tensor, targets: 
         def grid(meta):
             return (triton.cdiv(T, meta["BT"]) * n_splits,)
 
-        _fwd_kernel[grid](*ptrs, weight, targets, inv_t, out, klpart if (kl_full and g0 == 0) else part,
-                          T, V, D, stride_ht, weight.stride(0), n_splits, split_cols,
-                          S=len(group), KL_FULL=bool(kl_full and g0 == 0), FP32=fp32, EVEN_D=(D % 64 == 0))
+        with device_guard(weight):
+            _fwd_kernel[grid](*ptrs, weight, targets, inv_t, out, klpart if (kl_full and g0 == 0) else part,
+                              T, V, D, stride_ht, weight.stride(0), n_splits, split_cols,
+                              S=len(group), KL_FULL=bool(kl_full and g0 == 0), FP32=fp32, EVEN_D=(D % 64 == 0))
         if out is not sub:
             sub.copy_(out)
     return part, klpart
@@ -421,8 +423,9 @@ def dz_chunk(hidden: list[torch.Tensor], weight: torch.Tensor, targets: torch.Te
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BT"]) * triton.cdiv(n_cols, meta["BV"]),)
 
-    _dz_kernel[grid](hidden[a], hb, weight, targets, _inv_t(temperature, weight.device), rowdata[a], rowb,
-                     klrow if kl_grad else rowdata[a], dz_a, dzb,
-                     T, t_begin, n_rows, v_begin, n_cols, D, hidden[0].stride(0), weight.stride(0), dz_a.stride(0),
-                     NS=ns, KL_GRAD=bool(kl_grad), WRITE_B=bool(write_b), FP32=_ieee_dot(hidden[0].dtype),
-                     EVEN_D=(D % 64 == 0))
+    with device_guard(weight):
+        _dz_kernel[grid](hidden[a], hb, weight, targets, _inv_t(temperature, weight.device), rowdata[a], rowb,
+                         klrow if kl_grad else rowdata[a], dz_a, dzb,
+                         T, t_begin, n_rows, v_begin, n_cols, D, hidden[0].stride(0), weight.stride(0),
+                         dz_a.stride(0), NS=ns, KL_GRAD=bool(kl_grad), WRITE_B=bool(write_b),
+                         FP32=_ieee_dot(hidden[0].dtype), EVEN_D=(D % 64 == 0))

@@ -72,6 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hydra_kernels.kernels.triton import device_guard
+
 __all__ = ["logprobs_and_kl_forward", "logprobs_and_kl_backward", "KL_MODES"]
 
 # kl string -> constexpr code used by the kernels.
@@ -321,12 +323,13 @@ def logprobs_and_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor | Non
         return logp, ref_logp, kl_out, entropy, stats
     bv, nw = _launch_cfg(V, block_v, num_warps, _interpreting(logits))
     sr_b, sr_t = _row_strides(ref_logits)
-    _logprobs_fwd_kernel[(N,)](
-        logits, ref_logits if ref_logits is not None else logits, targets,
-        logp, ref_logp, kl_out, entropy, stats,
-        T, logits.stride(0), logits.stride(1), sr_b, sr_t, V, ignore_index,
-        INV_T=1.0 / float(temperature), KL_MODE=mode, BLOCK_V=bv, num_warps=nw,
-    )
+    with device_guard(logits):
+        _logprobs_fwd_kernel[(N,)](
+            logits, ref_logits if ref_logits is not None else logits, targets,
+            logp, ref_logp, kl_out, entropy, stats,
+            T, logits.stride(0), logits.stride(1), sr_b, sr_t, V, ignore_index,
+            INV_T=1.0 / float(temperature), KL_MODE=mode, BLOCK_V=bv, num_warps=nw,
+        )
     return logp, ref_logp, kl_out, entropy, stats
 
 
@@ -351,16 +354,17 @@ def logprobs_and_kl_backward(grad_logp: torch.Tensor | None, grad_kl: torch.Tens
     dummy = logp
     ref = ref_logits if (ref_logits is not None and mode == 4 and grad_kl is not None) else logits
     sr_b, sr_t = _row_strides(ref)
-    _logprobs_bwd_kernel[(N,)](
-        logits, ref, targets, dlogits,
-        grad_logp if grad_logp is not None else dummy,
-        grad_kl if grad_kl is not None else dummy,
-        grad_entropy if grad_entropy is not None else dummy,
-        logp, ref_logp if ref_logp.numel() else dummy, kl_out if kl_out.numel() else dummy,
-        entropy if entropy.numel() else dummy, stats,
-        T, logits.stride(0), logits.stride(1), sr_b, sr_t, V, ignore_index,
-        INV_T=1.0 / float(temperature), KL_MODE=mode,
-        HAS_GLOGP=grad_logp is not None, HAS_GKL=grad_kl is not None, HAS_GENT=grad_entropy is not None,
-        BLOCK_V=bv, num_warps=nw,
-    )
+    with device_guard(logits):
+        _logprobs_bwd_kernel[(N,)](
+            logits, ref, targets, dlogits,
+            grad_logp if grad_logp is not None else dummy,
+            grad_kl if grad_kl is not None else dummy,
+            grad_entropy if grad_entropy is not None else dummy,
+            logp, ref_logp if ref_logp.numel() else dummy, kl_out if kl_out.numel() else dummy,
+            entropy if entropy.numel() else dummy, stats,
+            T, logits.stride(0), logits.stride(1), sr_b, sr_t, V, ignore_index,
+            INV_T=1.0 / float(temperature), KL_MODE=mode,
+            HAS_GLOGP=grad_logp is not None, HAS_GKL=grad_kl is not None, HAS_GENT=grad_entropy is not None,
+            BLOCK_V=bv, num_warps=nw,
+        )
     return dlogits

@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hydra_kernels.kernels.triton import device_guard
+
 __all__ = ["lora_linear_forward", "lora_linear_backward", "MAX_RANK"]
 
 MAX_RANK = 256
@@ -428,18 +430,6 @@ def _precisions(dtype: torch.dtype, interpreting: bool):
     return upcast, "tf32", "tf32"
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _launch_gemm(x, w_view, bias, a_view, b_view, y, xa, adapters, scales, rows_per_stream, n_streams,
                  N, K, R, compute_y):
     """x [rows, K]; w_view (stride_n, stride_k); a_view (stride_a, stride_r, stride_k);
@@ -464,7 +454,7 @@ def _launch_gemm(x, w_view, bias, a_view, b_view, y, xa, adapters, scales, rows_
             tiles *= triton.cdiv(triton.cdiv(N, meta["BLOCK_N"]), meta["N_GROUP"])
         return (tiles,)
 
-    with _device_guard(x):
+    with device_guard(x):
         if _fixed_config(x):
             _lora_gemm_kernel[grid(_INTERP_GEMM)](*args, **consts, **_INTERP_GEMM)
         else:
@@ -493,7 +483,7 @@ def _launch_wgrad(g, q, rows_per_stream, lora_streams_t, n_lora, scales, BIG, R)
     def grid(meta):
         return (n_lora * n_chunks * triton.cdiv(BIG, meta["BLOCK_BIG"]),)
 
-    with _device_guard(g):
+    with device_guard(g):
         if _fixed_config(g):
             _lora_wgrad_kernel[grid(_INTERP_WGRAD)](*args, **consts, **_INTERP_WGRAD)
         else:
