@@ -173,6 +173,14 @@ class HydraLinear(nn.Module):
         return self._rounded_adapters[1], self._rounded_adapters[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: the layout is a plain attribute (Dynamo guards on it, one graph per layout)
+            # and the parameters go to the op as they are (it rounds fp32 adapters itself). The eager bookkeeping
+            # (autograd sequence stamps for checkpoint recomputation, the rounded-adapter cache keyed on data
+            # pointers) cannot be traced, and is not needed: a compiled backward replays its own graph.
+            idx = self.stream_indices(self._stream_layout or (self.default_stream,))
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, idx,
+                               backend=self.backend)
         idx = self.stream_indices(self.current_layout())
         A, B = self._adapter_operands(x.dtype)
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, idx, backend=self.backend)
