@@ -63,3 +63,23 @@ def test_gradients_match_eager(patched):
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
     assert all(g.abs().sum() > 0 for g in compiled)
+
+
+def test_transformers_static_cache_generate_compiles_the_patched_model(patched):
+    """generate(cache_implementation="static") compiles the forward (mode reduce-overhead: CUDA graphs on a
+    GPU; `_compile_all_devices` lets it compile on CPU too): same greedy tokens as eager, per stream."""
+    from transformers.generation.configuration_utils import CompileConfig
+    ids, mask = batch(B=2, T=6)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    outs = {}
+    with torch.no_grad():
+        for stream in ("actor", "base"):
+            with hk.streams(patched, stream):
+                eager = patched.generate(input_ids=ids, **kw)
+                outs[stream] = patched.generate(input_ids=ids, cache_implementation="static", compile_config=config,
+                                                **kw)
+            assert torch.equal(outs[stream], eager), stream
+    assert not torch.equal(outs["actor"], outs["base"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2      # it did compile, once per stream
