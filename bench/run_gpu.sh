@@ -7,8 +7,9 @@
 #   bash bench/run_gpu.sh logprobs # full bench_logprobs sweep (issue 3's tables) + CUDA tuning
 #   bash bench/run_gpu.sh ppo      # ~5-6 min (limit 9.5): memory + time per PPO step, full/LoRA/Hydra/J-Hydra PPO
 #                                  # x activation checkpointing off / on, llama-1b shape (bench_ppo_variants.py)
-#   bash bench/run_gpu.sh decode   # ~3 min: generate() ms/token, llama-1b, 16 x (128 + 128): plain HF, peft LoRA,
-#                                  # Hydra actor / base, Hydra actor with the CUDA small-batch kernel (bench_decode.py)
+#   bash bench/run_gpu.sh decode   # ~5 min: generate() ms/token, llama-1b, 16 x (128 + 128): plain HF, peft LoRA,
+#                                  # Hydra actor / base, Hydra actor with the CUDA small-batch kernel, HF and Hydra
+#                                  # static-cache + torch.compile (CUDA graphs) (bench_decode.py)
 #
 # Everything a stage writes (JSON + Markdown results, logs, junit XML) is packed into $OUT/gpu_<stage>.tgz
 # (the device tool returns at most 8 files); a short table is printed last. Unpack it into bench/results/
@@ -98,7 +99,7 @@ case "$stage" in
     ;;
   decode)
     step cuda_build 200 python3 -c "import hydra_kernels.kernels.cuda as c; c.load(); print('cuda extension loaded')"
-    step bench_decode 360 python3 bench/bench_decode.py --out "$W"
+    step bench_decode 540 python3 bench/bench_decode.py --out "$W"   # saves after every row
     ;;
   *)
     echo "unknown stage $stage (tests | bench | lora | logprobs | ppo | decode)"; exit 2 ;;

@@ -27,6 +27,20 @@ def test_smoke_writes_results(bench, tmp_path):
     assert rows["peft"]["x_vs_peft"] == pytest.approx(1.0) and rows["hf"]["overhead_vs_hf"] == pytest.approx(1.0)
 
 
+def test_static_cache_compiled_rows(bench, tmp_path):
+    """--compile (the GPU default): transformers' static-cache generate, torch.compiled, for HF and Hydra's actor."""
+    import torch
+    torch._dynamo.reset()
+    args = ["--cpu", "--quick", "--compile", "--new-tokens", "4", "--reps", "1", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    rows = {r["impl"]: r for r in json.load(open(tmp_path / js))["results"]}
+    for impl in ("hf-static-compiled", "hydra-actor-static-compiled"):
+        assert "error" not in rows[impl], rows[impl]
+        assert rows[impl]["same_tokens_as_hf"] == 1.0 and rows[impl]["first_call_s"] > 0
+    torch._dynamo.reset()
+
+
 def test_bad_arguments_name_the_option(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--cpu", "--new-tokens", "0"])
