@@ -9,6 +9,9 @@ fp32 on CPU), all greedy, every row exactly --new-tokens long (EOS is disabled):
   peft         peft LoRA on every linear layer of the decoder (r = --lora-r, alpha = 2 r): what LoRA-PPO samples with
   hydra-actor  the same model patched by hydra_kernels (adapters actor + critic), sampling with the actor stream
   hydra-base   the patched model with LoRA off (Hydra's reference policy)
+  rollout-actor  hydra_kernels.rlhf.rollout.generate, the loop PPO samples with (fp32 head, own KV handling),
+               actor stream, greedy; rollout-actor-compiled (--compile): the same with compile=True
+               (PPOConfig.compile_rollout: static KV cache, torch.compiled step)
   hydra-actor-cuda  (GPU only) hydra-actor with HYDRA_KERNELS_CUDA_AUTO=1: the csrc small-batch LoRA kernel
   hf-static-compiled, hydra-actor-static-compiled  (--compile; default on a GPU) generate with
                cache_implementation="static", which torch.compiles the forward (mode reduce-overhead: CUDA graphs,
@@ -127,6 +130,17 @@ def run(args, save=lambda meta: None) -> dict:
                     return m.generate(input_ids=ids, **kw, **extra)
         return call
 
+    def rollout(m, compiled):
+        from hydra_kernels.rlhf.models import PolicyHandle
+        from hydra_kernels.rlhf.rollout import generate as rollout_generate
+
+        def call():
+            ro = rollout_generate(PolicyHandle(m, "actor"), ids, mask, max_new_tokens=N, temperature=0.0,
+                                  eos_token_id=ppo_bench.BenchTokenizer(vocab).eos_token_id,
+                                  pad_token_id=ppo_bench.BenchTokenizer.pad_token_id, compile=compiled)
+            return ro.input_ids
+        return call
+
     rows = []
     meta = {"bench": "bench/bench_decode.py", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": common.device_name(device), "device_type": device.type, "dtype": str(dtype).split(".")[-1],
@@ -159,7 +173,9 @@ def run(args, save=lambda meta: None) -> dict:
     patch_model(model, adapters=("actor", "critic"), r=args.lora_r, alpha=2 * args.lora_r)
     record("hydra-actor", generate(model, "actor"))
     record("hydra-base", generate(model, "base"))
+    record("rollout-actor", rollout(model, compiled=False))
     if args.compile:
+        record("rollout-actor-compiled", rollout(model, compiled=True))
         record("hydra-actor-static-compiled", generate(model, "actor", compiled=True))
         record("hf-static-compiled", generate(plain, compiled=True))
     if gpu:

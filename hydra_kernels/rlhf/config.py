@@ -219,6 +219,9 @@ class PPOConfig:
     top_p: float = 1.0                   # < 1: sampled from the nucleus, but PPO's log-probs are of the full
                                          # tempered distribution (as TRL), so the ratio is not exactly on-policy
     missing_eos_penalty: float | None = None   # subtracted from the score of responses that never emit EOS
+    compile_rollout: bool = False        # sample with a fixed-size KV cache and a torch.compiled decoding step
+                                         # (CUDA graphs on a GPU; prompts padded to the data's longest); the
+                                         # first rollout compiles
     # reward shaping
     reward_source: str = "head"          # "head": the learned reward head; "function": the reward_fn passed in
     kl_coef: float = 0.05                # β (initial value when adaptive)

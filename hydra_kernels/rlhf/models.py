@@ -81,8 +81,12 @@ class PolicyHandle:
         names = None if self.stream is None else (self.stream,)
         h, past = decoder_hidden(self.model, input_ids, attention_mask, position_ids, names,
                                  past_key_values, use_cache)
-        w = self.model.get_output_embeddings().weight
-        return mm_f32(h[0, :, -1], w.T), past
+        return last_logits(self.model.get_output_embeddings(), h[0]), past
+
+
+def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [B, V] of the last position of hidden [B, T, D]: the head in fp32, so sampled as scored."""
+    return mm_f32(hidden[:, -1], lm_head.weight.T)
 
 
 @dataclass

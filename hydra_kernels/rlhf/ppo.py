@@ -123,12 +123,14 @@ class PPOTrainer:
     def _rollout(self, step: int) -> tuple[list[str], Rollout]:
         cfg = self.cfg
         idx = batch_indices(len(self.prompts), cfg.batch_size, cfg.run.seed, step)
-        ids, mask = left_pad([self.prompt_tokens[i] for i in idx], self.tokenizer.pad_token_id)
+        # A compiled rollout pads every batch to the longest prompt of the data set: one shape, one compilation.
+        width = max(map(len, self.prompt_tokens)) if cfg.compile_rollout else None
+        ids, mask = left_pad([self.prompt_tokens[i] for i in idx], self.tokenizer.pad_token_id, width)
         gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.run.seed, step, 2))
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                      generator=gen)
+                      generator=gen, compile=cfg.compile_rollout)
         return [self.prompts[i] for i in idx], ro
 
     def _rewards(self, prompts, texts, ro: Rollout, scores: Scores) -> tuple[torch.Tensor, dict]:

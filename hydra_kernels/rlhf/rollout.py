@@ -6,12 +6,16 @@ torch.Generator, so a rollout depends only on the weights and the seed it is giv
 """
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 
+from hydra_kernels.nn.streams import streams
 from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
+from hydra_kernels.rlhf.models import last_logits
 
 
 @dataclass
@@ -70,14 +74,68 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class StaticDecoding:
+    """A fixed-size KV cache (transformers' StaticCache) and a torch.compiled decoding step for one policy and
+    one (batch, length): every step has the same shapes, so the compiled step (mode "reduce-overhead" on a GPU:
+    one CUDA graph replayed per token) has none of eager decoding's per-layer host overhead (Python, launches),
+    which bounds a small decoding batch. The first rollout compiles (about a minute for a 1B model); later ones
+    reuse the graph: `for_policy` keeps one per (model, stream, batch, length, device)."""
+
+    _cache: "weakref.WeakKeyDictionary" = None
+
+    def __init__(self, policy, batch: int, length: int, device: torch.device):
+        from transformers import StaticCache
+        model = policy.model
+        # Submodules and a weak reference only: the per-model cache below must not keep the model alive.
+        self.model, self.stream, self.length = weakref.ref(model), policy.stream, length
+        self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
+        self.kv = StaticCache(config=model.config, max_cache_len=length)
+        self.positions = torch.arange(length, device=device)
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.step = torch.compile(self._forward, fullgraph=True, dynamic=False, mode=mode)
+
+    @classmethod
+    def for_policy(cls, policy, batch: int, length: int, device: torch.device) -> "StaticDecoding":
+        if cls._cache is None:
+            cls._cache = weakref.WeakKeyDictionary()
+        per_model = cls._cache.setdefault(policy.model, {})
+        key = (policy.stream, batch, length, str(device))
+        if key not in per_model:
+            per_model[key] = cls(policy, batch, length, device)
+        return per_model[key]
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache_position):
+        # The backbone itself (not integrations.decoder_forward, whose checks and stream context are host work):
+        # one stream, its layout set around the call.
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=self.kv, use_cache=True, cache_position=cache_position)
+        return last_logits(self.lm_head, out.last_hidden_state)
+
+    def _run(self, fn, *args):
+        ctx = streams(self.model(), self.stream) if self.stream is not None else contextlib.nullcontext()
+        with ctx:
+            return fn(*args)
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        """The prompt (eager, once per rollout); attention_mask spans the whole cache [B, length]."""
+        self.kv.reset()
+        return self._run(self._forward, input_ids, attention_mask, position_ids,
+                         self.positions[:input_ids.shape[1]])
+
+    def decode(self, tokens, attention_mask, position_ids, column: int):
+        """One token per row, written to cache column `column` (compiled)."""
+        return self._run(self.step, tokens, attention_mask, position_ids, self.positions[column:column + 1])
+
+
 @torch.no_grad()
 def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int, pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, compile: bool = False) -> Rollout:
     """Sample up to max_new_tokens per prompt from `policy` (a models.PolicyHandle), with the KV cache.
 
     Stops early once every row has emitted EOS. Tokens after a row's EOS are pad and masked out (they are
     fed with attention mask 0, so they change nothing for the rows still running).
+    compile: decode with a StaticDecoding (fixed-size cache, compiled step); the same tokens as without.
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_mask: shape {tuple(prompt_mask.shape)} must equal prompt_ids' "
@@ -87,9 +145,15 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max
     if eos_token_id == pad_token_id:
         raise ValueError("pad_token_id: must differ from eos_token_id")
     device = prompt_ids.device
-    mask = prompt_mask.long()
-    logits, past = policy.logits(prompt_ids, mask, position_ids_from_mask(mask), None, True)
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=device)
+    (B, P), mask = prompt_ids.shape, prompt_mask.long()
+    if compile:
+        static = StaticDecoding.for_policy(policy, B, P + max_new_tokens, device)
+        # The mask spans the whole cache from the start (later columns 0 until their token exists): one shape.
+        mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)
+        logits = static.prefill(prompt_ids, mask, position_ids_from_mask(prompt_mask.long()))
+    else:
+        logits, past = policy.logits(prompt_ids, mask, position_ids_from_mask(mask), None, True)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, alive_cols = [], []
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
@@ -100,9 +164,15 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max
         finished = finished | (tok == eos_token_id)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, alive.long()[:, None]], 1)
+        if compile:
+            mask[:, P + t] = alive.long()
+        else:
+            mask = torch.cat([mask, alive.long()[:, None]], 1)
         pos = (mask.sum(-1, keepdim=True) - 1).clamp_min(0)
-        logits, past = policy.logits(tok[:, None], mask, pos, past, True)
+        if compile:
+            logits = static.decode(tok[:, None], mask, pos, P + t)
+        else:
+            logits, past = policy.logits(tok[:, None], mask, pos, past, True)
     response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
     return Rollout(prompt_ids, prompt_mask.long(), response_ids, response_mask, finished)
@@ -143,4 +213,5 @@ def sample_completions(models, tokenizer, prompts: Sequence[str], *, policy: str
     return texts, ended
 
 
-__all__ = ["Rollout", "generate", "sample_next", "top_p_filter", "decode_responses", "sample_completions"]
+__all__ = ["Rollout", "StaticDecoding", "generate", "sample_next", "top_p_filter", "decode_responses",
+           "sample_completions"]

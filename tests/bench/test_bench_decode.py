@@ -20,7 +20,7 @@ def test_smoke_writes_results(bench, tmp_path):
     result = json.load(open(tmp_path / js))
     assert result["device_type"] == "cpu" and result["date"] and result["versions"]["torch"]
     rows = {r["impl"]: r for r in result["results"]}
-    assert set(rows) == {"hf", "peft", "hydra-actor", "hydra-base"}
+    assert set(rows) == {"hf", "peft", "hydra-actor", "hydra-base", "rollout-actor"}
     for r in rows.values():
         assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and len(r["raw_s"]) == 1
         assert r["same_tokens_as_hf"] == 1.0, r["impl"]          # fp32 on CPU: exactly the same function
@@ -35,7 +35,7 @@ def test_static_cache_compiled_rows(bench, tmp_path):
     assert bench.main(args) == 0
     (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     rows = {r["impl"]: r for r in json.load(open(tmp_path / js))["results"]}
-    for impl in ("hf-static-compiled", "hydra-actor-static-compiled"):
+    for impl in ("hf-static-compiled", "hydra-actor-static-compiled", "rollout-actor-compiled"):
         assert "error" not in rows[impl], rows[impl]
         assert rows[impl]["same_tokens_as_hf"] == 1.0 and rows[impl]["first_call_s"] > 0
     torch._dynamo.reset()
