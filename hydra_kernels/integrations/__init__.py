@@ -4,7 +4,7 @@ checkpoints in safetensors, merged model directories, PEFT LoRA interop.
 transformers is imported lazily, inside the functions that need it.
 """
 from hydra_kernels.integrations.checkpoint import merge_adapter_into_base, merged_state_dict, save_merged
-from hydra_kernels.integrations.hydra_model import HydraModel, last_token_index
+from hydra_kernels.integrations.hydra_model import HydraModel, check_plain_logits, last_token_index
 from hydra_kernels.integrations.patch import (SUPPORTED_MODEL_TYPES, PatchInfo, decoder_forward, disable_dropout,
                                               hydra_modules,
                                               merged_adapters, patch_info, patch_model,
@@ -13,5 +13,5 @@ from hydra_kernels.integrations.peft_lora import export_peft, import_peft
 
 __all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "hydra_modules", "merged_adapters",
            "SUPPORTED_MODEL_TYPES", "repeat_for_streams", "decoder_forward", "position_ids_from_attention_mask", "disable_dropout",
-           "HydraModel", "last_token_index", "merge_adapter_into_base", "merged_state_dict", "save_merged",
+           "HydraModel", "last_token_index", "check_plain_logits", "merge_adapter_into_base", "merged_state_dict", "save_merged",
            "export_peft", "import_peft"]

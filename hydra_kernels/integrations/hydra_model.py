@@ -30,7 +30,7 @@ from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops.matmul import linear_f32
 
-__all__ = ["HydraModel", "last_token_index"]
+__all__ = ["HydraModel", "last_token_index", "check_plain_logits"]
 
 _HEAD_NAMES = ("reward_head", "value_head")
 
@@ -42,7 +42,8 @@ _LOGIT_TRANSFORMS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("
                      ("output_multiplier", 1.0))
 
 
-def _check_plain_logits(model: nn.Module) -> None:
+def check_plain_logits(model: nn.Module) -> None:
+    """ValueError if the model's forward transforms its logits after the LM head (see _LOGIT_TRANSFORMS)."""
     configs = [getattr(model, "config", None)]
     configs.append(getattr(configs[0], "text_config", None))         # multimodal wrappers keep it here
     for cfg in filter(None, configs):
@@ -51,8 +52,8 @@ def _check_plain_logits(model: nn.Module) -> None:
             if value is not None and value != off and not (key == "final_logit_softcapping" and value == 0):
                 raise ValueError(
                     f"model: {type(model).__name__} has config.{key}={value!r}: its forward transforms the logits "
-                    "after the LM head, which the fused LM head (ops.linear_logprobs, used to score rollouts) does "
-                    "not do, so PPO's log-probs would differ from the distribution it samples from")
+                    "after the LM head, while hydra_kernels samples and scores with the head's h·Wᵀ (the fused LM "
+                    "head), so PPO would train a distribution other than the model's")
 
 
 def _dtype_kwarg() -> str:
@@ -87,7 +88,7 @@ class HydraModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__()
         patch_info(model)
-        _check_plain_logits(model)
+        check_plain_logits(model)
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
         if head is None or not hasattr(head, "weight"):

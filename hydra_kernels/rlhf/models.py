@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hydra_kernels.integrations import HydraModel, decoder_forward, disable_dropout, patch_model
+from hydra_kernels.integrations import (HydraModel, check_plain_logits, decoder_forward, disable_dropout,
+                                        patch_model)
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
 from hydra_kernels.ops.matmul import mm_f32
 
@@ -171,7 +172,8 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     reward_head = copy.deepcopy(reward_head).float().requires_grad_(False)
     value_head = copy.deepcopy(reward_head).requires_grad_(True)
     lora = dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
-    lm_head_weight(model)                       # refuse a biased LM head before anything is patched
+    lm_head_weight(model)                       # refuse a biased LM head before anything is patched,
+    check_plain_logits(model)                   # and logits transformed after it (sampled and scored from h·Wᵀ)
     if variant in SHARED_VARIANTS:
         adapters = (ACTOR, CRITIC) if variant == "hydra" else (ACTOR,)
         info = getattr(model, "hydra_patch", None)

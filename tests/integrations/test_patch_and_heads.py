@@ -253,6 +253,18 @@ def test_models_that_transform_their_logits_are_refused(make, key):
         HydraModel(model)
 
 
+@pytest.mark.parametrize("variant", ["hydra", "lora"])
+def test_ppo_refuses_transformed_logits_before_patching(variant):
+    import transformers as T
+
+    from hydra_kernels.rlhf.config import PPOConfig
+    from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
+    model = T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8))
+    with pytest.raises(ValueError, match=r"config.final_logit_softcapping=30.0"):
+        build_ppo_models(model, new_reward_head(model), PPOConfig(variant=variant))
+    assert not hasattr(model, "hydra_patch")
+
+
 def test_logit_transforms_switched_off_are_accepted():
     import transformers as T
     model = T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8, final_logit_softcapping=None))
