@@ -306,6 +306,7 @@ def measure_row(spec: dict) -> dict:
                         model=ModelConfig(dtype=spec["dtype"],
                                           activation_checkpointing=spec["activation_checkpointing"]),
                         data=DataConfig(max_prompt_len=P, max_len=P + R),
+                        compile_rollout=bool(spec.get("compile_rollout")),
                         run=RunConfig(seed=SEED, device=str(device), progress=False,
                                       output_dir=spec.get("scratch") or tempfile.gettempdir()))
         models = build_ppo_models(model, head, cfg)
@@ -539,7 +540,8 @@ def markdown(result: dict) -> str:
         f"{m['intermediate_size']}, vocab {m['vocab_size']}; {s['dtype']}",
         f"- per PPO step: {s['batch_size']} prompts x {s['prompt_len']} tokens, {s['response_len']} new tokens each "
         f"(always full length), minibatch {s['mini_batch_size']}, {s['ppo_epochs']} PPO epoch(s); LoRA r "
-        f"{s['lora_r']}, alpha {2 * s['lora_r']}, all linear layers; AdamW",
+        f"{s['lora_r']}, alpha {2 * s['lora_r']}, all linear layers; AdamW"
+        + ("; rollouts with compile_rollout (static KV cache, compiled step)" if s.get("compile_rollout") else ""),
         f"- numbers from step {s['steps']} of {s['steps']} (step 1 is warm-up); memory: {mem_what}; "
         "memory ratios: step peak above the row's baseline (before its model was built"
         + (")" if gpu else ": the runtime's resident set)") + ", against the row of the same checkpointing setting",
@@ -611,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "default; 1 avoids OpenMP oversubscription noise)")
     ap.add_argument("--isolation", choices=["auto", "subprocess", "fork"], default="auto",
                     help="how each row gets its own process: auto = subprocess on GPU, fork on CPU")
+    ap.add_argument("--compile-rollout", action="store_true",
+                    help="PPOConfig.compile_rollout: static KV cache + compiled decoding step (the first step compiles)")
     ap.add_argument("--_worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return ap
 
@@ -642,6 +646,7 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    s["compile_rollout"] = args.compile_rollout
     specs = [dict(s, variant=v, activation_checkpointing=ck == "on", threads=args.threads)
              for ck in ("off", "on") if ck in args.checkpointing for v in VARIANTS if v in variants]
     now = _dt.datetime.now(_dt.timezone.utc)

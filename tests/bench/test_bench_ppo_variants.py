@@ -113,3 +113,16 @@ def test_subprocess_isolation_the_gpu_default(bench, tmp_path):
     assert row["status"] == "ok", row.get("error") or row.get("log_tail")
     assert row["variant"] == "hydra" and row["activation_checkpointing"] and len(row["steps"]) == 2
     assert row["memory_vs_lora"] is None and _finite(row["last"]["peak_step_mib"])
+
+
+def test_compile_rollout_rows(bench, tmp_path):
+    """--compile-rollout runs the rows with PPOConfig.compile_rollout (and says so in the settings and table)."""
+    assert bench.main(["--cpu", "--quick", "--variants", "hydra", "--checkpointing", "off", "--steps", "2",
+                       "--compile-rollout", "--out", str(tmp_path)]) == 0
+    (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.load(open(tmp_path / js))
+    (row,) = result["rows"]
+    assert result["settings"]["compile_rollout"] is True
+    assert row["status"] == "ok", row.get("error") or row.get("log_tail")
+    md = open(tmp_path / js.replace(".json", ".md")).read()
+    assert "compile_rollout" in md
