@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--isolation", choices=["auto", "subprocess", "fork"], default="auto",
                     help="how each row gets its own process: auto = subprocess on GPU, fork on CPU")
     ap.add_argument("--compile-rollout", action="store_true",
-                    help="PPOConfig.compile_rollout: static KV cache + compiled decoding step (the first step compiles)")
+                    help="PPOConfig.compile_rollout: static KV cache + compiled decoding step (step 1 compiles)")
     ap.add_argument("--_worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     return ap
 
