@@ -117,8 +117,9 @@ def test_subprocess_isolation_the_gpu_default(bench, tmp_path):
 
 def test_compile_rollout_rows(bench, tmp_path):
     """--compile-rollout runs the rows with PPOConfig.compile_rollout (and says so in the settings and table)."""
+    # A fresh interpreter per row: Inductor must not compile in a fork of a process whose threads it cannot own.
     assert bench.main(["--cpu", "--quick", "--variants", "hydra", "--checkpointing", "off", "--steps", "2",
-                       "--compile-rollout", "--out", str(tmp_path)]) == 0
+                       "--compile-rollout", "--isolation", "subprocess", "--out", str(tmp_path)]) == 0
     (js,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     result = json.load(open(tmp_path / js))
     (row,) = result["rows"]
