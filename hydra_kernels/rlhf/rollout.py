@@ -79,7 +79,7 @@ class StaticDecoding:
     one (batch, length): every step has the same shapes, so the compiled step (mode "reduce-overhead" on a GPU:
     one CUDA graph replayed per token) has none of eager decoding's per-layer host overhead (Python, launches),
     which bounds a small decoding batch. The first rollout compiles (about a minute for a 1B model); later ones
-    reuse the graph: `for_policy` keeps one per (model, stream, batch, length, device)."""
+    reuse the graph: `for_policy` keeps one per (model, stream, batch, length, device, dtype)."""
 
     _cache: "weakref.WeakKeyDictionary" = None
 
@@ -99,7 +99,7 @@ class StaticDecoding:
         if cls._cache is None:
             cls._cache = weakref.WeakKeyDictionary()
         per_model = cls._cache.setdefault(policy.model, {})
-        key = (policy.stream, batch, length, str(device))
+        key = (policy.stream, batch, length, str(device), policy.model.get_output_embeddings().weight.dtype)
         if key not in per_model:
             per_model[key] = cls(policy, batch, length, device)
         return per_model[key]
