@@ -15,7 +15,7 @@ fp32 on CPU), all greedy, every row exactly --new-tokens long (EOS is disabled):
   hydra-actor-cuda  (GPU only) hydra-actor with HYDRA_KERNELS_CUDA_AUTO=1: the csrc small-batch LoRA kernel
   hf-static-compiled, hydra-actor-static-compiled  (--compile; default on a GPU) generate with
                cache_implementation="static", which torch.compiles the forward (mode reduce-overhead: CUDA graphs,
-               no per-layer host overhead); the first call (timed apart as compile_s) compiles
+               no per-layer host overhead); the first call (timed apart: first_call_s) compiles
 Reported: median ms per generated token (the whole batch advances one token) over --reps timed calls after a
 warm-up call (Triton compilation and autotuning happen there), tokens/s, and ratios: `x vs peft` = peft's time /
 this row's (> 1: faster than peft), `overhead vs hf` = this row's time / hf's. lora_B is zero, as at the start of
@@ -174,10 +174,6 @@ def run(args, save=lambda meta: None) -> dict:
     record("hydra-actor", generate(model, "actor"))
     record("hydra-base", generate(model, "base"))
     record("rollout-actor", rollout(model, compiled=False))
-    if args.compile:
-        record("rollout-actor-compiled", rollout(model, compiled=True))
-        record("hydra-actor-static-compiled", generate(model, "actor", compiled=True))
-        record("hf-static-compiled", generate(plain, compiled=True))
     if gpu:
         from hydra_kernels.ops.lora_linear import CUDA_AUTO_ENV
         os.environ[CUDA_AUTO_ENV] = "1"
@@ -185,6 +181,10 @@ def run(args, save=lambda meta: None) -> dict:
             record("hydra-actor-cuda", generate(model, "actor"))   # the CUDA kernel has not run on a GPU before
         finally:
             os.environ.pop(CUDA_AUTO_ENV, None)
+    if args.compile:
+        record("rollout-actor-compiled", rollout(model, compiled=True))
+        record("hydra-actor-static-compiled", generate(model, "actor", compiled=True))
+        record("hf-static-compiled", generate(plain, compiled=True))
 
     return dict(meta, results=summarize(rows))
 
