@@ -5,6 +5,9 @@
     hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [key=value ...]
                                                                        PPO on a Hydra-SFT result
     hydra-rlhf selfcheck                                               ops against the float64 reference
+    hydra-rlhf bench NAME [options]                                    a benchmark of bench/ (source checkout):
+                                                                       lora, logprobs, linear-logprobs, ppo,
+                                                                       decode, tune-cuda-lora (NAME --help)
 
 Configs are JSON or YAML (fields: hydra_kernels.rlhf.config); `key=value` pairs override any field, dotted
 into sections (`lora.r=8 run.seed=3 data.sft_path=train.jsonl`). Results go to run.output_dir (default
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 
@@ -198,6 +203,22 @@ def _ppo(args) -> int:
     return 0
 
 
+# `hydra-rlhf bench NAME` -> bench/<script>. The scripts are not part of the installed package: they live next
+# to it in a source checkout (pip install -e .), as the GPU stages of bench/run_gpu.sh expect.
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+BENCHES = {"lora": "bench_lora_linear.py", "logprobs": "bench_logprobs.py",
+           "linear-logprobs": "bench_linear_logprobs.py", "ppo": "bench_ppo_variants.py",
+           "decode": "bench_decode.py", "tune-cuda-lora": "tune_cuda_lora.py"}
+
+
+def _bench(args) -> int:
+    script = os.path.join(BENCH_DIR, BENCHES[args.name])
+    if not os.path.exists(script):
+        raise ValueError(f"name: {script} not found: the benchmarks live in bench/ of a source checkout "
+                         "(git clone, then pip install -e .)")
+    return subprocess.call([sys.executable, script, *args.bench_args])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description="Hydra-RLHF on fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the trained policy (actor merged into the base) as a plain HF model directory")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_ppo)
+
+    p = sub.add_parser("bench", help="run a benchmark of bench/ (JSON + Markdown results; CPU smoke mode "
+                                     "without a GPU)",
+                       description="Runs bench/<script> with the options that follow NAME (see NAME --help). "
+                                   f"NAME: {', '.join(BENCHES)}.")
+    p.add_argument("name", choices=list(BENCHES))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...")
+    p.set_defaults(func=_bench)
     return parser
 
 
