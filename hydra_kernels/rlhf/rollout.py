@@ -83,11 +83,11 @@ class StaticDecoding:
 
     _cache: "weakref.WeakKeyDictionary" = None
 
-    def __init__(self, policy, batch: int, length: int, device: torch.device):
+    def __init__(self, policy, length: int, device: torch.device):
         from transformers import StaticCache
         model = policy.model
         # Submodules and a weak reference only: the per-model cache below must not keep the model alive.
-        self.model, self.stream, self.length = weakref.ref(model), policy.stream, length
+        self.model, self.stream = weakref.ref(model), policy.stream
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self.kv = StaticCache(config=model.config, max_cache_len=length)
         self.positions = torch.arange(length, device=device)
@@ -101,7 +101,7 @@ class StaticDecoding:
         per_model = cls._cache.setdefault(policy.model, {})
         key = (policy.stream, batch, length, str(device), policy.model.get_output_embeddings().weight.dtype)
         if key not in per_model:
-            per_model[key] = cls(policy, batch, length, device)
+            per_model[key] = cls(policy, length, device)   # the batch size comes with the first prefill
         return per_model[key]
 
     def _forward(self, input_ids, attention_mask, position_ids, cache_position):
