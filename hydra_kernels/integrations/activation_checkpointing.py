@@ -38,7 +38,7 @@ __all__ = ["enable_activation_checkpointing", "disable_activation_checkpointing"
 _FLAG = "_hydra_activation_checkpointing"                 # on a layer: True; its value of use_reentrant beside it
 _REENTRANT = "_hydra_activation_checkpointing_reentrant"
 _INPUT_HOOK = "_hydra_activation_checkpointing_input_hook"   # on the model: we turned on input require-grads
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")   # "cache": transformers >= 5.24
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:

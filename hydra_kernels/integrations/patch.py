@@ -5,6 +5,7 @@ transformers is imported lazily (only GPT-2's Conv1D class is needed here), so `
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -16,7 +17,7 @@ from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
 
 __all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams", "decoder_forward",
-           "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES"]
+           "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
 # that the test suite covers. Others are refused unless the caller opts in with allow_untested=True.
@@ -289,6 +290,26 @@ def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tens
     return pos.masked_fill(attention_mask == 0, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name under which `module.forward` takes its KV cache: "cache" from transformers 5.24 on (where the old
+    name "past_key_values" is deprecated and warns), "past_key_values" before."""
+    return "cache" if "cache" in _forward_params(type(module)) else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a transformers model output, under either name (reading the old one warns on >= 5.24)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     position_ids: torch.Tensor | None = None, streams: Sequence[str] | None = None,
                     past_key_values=None, use_cache: bool = False):
@@ -316,17 +337,17 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     backbone = model.base_model
     kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache}
     if past_key_values is not None:
-        kwargs["past_key_values"] = past_key_values
+        kwargs[cache_kwarg(backbone)] = past_key_values
     if position_ids is not None:
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids: shape {tuple(position_ids.shape)} does not match input_ids {(B, T)}")
-        if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        if "position_ids" not in _forward_params(type(backbone)):
             raise ValueError(f"position_ids: {type(backbone).__name__} does not take position ids")
         kwargs["position_ids"] = position_ids.repeat(S, 1)
     with (streams_context(model, *names) if names is not None else contextlib.nullcontext()):
         out = backbone(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden.view(S, B, T, hidden.shape[-1]), (out.past_key_values if use_cache else None)
+    return hidden.view(S, B, T, hidden.shape[-1]), (output_cache(out) if use_cache else None)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from hydra_kernels.integrations import cache_kwarg
 from hydra_kernels.nn.streams import streams
 from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
 from hydra_kernels.rlhf.models import last_logits
@@ -89,6 +90,7 @@ class StaticDecoding:
         # Submodules and a weak reference only: the per-model cache below must not keep the model alive.
         self.model, self.stream = weakref.ref(model), policy.stream
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
+        self.cache_kwarg = cache_kwarg(self.backbone)
         self.kv = StaticCache(config=model.config, max_cache_len=length)
         self.positions = torch.arange(length, device=device)
         mode = "reduce-overhead" if device.type == "cuda" else None
@@ -108,7 +110,7 @@ class StaticDecoding:
         # The backbone itself (not integrations.decoder_forward, whose checks and stream context are host work):
         # one stream, its layout set around the call.
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=self.kv, use_cache=True, cache_position=cache_position)
+                            use_cache=True, cache_position=cache_position, **{self.cache_kwarg: self.kv})
         return last_logits(self.lm_head, out.last_hidden_state)
 
     def _run(self, fn, *args):
