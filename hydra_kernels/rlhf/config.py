@@ -1,15 +1,15 @@
-"""Configuration for Hydra-SFT and PPO: dataclasses with documented defaults.
+"""Configuration for Hydra-SFT and PPO: dataclasses, the one source of truth for every setting.
 
-Files are JSON or YAML with one mapping per section, e.g.::
+A field's annotation is its type (`Literal[...]` for choices); `setting(default, help, ge=..., ...)` holds its
+default, one-line help and constraints. One generic check over the type hints enforces them (ValueError naming the
+dotted field), and `settings_help` lists them for `--help`. Files are JSON or YAML, one mapping per section::
 
     variant: hydra            # top-level PPOConfig fields
-    kl_coef: 0.05
     lora: {r: 8, alpha: 16}
     run: {seed: 1, output_dir: runs/ppo}
 
-and the command line overrides any field with dotted `key=value` pairs (`lora.r=8 run.seed=3 top_p=0.9`).
-Values are parsed as YAML scalars/lists (`true`, `1e-3`, `null`, `[q_proj,v_proj]`) and converted to the
-field's type; string fields (paths, names) take the text as written (`run.output_dir=runs/exp #2`). Every check raises ValueError naming the dotted field.
+Dotted `key=value` pairs override any field (`lora.r=8 top_p=0.9`), read as YAML scalars/lists (`true`, `1e-3`,
+`null`, `[q_proj,v_proj]`); string fields take the text as written (`run.output_dir=runs/exp #2`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
+import operator
 import os
+import re
+import shutil
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,386 +34,282 @@ PPO_VARIANTS = ("hydra", "j-hydra", "lora", "full")
 KL_ESTIMATORS = ("k1", "k3", "full")
 SFT_MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
+INT_MAX = 2 ** 31 - 1        # int settings lie within ±INT_MAX unless they say otherwise: a larger count is a typo
+SEED_MAX = 2 ** 64 - 1       # torch.manual_seed's upper limit
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
-def _fail(name: str, msg: str) -> None:
+def setting(default, help: str, *, ge=None, gt=None, le=None, lt=None, pattern: str | None = None,
+            syntax: str | None = None):
+    """A dataclass field with its one-line `help` and constraints: bounds `ge`/`gt`/`le`/`lt` (floats are also
+    finite), a regex `pattern` the whole string must match, and `syntax`: the accepted values in words, shown by
+    --help and in errors where the type does not say it (needed with `pattern`)."""
+    meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, syntax=syntax)
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def _fail(name: str, msg: str) -> typing.NoReturn:
     raise ValueError(f"{name}: {msg}")
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or (value < 0 if allow_zero else value <= 0):
-        _fail(name, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+class _Section:
+    """What every config dataclass can do: check (and normalise: 2.0 -> 2 for an int) its fields in place."""
+
+    def validate(self, prefix: str = "") -> None:
+        """Raises ValueError naming `prefix` + the field that breaks its type or constraints."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            name, tp, value = prefix + f.name, hints[f.name], getattr(self, f.name)
+            if dataclasses.is_dataclass(tp):
+                if isinstance(value, dict):       # PPOConfig(lora={"r": 8}), over this stage's defaults
+                    base = dataclasses.asdict(f.default_factory()) if f.default_factory is not dataclasses.MISSING \
+                        else {}
+                    value = _from_dict(tp, _merge(base, value), name + ".")
+                elif isinstance(value, tp):
+                    value.validate(name + ".")
+                else:
+                    _fail(name, f"must be a {tp.__name__} or a mapping of its fields, got {type(value).__name__}")
+            else:
+                value = _convert(name, value, tp, f.metadata)
+            setattr(self, f.name, value)
+        self._relations(prefix)
+
+    def _relations(self, prefix: str) -> None:
+        """Constraints between fields (none by default)."""
 
 
-def _optional_str(name: str, value) -> None:
-    if value is not None and not isinstance(value, str):
-        _fail(name, f"must be a string or null, got {value!r}")
+class _Stage(_Section):
+    def __post_init__(self):
+        self.validate()
 
 
-def _in_unit(name: str, value, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value <= 1) \
-            or (lo_open and value == 0):
-        _fail(name, f"must be in {'(0' if lo_open else '[0'}, 1], got {value!r}")
+def _convert(name: str, value, tp, meta) -> Any:
+    """`value` as type `tp` within the constraints `meta`: an int also from an integral float (2.0), a float from
+    an int; nothing else is converted. Raises ValueError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None if type(None) in args else _fail(name, "must not be null")
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
+            try:
+                return _convert(name, value, arm, meta)
+            except ValueError:
+                if len(arms) == 1:
+                    raise
+        _fail(name, f"must be {_type_text(tp, meta)}, got {value!r}")
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            _fail(name, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not value:
+            _fail(name, f"must be a non-empty list, got {value!r}")
+        return [_convert(name, v, args[0], {}) for v in value]
+    if tp is bool:
+        return value if isinstance(value, bool) else _fail(name, f"must be a bool, got {value!r}")
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            _fail(name, f"must be a non-empty string, got {value!r}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+            _fail(name, f"must be {meta['syntax']}, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, float) and value.is_integer():       # not inf, not nan
+            value = int(value)
+        else:
+            _fail(name, f"must be an int, got {value!r}")
+        bounds = {"ge": -INT_MAX, "le": INT_MAX} | {k: meta[k] for k in _BOUNDS if k in meta}
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            _fail(name, f"must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:                  # an int beyond float's range
+            value = float("inf")
+        if not math.isfinite(value):
+            _fail(name, f"must be a finite number, got {value!r}")
+        bounds = {k: meta[k] for k in _BOUNDS if k in meta}
+    else:
+        raise TypeError(f"{name}: config fields of type {tp!r} are not supported")
+    for key, bound in bounds.items():
+        op, sym = _BOUNDS[key]
+        if not op(value, bound):
+            _fail(name, f"must be {sym} {bound}, got {value!r}")
+    return value
+
+
+def _type_text(tp, meta) -> str:
+    """The accepted values of a field in words: `int >= 1`, `float in (0, 1]`, `full | lora`, `str | null`."""
+    if "syntax" in meta:
+        return meta["syntax"]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_text(a, meta) for a in args)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        return f"list of {_type_text(args[0], {})}"
+    lo = [k for k in ("ge", "gt") if k in meta]
+    hi = [k for k in ("le", "lt") if k in meta]
+    if lo and hi:
+        left, right = "[" if lo == ["ge"] else "(", "]" if hi == ["le"] else ")"
+        return f"{tp.__name__} in {left}{meta[lo[0]]}, {meta[hi[0]]}{right}"
+    return " ".join([tp.__name__] + [f"{_BOUNDS[k][1]} {meta[k]}" for k in lo + hi])
 
 
 # ------------------------------------------------------------------------------------------ sections
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Where the model and tokenizer come from (local directories only; nothing is downloaded)."""
-    path: str | None = None             # HF model directory; None when the caller passes a model object
-    tokenizer_path: str | None = None   # defaults to `path`
-    dtype: str = "float32"              # parameters' dtype: float32 | bfloat16 | float16
-    activation_checkpointing: bool = False   # recompute decoder-layer activations in backward (trained passes only)
-
-    def validate(self, prefix: str = "model.") -> None:
-        for name in ("path", "tokenizer_path"):
-            _optional_str(prefix + name, getattr(self, name))
-        if self.dtype not in DTYPES:
-            _fail(prefix + "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            _fail(prefix + "activation_checkpointing", f"must be a bool, got {self.activation_checkpointing!r}")
+    path: str | None = setting(None, "HF model directory (PPO: a Hydra-SFT output); null when passing a model object")
+    tokenizer_path: str | None = setting(None, "tokenizer directory; null = model.path")
+    dtype: Literal[DTYPES] = setting("float32", "dtype of the parameters")
+    activation_checkpointing: bool = setting(False, "recompute decoder-layer activations in backward (trained passes)")
 
 
 @dataclass
-class LoRAConfig:
-    """LoRA adapters (HydraLinear). alpha / r is the scaling; dropout is not supported (breaks PPO ratios)."""
-    r: int = 16
-    alpha: float = 32.0
-    target_modules: str | list[str] = "all-linear"   # "all-linear" or module-name suffixes, as in peft
-
-    def validate(self, prefix: str = "lora.") -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            _fail(prefix + "r", f"must be a positive int, got {self.r!r}")
-        _positive(prefix + "alpha", self.alpha)
-        tm = self.target_modules
-        if not tm == "all-linear" and not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
-            _fail(prefix + "target_modules", f"must be 'all-linear' or a non-empty list of module names (on the "
-                                             f"command line: {prefix}target_modules=[q_proj,v_proj]), got {tm!r}")
+class LoRAConfig(_Section):
+    """LoRA adapters (HydraLinear). Dropout is not supported: it breaks PPO's ratios."""
+    r: int = setting(16, "adapter rank", ge=1)
+    alpha: float = setting(32.0, "adapters are scaled by alpha / r", gt=0)
+    target_modules: Literal["all-linear"] | list[str] = setting(
+        "all-linear", "layers that get adapters: every linear layer, or module-name suffixes as in peft",
+        syntax="all-linear or a list of module names, e.g. [q_proj,v_proj]")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """JSONL inputs (schemas in hydra_kernels.rlhf.data) and length limits, in tokens."""
-    sft_path: str | None = None          # {prompt, completion}
-    preference_path: str | None = None   # {prompt, chosen, rejected}
-    prompt_path: str | None = None       # {prompt}
-    eval_fraction: float = 0.1           # share of preference pairs held out for reward accuracy / margin
-    max_prompt_len: int = 128            # longer prompts are cut from the left (the end is kept)
-    max_len: int = 256                   # prompt + completion in SFT; longer ones are cut at the right
+    sft_path: str | None = setting(None, "demonstrations, JSONL of {prompt, completion}")
+    preference_path: str | None = setting(None, "preference pairs, JSONL of {prompt, chosen, rejected}")
+    prompt_path: str | None = setting(None, "PPO prompts, JSONL of {prompt}")
+    eval_fraction: float = setting(0.1, "share of preference pairs held out for reward accuracy / margin", ge=0, lt=1)
+    max_prompt_len: int = setting(128, "longer prompts are cut from the left (the end is kept)", ge=1)
+    max_len: int = setting(256, "prompt + completion in SFT; longer ones are cut at the right", ge=1)
 
-    def validate(self, prefix: str = "data.") -> None:
-        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
-            _fail(prefix + "eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
-        for name in ("sft_path", "preference_path", "prompt_path"):
-            _optional_str(prefix + name, getattr(self, name))
-        for name in ("max_prompt_len", "max_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(prefix + name, f"must be a positive int, got {v!r}")
+    def _relations(self, prefix: str) -> None:
         if self.max_len <= self.max_prompt_len:
             _fail(prefix + "max_len", f"must exceed max_prompt_len ({self.max_prompt_len}), got {self.max_len}")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     """Seeds, output, logging and checkpoints."""
-    seed: int = 0
-    output_dir: str = "runs/hydra-rlhf"      # SFTConfig's default: runs/hydra-sft, PPOConfig's: runs/hydra-ppo
-    device: str = "auto"                 # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    checkpoint_every: int = 0            # steps between checkpoints (PPO and SFT); 0 = not by count
-    checkpoint_minutes: float = 30.0     # also checkpoint once this long has passed since the last one; 0 = off
-    keep_checkpoints: int = 2            # older checkpoints are deleted
-    resume: bool = True                  # continue from the last checkpoint in output_dir when one exists;
-                                         # false: start over, and this run's checkpoints replace the old ones
-    progress: bool = True                # tqdm progress bars
-    metrics_file: str = "metrics.jsonl"  # relative to output_dir
-
-    def validate(self, prefix: str = "run.") -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _fail(prefix + "seed", f"must be an int >= 0, got {self.seed!r}")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            _fail(prefix + "output_dir", f"must be a non-empty path, got {self.output_dir!r}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            _fail(prefix + "device", f"must be 'auto', 'cpu' or 'cuda[:n]', got {self.device!r}")
-        for name in ("checkpoint_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                _fail(prefix + name, f"must be an int >= 0, got {v!r}")
-        if isinstance(self.checkpoint_minutes, bool) or not isinstance(self.checkpoint_minutes, (int, float)) \
-                or not self.checkpoint_minutes >= 0:
-            _fail(prefix + "checkpoint_minutes", f"must be a number >= 0, got {self.checkpoint_minutes!r}")
-        for name in ("resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(prefix + name, f"must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.metrics_file, str) or not self.metrics_file:
-            _fail(prefix + "metrics_file", f"must be a non-empty file name, got {self.metrics_file!r}")
-        if self.keep_checkpoints < 1:
-            _fail(prefix + "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+    seed: int = setting(0, "seed of every random draw (data order, adapters, sampling)", ge=0, le=SEED_MAX)
+    output_dir: str = setting("runs/hydra-rlhf", "checkpoints, metrics and final/ go here")
+    device: str = setting("auto", "auto: cuda if available", pattern=r"auto|cpu|cuda(:[0-9]+)?",
+                          syntax="auto, cpu, cuda or cuda:N")
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0 = not by count", ge=0)
+    checkpoint_minutes: float = setting(30.0, "also checkpoint when this long has passed since the last; 0 = off",
+                                        ge=0)
+    keep_checkpoints: int = setting(2, "older checkpoints are deleted", ge=1)
+    resume: bool = setting(True, "continue from the last checkpoint in output_dir; false: start over, and this "
+                                 "run's checkpoints replace the old ones")
+    progress: bool = setting(True, "tqdm progress bars")
+    metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir")
 
 
 # ------------------------------------------------------------------------------------------- stages
 @dataclass
-class SFTConfig:
-    """Hydra-SFT: LM loss on demonstrations (+ chosen responses) + reward_coef · Bradley–Terry loss on pairs.
-
-    mode "full" trains every weight of the decoder (and both heads); mode "lora" trains a LoRA adapter and
-    the heads, then merges the adapter into the base weights, so that "LoRA off" in PPO is the SFT model.
-    """
-    mode: str = "full"                   # full | lora
-    epochs: int = 3
-    batch_size: int = 16                 # examples per step (demonstrations and pairs are batched separately)
-    lr: float = 1e-4
-    head_lr: float | None = None         # reward head's learning rate; None = lr
-    weight_decay: float = 0.0
-    warmup_steps: int = 0                # linear warm-up, then constant
-    max_grad_norm: float = 1.0
-    reward_coef: float = 1.0             # λ in  L = L_lm + λ · L_BT
-    lm_on_chosen: bool = True            # also apply the LM loss to the chosen response of each pair
+class SFTConfig(_Stage):
+    """Hydra-SFT: LM loss on demonstrations (+ chosen responses) + reward_coef · Bradley–Terry loss on pairs."""
+    mode: Literal[SFT_MODES] = setting("full", "full: train every weight and both heads; lora: train a LoRA "
+                                               "adapter and the heads, then merge the adapter into the base")
+    epochs: int = setting(3, "passes over the data", ge=1)
+    batch_size: int = setting(16, "examples per step (demonstrations and pairs are batched separately)", ge=1)
+    lr: float = setting(1e-4, "learning rate (AdamW)", gt=0)
+    head_lr: float | None = setting(None, "reward head's learning rate; null = lr", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = setting(0, "linear warm-up, then constant", ge=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this global norm", gt=0)
+    reward_coef: float = setting(1.0, "λ in L = L_lm + λ · L_BT", ge=0)
+    lm_on_chosen: bool = setting(True, "also apply the LM loss to the chosen response of each pair")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-sft"))
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        if self.mode not in SFT_MODES:
-            _fail("mode", f"must be one of {SFT_MODES}, got {self.mode!r}")
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, f"must be a positive int, got {v!r}")
-        _positive("lr", self.lr)
-        if self.head_lr is not None:
-            _positive("head_lr", self.head_lr)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            _fail("warmup_steps", f"must be an int >= 0, got {self.warmup_steps!r}")
-        _positive("max_grad_norm", self.max_grad_norm)
-        _positive("reward_coef", self.reward_coef, allow_zero=True)
-        if not isinstance(self.lm_on_chosen, bool):
-            _fail("lm_on_chosen", f"must be a bool, got {self.lm_on_chosen!r}")
-        _validate_sections(self)
-
 
 @dataclass
-class PPOConfig:
-    """PPO on the SFT model. Names follow TRL's PPOConfig where one exists.
-
-    variant: "hydra"   one base, adapters actor + critic; scoring = one forward with streams (base, actor, critic)
-             "j-hydra" one base, one shared adapter; streams (base, actor); values from the actor's hidden states
-             "lora"    the LoRA-PPO baseline: 4 models (reference, reward, actor+LoRA, critic+LoRA)
-             "full"    the full-PPO baseline: 4 models, actor and critic fully trained (small models only)
-    One PPO step = one rollout of `batch_size` prompts, then `ppo_epochs` passes over it in minibatches.
-    """
-    variant: str = "hydra"
-    steps: int = 100                     # PPO steps (rollouts)
-    batch_size: int = 16                 # prompts per rollout
-    mini_batch_size: int = 8             # rollouts per optimizer step (must divide batch_size)
-    ppo_epochs: int = 4
-    lr: float = 1e-4
-    critic_lr: float | None = None       # critic adapter / weights and value head; None = lr (0 freezes them)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    clip_grad_per_role: bool = False     # clip the actor's and the critic's gradients apart (default: jointly, as TRL)
-    # generation
-    max_new_tokens: int = 32
-    temperature: float = 1.0             # also used for the log-probs of the scoring and update passes
-    top_p: float = 1.0                   # < 1: sampled from the nucleus, but PPO's log-probs are of the full
-                                         # tempered distribution (as TRL), so the ratio is not exactly on-policy
-    missing_eos_penalty: float | None = None   # subtracted from the score of responses that never emit EOS
-    compile_rollout: bool = False        # sample with a fixed-size KV cache and a torch.compiled decoding step
-                                         # (CUDA graphs on a GPU; prompts padded to the data's longest); the
-                                         # first rollout compiles
-    # reward shaping
-    reward_source: str = "head"          # "head": the learned reward head; "function": the reward_fn passed in
-    kl_coef: float = 0.05                # β (initial value when adaptive)
-    kl_estimator: str = "k1"             # per-token KL in the reward: k1 | k3 | full (exact over the vocabulary)
-    adaptive_kl: bool = False            # Ziegler et al. proportional controller
-    kl_target: float = 6.0               # nats per sequence the adaptive controller aims for
-    kl_horizon: int = 10000              # samples over which the controller moves β by up to 20%
-    whiten_rewards: bool = False         # whiten per-token rewards over the batch (mean kept), as TRL
-    reward_clip: float | None = None     # clip scores to [-reward_clip, reward_clip] (before the missing-EOS penalty)
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    # losses
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0            # entropy bonus (0 = off)
+class PPOConfig(_Stage):
+    """PPO on the SFT model; names follow TRL's PPOConfig where one exists. One step = one rollout of
+    `batch_size` prompts, then `ppo_epochs` passes over it in minibatches."""
+    variant: Literal[PPO_VARIANTS] = setting(
+        "hydra", "hydra: one base, actor + critic adapters, one scoring forward; j-hydra: one shared adapter; "
+                 "lora / full: the 4-model LoRA-PPO / full-PPO baselines")
+    steps: int = setting(100, "PPO steps (rollouts)", ge=1)
+    batch_size: int = setting(16, "prompts per rollout", ge=1)
+    mini_batch_size: int = setting(8, "rollouts per optimizer step (must divide batch_size)", ge=1)
+    ppo_epochs: int = setting(4, "passes over each rollout", ge=1)
+    lr: float = setting(1e-4, "learning rate (AdamW)", gt=0)
+    critic_lr: float | None = setting(None, "critic and value head's learning rate; null = lr, 0 freezes them", ge=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    clip_grad_per_role: bool = setting(False, "clip the actor's and the critic's gradients apart (default: jointly, "
+                                              "as TRL)")
+    max_new_tokens: int = setting(32, "tokens sampled per response", ge=1)
+    temperature: float = setting(1.0, "sampling temperature, also used for the log-probs of scoring and update",
+                                 gt=0)
+    top_p: float = setting(1.0, "< 1: sampled from the nucleus, but the log-probs are of the full tempered "
+                                "distribution (as TRL), so the ratio is not exactly on-policy", gt=0, le=1)
+    missing_eos_penalty: float | None = setting(None, "subtracted from the score of responses that never emit EOS",
+                                                ge=0)
+    compile_rollout: bool = setting(False, "sample with a fixed-size KV cache and a torch.compiled decoding step "
+                                           "(CUDA graphs on a GPU); the first rollout compiles")
+    reward_source: Literal["head", "function"] = setting("head", "head: the learned reward head; function: the "
+                                                                 "reward function passed in (--reward-fn)")
+    kl_coef: float = setting(0.05, "β of the KL penalty (initial value when adaptive)", ge=0)
+    kl_estimator: Literal[KL_ESTIMATORS] = setting("k1", "per-token KL in the reward (full: exact over the "
+                                                         "vocabulary)")
+    adaptive_kl: bool = setting(False, "Ziegler et al.'s proportional controller for β")
+    kl_target: float = setting(6.0, "nats per sequence the adaptive controller aims for", gt=0)
+    kl_horizon: int = setting(10000, "samples over which the controller moves β by up to 20%", ge=1)
+    whiten_rewards: bool = setting(False, "whiten per-token rewards over the batch (mean kept), as TRL")
+    reward_clip: float | None = setting(None, "clip scores to [-reward_clip, reward_clip] (before the missing-EOS "
+                                              "penalty)", gt=0)
+    gamma: float = setting(1.0, "discount", ge=0, le=1)
+    lam: float = setting(0.95, "GAE λ", ge=0, le=1)
+    whiten_advantages: bool = setting(True, "whiten advantages over the batch")
+    cliprange: float = setting(0.2, "PPO ratio clip ε", gt=0)
+    cliprange_value: float = setting(0.2, "value clip around the rollout's values", gt=0)
+    vf_coef: float = setting(0.1, "weight of the value loss", ge=0)
+    entropy_coef: float = setting(0.0, "entropy bonus (0 = off)", ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-ppo"))
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        if self.variant not in PPO_VARIANTS:
-            _fail("variant", f"must be one of {PPO_VARIANTS}, got {self.variant!r}")
-        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, f"must be a positive int, got {v!r}")
+    def _relations(self, prefix: str) -> None:
         if self.batch_size % self.mini_batch_size:
             _fail("mini_batch_size", f"must divide batch_size ({self.batch_size}), got {self.mini_batch_size}")
-        _positive("lr", self.lr)
-        if self.critic_lr is not None:
-            _positive("critic_lr", self.critic_lr, allow_zero=True)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _positive("max_grad_norm", self.max_grad_norm)
-        if not isinstance(self.clip_grad_per_role, bool):
-            _fail("clip_grad_per_role", f"must be a bool, got {self.clip_grad_per_role!r}")
-        _positive("temperature", self.temperature)
-        _in_unit("top_p", self.top_p, lo_open=True)
-        if self.missing_eos_penalty is not None:
-            _positive("missing_eos_penalty", self.missing_eos_penalty, allow_zero=True)
-        if self.reward_source not in ("head", "function"):
-            _fail("reward_source", f"must be 'head' or 'function', got {self.reward_source!r}")
-        _positive("kl_coef", self.kl_coef, allow_zero=True)
-        if self.kl_estimator not in KL_ESTIMATORS:
-            _fail("kl_estimator", f"must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        _positive("kl_target", self.kl_target)
-        if self.reward_clip is not None:
-            _positive("reward_clip", self.reward_clip)
-        for name in ("gamma", "lam"):
-            _in_unit(name, getattr(self, name))
-        for name in ("cliprange", "cliprange_value"):
-            _positive(name, getattr(self, name))
-        _positive("vf_coef", self.vf_coef, allow_zero=True)
-        _positive("entropy_coef", self.entropy_coef, allow_zero=True)
-        for name in ("adaptive_kl", "whiten_rewards", "whiten_advantages"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, f"must be a bool, got {getattr(self, name)!r}")
-        _validate_sections(self)
-
-
-def _with_section_defaults(cls, name: str, data: dict) -> dict:
-    """`data` for section `name` of stage config `cls` over that stage's defaults for it (which may differ from the
-    section class's own: SFTConfig's run.output_dir is runs/hydra-sft, PPOConfig's runs/hydra-ppo)."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if f.default_factory is dataclasses.MISSING:
-        return data
-    return _merge(dataclasses.asdict(f.default_factory()), data)
-
-
-def _validate_sections(cfg) -> None:
-    types_ = _field_types(type(cfg))
-    for f in dataclasses.fields(cfg):
-        expected = types_[f.name]
-        if isinstance(expected, type) and dataclasses.is_dataclass(expected):
-            section = getattr(cfg, f.name)
-            if isinstance(section, dict):             # PPOConfig(lora={"r": 8}) is accepted
-                section = _from_mapping(expected, _with_section_defaults(type(cfg), f.name, section),
-                                        prefix=f.name + ".")
-                setattr(cfg, f.name, section)
-            if not isinstance(section, expected):
-                _fail(f.name, f"must be a {expected.__name__}, got {type(section).__name__}")
-            section.validate(f.name + ".")
 
 
 # ---------------------------------------------------------------------------- loading and overrides
 C = TypeVar("C", SFTConfig, PPOConfig)
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(name: str, value: Any, tp: Any) -> Any:
-    """Convert a parsed JSON/YAML value to the annotated type, or raise ValueError naming the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            _fail(name, "must not be null")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(name, value, arg)
-            except ValueError:
-                pass
-        _fail(name, f"cannot convert {value!r} to {tp}")
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):       # a single name where a list is expected
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            _fail(name, f"must be a list, got {value!r}")
-        return [_coerce(name, v, item) for v in value]
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            _fail(name, f"must be one of {typing.get_args(tp)}, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        _fail(name, f"must be a bool, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            _fail(name, f"must be an int, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            _fail(name, f"must be an int, got {value!r}")
-        if not math.isfinite(f) or f != int(f):
-            _fail(name, f"must be an int, got {value!r}")
-        return int(f)
-    if tp is float:
-        if isinstance(value, bool):
-            _fail(name, f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            _fail(name, f"must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            _fail(name, f"must be a string, got {value!r}")
-        return str(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            _fail(name, f"must be a mapping of {tp.__name__} fields, got {value!r}")
-        return _from_mapping(tp, value, prefix=name + ".")
-    return value
-
-
-def _from_mapping(cls, data: dict, prefix: str = ""):
-    types_ = _field_types(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in types_:
-            close = difflib.get_close_matches(str(key), list(types_), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            _fail(f"{prefix}{key}", f"unknown field of {cls.__name__}{hint}")
-        tp = types_[key]
-        if cls in (SFTConfig, PPOConfig) and isinstance(value, dict) and dataclasses.is_dataclass(tp):
-            value = _with_section_defaults(cls, key, value)
-        kwargs[key] = _coerce(prefix + key, value, tp)
-    if dataclasses.is_dataclass(cls) and cls in (SFTConfig, PPOConfig):
-        return cls(**kwargs)                       # validates itself
-    obj = cls(**kwargs)
-    obj.validate(prefix)
+def _from_dict(cls, data, prefix: str):
+    """An instance of config class `cls` from nested plain data, checked; unknown keys get a "did you mean"."""
+    if not isinstance(data, dict):
+        _fail(prefix[:-1] or "config", f"expected a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            _fail(f"{prefix}{key}", f"unknown field of {cls.__name__}" + (f" (did you mean '{prefix}{close[0]}'?)"
+                                                                          if close else ""))
+    obj = cls(**data)
+    if not isinstance(obj, _Stage):           # a stage checks itself on construction
+        obj.validate(prefix)
     return obj
 
 
 def config_from_dict(cls: type[C], data: dict) -> C:
     """Build and validate a config from nested plain data (the inverse of `config_to_dict`)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    return _from_mapping(cls, data)
+    return _from_dict(cls, data, "")
 
 
 def config_to_dict(cfg) -> dict:
@@ -416,21 +317,84 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def settings(cls) -> list[tuple[str, str, str, str]]:
+    """(dotted name, accepted values, default, one-line help) of every setting of config class `cls`, in field
+    order, sections flattened with the stage's defaults (SFTConfig's run.output_dir is runs/hydra-sft)."""
+    def rows(obj, prefix):
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from rows(value, f"{prefix}{f.name}.")
+            else:
+                shown = json.dumps(value) if not isinstance(value, str) else value
+                yield prefix + f.name, _type_text(hints[f.name], f.metadata), shown, f.metadata.get("help", "")
+    return list(rows(cls(), ""))
+
+
+def settings_help(cls, width: int | None = None) -> str:
+    """Every setting of `cls` as `name=default  accepted values`, its help below, wrapped to `width` columns
+    (default: the terminal's, as argparse)."""
+    width = width or max(60, shutil.get_terminal_size().columns - 2)
+    lines = ["settings (key=value; shown with their defaults):"]
+    for name, accepted, default, help_ in settings(cls):
+        lines.append(f"{'  ' + name + '=' + default:<34}  {accepted}")
+        lines += textwrap.wrap(help_, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def _type_at(cls, parts: Sequence[str]):
     """The annotated type of the dotted field `parts` of config class `cls`, or None if there is none."""
     tp = cls
     for part in parts:
-        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+        if not dataclasses.is_dataclass(tp):
             return None
-        tp = _field_types(tp).get(part)
+        tp = typing.get_type_hints(tp).get(part)
     return tp
 
 
 def _is_text(tp) -> bool:
-    """str or str | None: a path or a name."""
-    if tp is str:
-        return True
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}
+    """A path, a name or a choice: str, a Literal of strings, either or None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        return len(arms) == 1 and _is_text(arms[0])
+    return tp is str or typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a config file (args: the key, and where)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys, and reading 1e-3 as a float (YAML 1.2; 1.1 wants 1.0e-3)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue                       # refused by SafeLoader itself
+            if key in seen:
+                raise _DuplicateKey(key, f" (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+.0123456789"))
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: a dict, or _DuplicateKey."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key, "")
+        out[key] = value
+    return out
 
 
 def parse_overrides(pairs: Sequence[str], cls: type | None = None) -> dict:
@@ -444,20 +408,20 @@ def parse_overrides(pairs: Sequence[str], cls: type | None = None) -> dict:
             raise ValueError(f"override: expected key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         key = key.strip()
-        if not key or any(not part for part in key.split(".")):
+        parts = key.split(".")
+        if not all(parts):
             raise ValueError(f"override: bad key in {pair!r}")
         text = raw.strip()
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-        if cls is not None and _is_text(_type_at(cls, key.split("."))) and not quoted \
-                and text not in ("null", "Null", "NULL", "~"):
+        if cls is not None and _is_text(_type_at(cls, parts)) and not quoted and text not in ("null", "Null",
+                                                                                                "NULL", "~"):
             value = text
         else:
             try:
-                value = yaml.safe_load(raw) if text else ""
-            except yaml.YAMLError:
+                value = yaml.load(raw, Loader=_Loader) if text else ""
+            except (yaml.YAMLError, _DuplicateKey):
                 value = raw                      # not YAML: keep the text (e.g. a path with a colon)
         node = out
-        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -479,17 +443,23 @@ def apply_overrides(cfg: C, pairs: Sequence[str]) -> C:
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
-    """A JSON (.json) or YAML (anything else) file as nested plain data; errors name the file."""
+    """A JSON (.json) or YAML (anything else) file as nested plain data. Raises ValueError naming the file: not
+    readable, not UTF-8, not valid, a key given twice in one mapping, or not a mapping at the top."""
     path = os.fspath(path)
+    kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ValueError(f"config: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config: {path} is not a UTF-8 text file (a {kind} config is expected)") from None
     try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if kind == "JSON" else yaml.load(text, Loader=_Loader)
+    except _DuplicateKey as e:
+        raise ValueError(f"config: {path}: key {e.args[0]!r} is given twice{e.args[1]}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"config: {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+        raise ValueError(f"config: {path} is not valid {kind}: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -528,5 +498,6 @@ def save_config(cfg, path: str | os.PathLike) -> None:
 
 
 __all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS",
-           "KL_ESTIMATORS", "load_config", "apply_overrides", "parse_overrides", "config_from_dict",
-           "config_to_dict", "read_config_file", "save_config", "recipe_overrides"]
+           "KL_ESTIMATORS", "setting", "settings", "settings_help", "load_config", "apply_overrides",
+           "parse_overrides", "config_from_dict", "config_to_dict", "read_config_file", "save_config",
+           "recipe_overrides"]
