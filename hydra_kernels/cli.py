@@ -9,9 +9,9 @@
                                                                        lora, logprobs, linear-logprobs, ppo,
                                                                        decode, tune-cuda-lora (NAME --help)
 
-Configs are JSON or YAML (fields: hydra_kernels.rlhf.config); `key=value` pairs override any field, dotted
-into sections (`lora.r=8 run.seed=3 data.sft_path=train.jsonl`). Results go to run.output_dir (default
-runs/hydra-sft and runs/hydra-ppo). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
+Configs are JSON or YAML; `key=value` pairs override any setting, dotted into sections (`lora.r=8 run.seed=3
+data.sft_path=train.jsonl`); `hydra-rlhf sft --help` / `ppo --help` list them all. Results go to run.output_dir
+(default runs/hydra-sft and runs/hydra-ppo). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -220,6 +220,8 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hydra_kernels.rlhf.config import PPOConfig, SFTConfig, settings_help
+
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description="Hydra-RLHF on fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("selfcheck", help="check the ops against the float64 reference on CPU")
@@ -236,23 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_demo)
 
+    # The settings listed under --help come from the config dataclasses, so a new field appears there by itself.
     p = sub.add_parser("sft", help="Hydra-SFT (LM + reward head) on JSONL demonstrations and preference pairs",
-                       description="Needs model.path (a local HF model directory) and data.sft_path and/or "
-                                   "data.preference_path; writes <run.output_dir>/final (load it with `ppo`).")
+                       description="Needs model.path (a local HF model directory) and data.sft_path and/or\n"
+                                   "data.preference_path; writes <run.output_dir>/final (load it with `ppo`).",
+                       epilog=settings_help(SFTConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON or YAML SFTConfig")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("ppo", help="PPO (variant hydra, j-hydra, lora or full) on a Hydra-SFT result",
-                       description="Needs model.path (a Hydra-SFT output directory, i.e. <sft output>/final) and "
-                                   "data.prompt_path; the reward is the SFT reward head, or your function "
-                                   "given with --reward-fn (which sets reward_source=function).")
+                       description="Needs model.path (a Hydra-SFT output directory, i.e. <sft output>/final) and\n"
+                                   "data.prompt_path; the reward is the SFT reward head, or your function given\n"
+                                   "with --reward-fn (which sets reward_source=function).",
+                       epilog=settings_help(PPOConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON or YAML PPOConfig")
     p.add_argument("--reward-fn", default=None, metavar="MOD:FN",
                    help="reward function (prompts, completions, ended) -> floats, as module:function or file.py:function")
     p.add_argument("--merge-to", default=None, metavar="DIR",
                    help="also write the trained policy (actor merged into the base) as a plain HF model directory")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
     p.set_defaults(func=_ppo)
 
     p = sub.add_parser("bench", help="run a benchmark of bench/ (JSON + Markdown results; CPU smoke mode "
@@ -281,6 +286,28 @@ def _after_interrupt(args) -> str:
     return f"; the same command continues from {last}"
 
 
+def _setting_hint(command: str, stray: list[str], argv: list[str] | None) -> str:
+    """For `--steps 3` / `--lora.r=8` where a setting is meant: " (settings are key=value: did you mean steps=3?)"."""
+    from hydra_kernels.rlhf.config import PPOConfig, SFTConfig, settings
+
+    cls = {"sft": SFTConfig, "ppo": PPOConfig}.get(command)
+    if cls is None:
+        return ""
+    names = {name.replace(".", "_"): name for name, *_ in settings(cls)}     # --lora-r and --lora.r: lora.r
+    argv = list(sys.argv[1:] if argv is None else argv)
+    meant = []
+    for arg in stray:
+        key, eq, value = arg.lstrip("-").partition("=")
+        key = names.get(key.replace("-", "_").replace(".", "_"))
+        if not arg.startswith("--") or key is None:
+            continue
+        if not eq:               # `--steps 3`: the value is the next word, unless it is an option or a pair
+            i = argv.index(arg) + 1 if arg in argv else len(argv)
+            value = argv[i] if i < len(argv) and not argv[i].startswith("-") and "=" not in argv[i] else "..."
+        meant.append(f"{key}={value}")
+    return f" (settings are key=value: did you mean {' '.join(meant)}?)" if meant else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value pairs may come on both sides of an option (`... --merge-to DIR steps=2`): argparse gives the
@@ -288,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        parser.error(f"unrecognized arguments: {' '.join(stray)}{_setting_hint(args.command, stray, argv)}")
     if extra:
         args.overrides = list(args.overrides) + extra
     try:

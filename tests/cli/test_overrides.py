@@ -1,9 +1,5 @@
-"""key=value overrides of string settings (paths, names) keep the text as typed.
-
-Before, every value was read as YAML, so a path changed without a word: run.output_dir="runs/exp #2" became
-runs/exp ('#' starts a YAML comment: the run wrote into, or resumed, another run's directory), 007 became 7,
-yes became True, 0x10 became 16; `demo --out` had the same problem.
-"""
+"""key=value overrides of string settings (paths, names) keep the text as typed: as YAML, `runs/exp #2` would be
+runs/exp ('#' starts a comment), 007 would be 7, yes True and 0x10 16; `demo --out` likewise."""
 import pytest
 
 from hydra_kernels import rlhf

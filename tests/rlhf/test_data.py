@@ -1,63 +1,15 @@
-"""Config loading/overrides/validation; JSONL schemas and errors; tokenization and collation."""
+"""JSONL schemas and errors; tokenization and collation."""
 import json
 
 import pytest
 import torch
 
-from hydra_kernels.rlhf.config import (PPOConfig, SFTConfig, apply_overrides, config_from_dict, config_to_dict,
-                                       load_config, save_config)
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, check_tokenizer, collate_sequences,
                                      load_preference_jsonl, load_prompt_jsonl, load_sft_jsonl, tokenize_pairs,
                                      tokenize_prompts, tokenize_sft)
 from tests.rlhf._tiny import CharTokenizer
 
 
-# ------------------------------------------------------------------------------------------------ config
-def test_defaults_are_valid_and_round_trip(tmp_path):
-    for cls in (SFTConfig, PPOConfig):
-        cfg = cls()
-        assert config_from_dict(cls, config_to_dict(cfg)) == cfg
-        save_config(cfg, tmp_path / "c.json")
-        assert load_config(cls, tmp_path / "c.json") == cfg
-
-
-def test_yaml_file_then_dotted_overrides(tmp_path):
-    (tmp_path / "c.yaml").write_text("variant: j-hydra\nkl_coef: 0.1\nlora: {r: 8}\nrun:\n  seed: 3\n")
-    cfg = load_config(PPOConfig, tmp_path / "c.yaml", ["lora.alpha=4", "run.seed=5", "adaptive_kl=true",
-                                                        "missing_eos_penalty=1", "lora.target_modules=[q_proj,v_proj]"])
-    assert (cfg.variant, cfg.kl_coef, cfg.lora.r, cfg.lora.alpha, cfg.run.seed) == ("j-hydra", 0.1, 8, 4.0, 5)
-    assert cfg.adaptive_kl is True and cfg.missing_eos_penalty == 1.0
-    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
-    assert apply_overrides(cfg, ["missing_eos_penalty=null"]).missing_eos_penalty is None
-
-
-@pytest.mark.parametrize("override, field", [
-    ("variant=ppo", "variant"), ("lora.r=0", "lora.r"), ("kl_coef=-1", "kl_coef"), ("top_p=1.5", "top_p"),
-    ("mini_batch_size=5", "mini_batch_size"), ("run.seed=1.5", "run.seed"), ("kl_estimator=k2", "kl_estimator"),
-    ("lora.rank=4", "lora.rank"), ("steps=many", "steps"), ("data.max_len=8", "data.max_len"),
-    ("run.device=tpu", "run.device"),
-])
-def test_bad_values_name_the_field(override, field):
-    with pytest.raises(ValueError, match=f"^{field}: "):
-        load_config(PPOConfig, None, [override])
-
-
-def test_bad_files_and_pairs(tmp_path):
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
-        load_config(PPOConfig, tmp_path / "bad.json")
-    (tmp_path / "list.yaml").write_text("- 1\n")
-    with pytest.raises(ValueError, match="mapping"):
-        load_config(SFTConfig, tmp_path / "list.yaml")
-    with pytest.raises(ValueError, match="key=value"):
-        load_config(SFTConfig, None, ["epochs"])
-    with pytest.raises(ValueError, match=r"unknown field.*did you mean 'lora.alpha'"):
-        load_config(SFTConfig, None, ["lora.alhpa=3"])
-    with pytest.raises(ValueError, match="^mode: "):
-        SFTConfig(mode="qlora")
-
-
-# -------------------------------------------------------------------------------------------------- data
 def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return path
