@@ -13,7 +13,7 @@ import torch
 
 from hydra_kernels import ops, reference
 from hydra_kernels.ops import logprobs as lp_mod
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 from tests._util import REL_TOL, poison_, rel_err
 
 # CPU-tensor Triton runs need the interpreter; conftest turns it on only where no GPU exists. On a GPU

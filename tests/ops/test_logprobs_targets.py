@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hydra_kernels import ops
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 
 needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
                                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1")

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from hydra_kernels import ops
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 
 ll_mod = importlib.import_module("hydra_kernels.ops.lora_linear")     # the package exports the function
 needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
