@@ -16,8 +16,9 @@ from torch import nn
 from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
 
-__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams", "decoder_forward",
-           "validate_streams", "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
+__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules",
+           "repeat_for_streams", "decoder_forward", "validate_streams", "position_ids_from_attention_mask",
+           "disable_dropout", "DROPOUT_MODULES", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
 # that the test suite covers. Others are refused unless the caller opts in with allow_untested=True.

@@ -1,11 +1,12 @@
 """The KL(π ‖ π_ref) estimators: their names, the mode ids the kernels take, and the sampled-token formulas.
 
-Sampled-token estimators (Schulman's k1, k2, k3) from the log-probs of the sampled token under both policies,
-with d = log π_ref(t) − log π(t):  k1 = −d,  k2 = d²/2,  k3 = e^d − 1 − d.  "full" is the exact KL summed over
-the vocabulary, which each op accumulates in its own vocabulary sweep. The torch backends of ops.logprobs and
-ops.linear_logprobs take the sampled formulas and their derivatives from here; the Triton kernels
-(kernels/triton/logprobs.py) and csrc/ (enum KlMode in csrc/hydra_kernels.h) spell the same formulas and mode
-ids in their own languages. Every backend is checked against hydra_kernels.reference, which derives its own.
+Sampled-token estimators (Schulman's k1, k2, k3) from the log-probs of the sampled token under both
+policies, with d = log π_ref(t) − log π(t): k1 = −d, k2 = d²/2, k3 = e^d − 1 − d. "full" is the exact KL
+summed over the vocabulary, which each op accumulates in its own vocabulary sweep. The torch backends of
+ops.logprobs and ops.linear_logprobs take the sampled formulas and their derivatives from here; the Triton
+kernels (kernels/triton/logprobs.py) and csrc/ (enum KlMode in csrc/hydra_kernels.h) spell the same formulas
+and mode ids in their own languages. Every backend is checked against hydra_kernels.reference, which derives
+its own.
 """
 from __future__ import annotations
 

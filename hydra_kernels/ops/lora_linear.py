@@ -1,7 +1,7 @@
 """ops.lora_linear: one linear layer, several LoRA streams, one launch.
 
-Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous streams; stream s uses
-adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
+Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous streams (kernels/layout.py);
+stream s uses adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
 The base weight and bias are frozen: gradients flow to x, lora_A and lora_B only.
 
 lora_A / lora_B are in x's dtype, or fp32 master weights with a 16-bit x (as PEFT keeps adapters of a bf16
