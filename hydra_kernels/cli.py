@@ -126,6 +126,7 @@ def _sft(args) -> int:
 
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.rewards import load_reward_fn
 
     overrides = list(args.overrides)
     if args.reward_fn:
@@ -146,7 +147,6 @@ def _ppo(args) -> int:
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
-    from hydra_kernels.rlhf.rewards import load_reward_fn
     reward_fn = load_reward_fn(args.reward_fn, name="--reward-fn") if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
