@@ -16,7 +16,6 @@ data.sft_path=train.jsonl`); `hydra-rlhf sft --help` / `ppo --help` list them al
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -125,37 +124,9 @@ def _sft(args) -> int:
     return 0
 
 
-def load_reward_fn(spec: str):
-    """`package.module:function` (or a path/to/file.py:function) -> the callable."""
-    import os
-
-    if ":" not in spec:
-        raise ValueError(f"--reward-fn: expected module:function or file.py:function, got {spec!r}")
-    mod_name, fn_name = spec.rsplit(":", 1)
-    if mod_name.endswith(".py"):
-        if not os.path.isfile(mod_name):
-            raise ValueError(f"--reward-fn: no such file {mod_name!r}")
-        sp = importlib.util.spec_from_file_location("hydra_rlhf_user_reward", mod_name)
-        if sp is None or sp.loader is None:
-            raise ValueError(f"--reward-fn: cannot load {mod_name!r}")
-        module = importlib.util.module_from_spec(sp)
-        sp.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name is None or not (mod_name == e.name or mod_name.startswith(e.name + ".")):
-                raise                   # the user's module failed to import one of its own dependencies
-            raise ValueError(f"--reward-fn: cannot import module {mod_name!r} ({e}); for a file, give "
-                             f"path/to/file.py:{fn_name}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"--reward-fn: {spec!r} is not a callable")
-    return fn
-
-
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.rewards import load_reward_fn
 
     overrides = list(args.overrides)
     if args.reward_fn:
@@ -176,7 +147,7 @@ def _ppo(args) -> int:
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    reward_fn = load_reward_fn(args.reward_fn, name="--reward-fn") if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
     import os

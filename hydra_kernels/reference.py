@@ -2,6 +2,8 @@
 
 Nothing here is fast, and nothing here is clever: each function is the math as written in the docs.
 Call with float64 tensors for ground truth; autograd through these gives the reference gradients.
+It imports nothing of hydra_kernels (tests/test_imports.py checks): a formula shared with the ops could not
+catch their mistakes, so the stream split and the KL estimators are derived here again.
 """
 from __future__ import annotations
 
@@ -40,8 +42,6 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 # ------------------------------------------------------------------------------ log-probs, KL, entropy
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
-
 
 def _log_softmax_stats(logits: torch.Tensor, temperature: float):
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
@@ -66,14 +66,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kl: str) -> torch.Tensor:
-    """Sampled-token KL(π‖π_ref) estimators (Schulman's k1, k2, k3) from the two log-probs of the target."""
-    d = ref_logp - logp
+    """Sampled-token KL(π‖π_ref) estimators (Schulman's k1, k2, k3) from the two log-probs of the target,
+    with r = π_ref(t) / π(t): k1 = −log r, k2 = (log r)² / 2, k3 = (r − 1) − log r."""
+    log_r = ref_logp - logp
     if kl == "k1":
-        return -d
+        return -log_r
     if kl == "k2":
-        return 0.5 * d * d
+        return 0.5 * log_r * log_r
     if kl == "k3":
-        return torch.expm1(d) - d
+        return torch.expm1(log_r) - log_r          # (r − 1) − log r without cancellation at r ≈ 1
     raise ValueError(f"kl: unknown sampled estimator {kl!r}")
 
 

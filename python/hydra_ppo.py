@@ -25,7 +25,8 @@ import json
 import sys
 from pathlib import Path
 
-from hydra_kernels import cli, rlhf
+from hydra_kernels import rlhf
+from hydra_kernels.rlhf import rewards
 from hydra_kernels.rlhf.models import load_tokenizer
 
 
@@ -36,7 +37,7 @@ def example_reward(prompts, completions, ended):
 
 def load_reward_fn(spec: str):
     """"example" (the function above), or module:function / path/to/file.py:function as `hydra-rlhf ppo` takes."""
-    return example_reward if spec == "example" else cli.load_reward_fn(spec)
+    return example_reward if spec == "example" else rewards.load_reward_fn(spec, name="--reward-fn")
 
 
 DEFAULT_OUT = "runs/hydra-ppo"

@@ -24,8 +24,8 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.patch import (BASE, PatchInfo, _validate_streams, decoder_forward, hydra_modules,
-                                              patch_info, patch_model)
+from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
+                                              patch_model, validate_streams)
 from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops.matmul import linear_f32
@@ -260,7 +260,7 @@ class HydraModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, stream: str = "actor",
                  **generate_kwargs):
         """model.generate (KV cache and all) with every layer on one stream ("base" = the reference policy)."""
-        _validate_streams(self.model, (stream,))
+        validate_streams(self.model, (stream,))
         with hydra_streams(self.model, stream):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 

@@ -16,8 +16,9 @@ from torch import nn
 from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
 
-__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules", "repeat_for_streams", "decoder_forward",
-           "position_ids_from_attention_mask", "disable_dropout", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
+__all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules",
+           "repeat_for_streams", "decoder_forward", "validate_streams", "position_ids_from_attention_mask",
+           "disable_dropout", "DROPOUT_MODULES", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
 # that the test suite covers. Others are refused unless the caller opts in with allow_untested=True.
@@ -323,7 +324,7 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
-    names = None if streams is None else _validate_streams(model, streams)
+    names = None if streams is None else validate_streams(model, streams)
     B, T = input_ids.shape
     S = 1 if names is None else len(names)
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[0] != B
@@ -350,6 +351,10 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return hidden.view(S, B, T, hidden.shape[-1]), (output_cache(out) if use_cache else None)
 
 
+# torch.nn's dropout modules (the public subclasses of its private _DropoutNd base).
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability in `model` to 0, in place: nn.Dropout modules and the float attributes
     attention layers read directly (e.g. Llama's `attention_dropout`, OPT's `dropout`).
@@ -358,7 +363,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     mode. The config is left alone, so a merged checkpoint keeps the original dropout settings.
     """
     for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, DROPOUT_MODULES):
             module.p = 0.0
         for name, value in list(vars(module).items()):
             if "dropout" in name.lower() and isinstance(value, float):
@@ -366,7 +371,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def _validate_streams(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+def validate_streams(model: nn.Module, names: Sequence[str] | str) -> tuple[str, ...]:
+    """names as a tuple of stream names of the patched `model` ("base" or one of its adapters; a str is one name).
+    Raises ValueError (naming streams) for an empty or unknown name, and as patch_info for an unpatched model."""
     info = patch_info(model)
     names = (names,) if isinstance(names, str) else tuple(names)    # "actor" means one stream, not five
     if not names:

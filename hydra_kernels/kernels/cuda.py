@@ -28,14 +28,14 @@ import warnings
 
 import torch
 
+from hydra_kernels.kernels.kl import kl_mode
+
 __all__ = [
     "load", "is_available", "unavailable_reason",
     "logprobs_and_kl_forward", "logprobs_and_kl_backward",
     "lora_linear_forward", "lora_small_supported", "lora_small_config",
-    "KL_MODES",
 ]
 
-KL_MODES = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
 LOGPROB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LORA_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -232,9 +232,7 @@ def logprobs_and_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor | Non
                             temperature: float, kl: str, ignore_index: int, *, threads: int | None = None,
                             max_blocks: int | None = None):
     """-> (logp, ref_logp, kl_out, entropy, stats); see hydra_kernels/kernels/triton/logprobs.py."""
-    if kl not in KL_MODES:
-        raise ValueError(f"kl: unknown mode {kl!r} (expected one of {tuple(KL_MODES)})")
-    mode = KL_MODES[kl]
+    mode = kl_mode(kl)
     if (ref_logits is None) != (mode == 0):
         raise ValueError("kl: 'none' goes with ref_logits=None, and only with it")
     _check_cuda("logits", logits)
@@ -262,9 +260,7 @@ def logprobs_and_kl_backward(grad_logp: torch.Tensor | None, grad_kl: torch.Tens
                              stats: torch.Tensor, temperature: float, kl: str, ignore_index: int, *,
                              threads: int | None = None, max_blocks: int | None = None) -> torch.Tensor:
     """-> dlogits [B, T, V] contiguous in logits' dtype; see hydra_kernels/kernels/triton/logprobs.py."""
-    if kl not in KL_MODES:
-        raise ValueError(f"kl: unknown mode {kl!r} (expected one of {tuple(KL_MODES)})")
-    mode = KL_MODES[kl]
+    mode = kl_mode(kl)
     if mode == 0:                     # no reference: only log-probs exist, nothing else can carry gradient
         grad_kl = grad_entropy = None
     if mode == 4 and grad_kl is not None and ref_logits is None:

@@ -11,12 +11,10 @@ import os
 
 import torch
 
+from hydra_kernels.kernels.triton import triton_interpreting
+
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "HYDRA_KERNELS_BACKEND"
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend(backend: str | None) -> str:

@@ -9,7 +9,7 @@ read from targets: [*tok] integer (a leading stream dimension is there when hidd
 targets). weight: [V, D], same dtype (float32, bfloat16, float16) and device as hidden.
 Returns float32: logp [S, *tok] = log softmax(h·Wᵀ / temperature)[target], entropy [S, *tok] (of each stream's
 distribution), and kl [*tok] = KL(π_0 ‖ π_1) between streams 0 and 1 when kl is "k1" | "k2" | "k3" (sampled-token
-estimators, reference.kl_estimate) or "full" (exact, summed over the vocabulary, same sweep), else None.
+estimators, kernels/kl.py) or "full" (exact, summed over the vocabulary, same sweep), else None.
 With a hidden of no stream dimension the stream dimension is dropped from logp/entropy too.
 All outputs are 0 where target == ignore_index, and those tokens receive no gradient.
 Semantics are reference.linear_logprobs (float64 ground truth).
@@ -48,15 +48,15 @@ from typing import List, Sequence
 
 import torch
 
-from hydra_kernels.ops._checks import check_positive_float, check_target_values, check_tensor
+from hydra_kernels.kernels.kl import SAMPLED_KL_ESTIMATORS, sampled_kl, sampled_kl_grad
+from hydra_kernels.ops._checks import (TARGET_DTYPES, check_ignore_index, check_kl, check_target_values,
+                                       check_temperature, check_tensor)
 from hydra_kernels.ops.backend import choose_backend, requested_backend
 from hydra_kernels.ops.matmul import mm_f32
 
 __all__ = ["linear_logprobs"]
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 # Tunables, read at run time (tests shrink them to force several chunks at tiny shapes).
 # torch backend: fp32 elements of one [S, tokens_chunk, vocab_chunk] logits temporary.
@@ -106,11 +106,7 @@ def _finish(lse, entropy, logp, kl_full, targets, kl, ignore_index):
     if kl == "none":
         k = lse.new_zeros(0)
     else:
-        if kl == "full":
-            k = kl_full
-        else:
-            d = logp[1] - logp[0]
-            k = -d if kl == "k1" else (0.5 * d * d if kl == "k2" else torch.expm1(d) - d)
+        k = kl_full if kl == "full" else sampled_kl(logp[1] - logp[0], kl)
         k = torch.where(valid, k, zero)
     return logp, entropy, k, lse
 
@@ -123,10 +119,9 @@ def _coefficients(g_logp, g_ent, g_kl, logp, entropy, klv, lse, targets, kl, ign
     c_lp = g_logp.float() if g_logp is not None else lse.new_zeros(S, T)
     c_h = g_ent.float() if g_ent is not None else lse.new_zeros(S, T)
     klrow = None
-    if kl in ("k1", "k2", "k3") and g_kl is not None:
-        # dk/dlogp0 with d = logp1 − logp0; the reference's log-prob is a constant (no gradient to stream 1).
-        d = logp[1] - logp[0]
-        dk = torch.ones_like(d) if kl == "k1" else (-d if kl == "k2" else -torch.expm1(d))
+    if kl in SAMPLED_KL_ESTIMATORS and g_kl is not None:
+        # The reference's log-prob is a constant in the KL (no gradient to stream 1).
+        dk = sampled_kl_grad(logp[1] - logp[0], kl)
         c_lp = torch.cat([(c_lp[0] + g_kl.float() * dk).unsqueeze(0), c_lp[1:]])
     elif kl == "full":
         g = g_kl.float() if g_kl is not None else lse.new_zeros(T)
@@ -462,14 +457,11 @@ def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch
         raise ValueError("weight: empty vocabulary")
     check_tensor("targets", targets, device=h0.device)
     S = len(streams)
-    if kl is not None:
-        if kl not in KL_ESTIMATORS:
-            raise ValueError(f"kl: unknown estimator {kl!r} (expected None or one of {KL_ESTIMATORS})")
-        if S < 2:
-            raise ValueError("kl: needs at least two streams (stream 0 = policy, stream 1 = reference)")
-    temperature = check_positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    check_kl(kl, allow_none=True)
+    if kl is not None and S < 2:
+        raise ValueError("kl: needs at least two streams (stream 0 = policy, stream 1 = reference)")
+    temperature = check_temperature(temperature)
+    check_ignore_index(ignore_index)
     if backend is None and requested_backend(None) == "cuda":
         backend = "auto"     # a process-wide "cuda" preference: this op has no CUDA kernel, use the default
     chosen = choose_backend(backend, h0.device, available=("torch", "triton"))

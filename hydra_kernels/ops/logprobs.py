@@ -8,7 +8,7 @@ logits / ref_logits: [..., V] float32, bfloat16 or float16 (float64 on the torch
 device; the last dimension must have stride 1 or it is copied once (other dims may be strided: a
 `logits[:, :-1]` slice is read in place). targets: [...] integer, logits.shape[:-1]. Outputs are float32,
 shaped like targets, and 0 wherever target == ignore_index. kl: "k1" | "k2" | "k3" (sampled-token estimators of
-KL(pi || pi_ref), see reference.kl_estimate) or "full" (exact KL over the whole vocabulary). entropy is the
+KL(pi || pi_ref), see kernels/kl.py) or "full" (exact KL over the whole vocabulary). entropy is the
 actor's. Semantics are those of `hydra_kernels.reference` (the float64 ground truth).
 
 Targets outside [0, V) that are not ignore_index raise ValueError in eager mode (one small reduction and a
@@ -33,13 +33,13 @@ from typing import Optional
 
 import torch
 
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_positive_float, check_target_values, check_tensor
+from hydra_kernels.kernels.kl import SAMPLED_KL_ESTIMATORS, sampled_kl, sampled_kl_grad
+from hydra_kernels.ops._checks import (FLOAT_DTYPES, TARGET_DTYPES, check_ignore_index, check_kl, check_target_values,
+                                       check_temperature, check_tensor)
 from hydra_kernels.ops.backend import choose_backend
 
-__all__ = ["token_logprobs", "logprobs_and_kl", "KL_ESTIMATORS"]
+__all__ = ["token_logprobs", "logprobs_and_kl"]
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "full")
-TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 _GPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Elements of one fp32 [rows, V] temporary in the torch backend (16 MiB): bounds its memory at any size.
@@ -126,7 +126,7 @@ def _torch_forward(logits, ref_logits, targets, temperature, kl, ignore_index):
             if temperature != 1.0:
                 zt, zrt = zt / temperature, zrt / temperature
             d = torch.where(in_range, ((zrt - zt) + (m - mr)) + (log_s - log_sr), nan)
-            k = -d if kl == "k1" else (0.5 * d * d if kl == "k2" else torch.expm1(d) - d)
+            k = sampled_kl(d, kl)
         ref_logp[r0:r1] = torch.where(valid, rlp, zero)
         kl_out[r0:r1] = torch.where(valid, k, zero)
         entropy[r0:r1] = torch.where(valid, ent, zero)
@@ -149,10 +149,9 @@ def _torch_backward(grad_logp, grad_kl, grad_entropy, logits, ref_logits, target
     valid = targets != ignore_index
     # Per-row coefficients (the same algebra as the Triton kernel's).
     g = grad_logp.to(cdt) if grad_logp is not None else zeros
-    if grad_kl is not None and kl in ("k1", "k2", "k3"):
+    if grad_kl is not None and kl in SAMPLED_KL_ESTIMATORS:
         gk, lp, rlp = grad_kl.to(cdt), logp.to(cdt), ref_logp.to(cdt)
-        dk = torch.ones_like(lp) if kl == "k1" else (lp - rlp if kl == "k2" else -torch.expm1(rlp - lp))
-        g = g + gk * dk
+        g = g + gk * sampled_kl_grad(rlp - lp, kl)
     g = torch.where(valid, g, zeros)
     gh = torch.where(valid, grad_entropy.to(cdt), zeros) if grad_entropy is not None else zeros
     h = entropy.to(cdt) if grad_entropy is not None else zeros
@@ -342,13 +341,9 @@ def _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, ba
         if tuple(ref_logits.shape) != tuple(logits.shape):
             raise ValueError(f"ref_logits: shape {tuple(ref_logits.shape)} must equal logits' "
                              f"{tuple(logits.shape)}")
-    if kl is not None and kl not in KL_ESTIMATORS:
-        raise ValueError(f"kl: unknown estimator {kl!r} (expected one of {KL_ESTIMATORS})")
-    if isinstance(temperature, torch.Tensor):
-        raise ValueError("temperature: pass a Python float, not a tensor (it is a compile-time kernel constant)")
-    temperature = check_positive_float("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+    check_kl(kl, allow_none=ref_logits is None)
+    temperature = check_temperature(temperature)
+    check_ignore_index(ignore_index)
     chosen = choose_backend(backend, logits.device, gpu_default="triton")
     if chosen in ("triton", "cuda") and logits.dtype not in _GPU_DTYPES:
         raise ValueError(f"logits: dtype {logits.dtype} is supported by the torch backend only "
@@ -380,8 +375,6 @@ def logprobs_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: tor
     """
     if ref_logits is None:
         raise ValueError("ref_logits: required (use token_logprobs for the actor alone)")
-    if kl is None:
-        raise ValueError(f"kl: unknown estimator None (expected one of {KL_ESTIMATORS})")
     temperature, chosen = _check_inputs(logits, ref_logits, targets, temperature, kl, ignore_index, backend)
     # The reference is frozen: detach so autograd never routes anything to it.
     x3, r3 = _as_3d(logits, ref_logits.detach())

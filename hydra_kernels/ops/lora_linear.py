@@ -1,7 +1,7 @@
 """ops.lora_linear: one linear layer, several LoRA streams, one launch.
 
-Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous streams; stream s uses
-adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
+Rows of x ([rows, K], leading dims flattened) are split into S equal contiguous streams (kernels/layout.py);
+stream s uses adapter stream_adapters[s] (−1 = base, LoRA off). y = x·Wᵀ + b (+ scaling[a]·(x·A[a]ᵀ)·B[a]ᵀ).
 The base weight and bias are frozen: gradients flow to x, lora_A and lora_B only.
 
 lora_A / lora_B are in x's dtype, or fp32 master weights with a 16-bit x (as PEFT keeps adapters of a bf16
@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from hydra_kernels.kernels.layout import rows_per_stream, split_streams
 from hydra_kernels.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, plain_eager
 from hydra_kernels.ops.backend import choose_backend
-from hydra_kernels.reference import split_streams
 
 __all__ = ["lora_linear"]
 
@@ -231,19 +231,18 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if not -1 <= a < n:
             raise ValueError(f"stream_adapters: adapter index {a} out of range for {n} adapters (−1 = base)")
     x2 = x.reshape(-1, K)
-    if x2.shape[0] % len(adapters):
-        raise ValueError(f"stream_adapters: {x2.shape[0]} rows do not split into {len(adapters)} equal streams")
+    m = rows_per_stream(x2.shape[0], len(adapters))
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight: lora_linear treats the base weight as frozen; call weight.requires_grad_(False)")
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise ValueError("bias: lora_linear treats the base bias as frozen; call bias.requires_grad_(False)")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)
-    gpu_default = _gpu_default(x2.shape[0] // len(adapters), r, n_streams=len(adapters), dtype=x.dtype,
+    gpu_default = _gpu_default(m, r, n_streams=len(adapters), dtype=x.dtype,
                                in_features=K, n_adapters_used=len({a for a in adapters if a >= 0}),
                                needs_grad=needs_grad, device=x.device)
     chosen = choose_backend(backend, x.device, gpu_default=gpu_default)
     args = (x2.contiguous(), weight.contiguous(), bias, lora_A.contiguous(), lora_B.contiguous(), scales, adapters)
-    if needs_grad or not plain_eager(x):
+    if needs_grad or not plain_eager(x2):      # x2: a reshape made here, a FakeTensor under FakeTensorMode
         y, _ = _lora_linear_op(*args, chosen)
     else:
         # Eager and no gradient (decoding, scoring): the same implementation without the custom op's dispatch,

@@ -30,8 +30,9 @@ from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
 
+from hydra_kernels.ops import KL_ESTIMATORS
+
 PPO_VARIANTS = ("hydra", "j-hydra", "lora", "full")
-KL_ESTIMATORS = ("k1", "k3", "full")
 SFT_MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
 INT_MAX = 2 ** 31 - 1        # int settings lie within ±INT_MAX unless they say otherwise: a larger count is a typo

@@ -1,17 +1,46 @@
-"""`hydra-rlhf ppo --reward-fn` and `--merge-to`, run as a user runs them (python -m hydra_kernels.cli).
-
-Found by walking the README's command line: the documented `module:function` form always crashed
-(UnboundLocalError), a missing file or module gave a traceback, and a `--reward-fn` given without
-`reward_source=function` was silently ignored (PPO trained on the reward head); `--merge-to` with a variant that
-cannot merge was refused only after the whole run.
+"""Reward functions from a spec: hydra_kernels.rlhf.rewards.load_reward_fn in process, and `hydra-rlhf ppo
+--reward-fn` / `--merge-to` run as a user runs them (python -m hydra_kernels.cli).
 """
 import json
+import sys
 
 import pytest
 
+from hydra_kernels.rlhf.rewards import load_reward_fn
 from tests.cli._local import PPO_SMALL, assert_one_line_error, cli, make_local
 
 REWARD = "def reward(prompts, completions, ended):\n    return [0.5] * len(prompts)\n"
+
+
+def test_load_reward_fn_from_a_file_and_a_module(tmp_path, monkeypatch):
+    (tmp_path / "mine.py").write_text(REWARD)
+    (tmp_path / "pkg_rewards").mkdir()
+    (tmp_path / "pkg_rewards" / "__init__.py").write_text("")
+    (tmp_path / "pkg_rewards" / "mod.py").write_text(REWARD)
+    fn = load_reward_fn(f"{tmp_path / 'mine.py'}:reward")
+    assert fn(["p", "q"], ["a", "b"], [True, False]) == [0.5, 0.5]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "pkg_rewards", raising=False)
+    monkeypatch.delitem(sys.modules, "pkg_rewards.mod", raising=False)
+    assert load_reward_fn("pkg_rewards.mod:reward")(["p"], ["a"], [True]) == [0.5]
+
+
+@pytest.mark.parametrize("spec, needle", [("no_colon", "module:function"), ("{tmp}/missing.py:reward", "missing.py"),
+                                          ("no_such_module_xyz:reward", "no_such_module_xyz"),
+                                          ("{tmp}/mine.py:rewrd", "rewrd"), ("{tmp}/mine.py:VALUE", "VALUE")])
+def test_load_reward_fn_errors_name_the_argument(tmp_path, spec, needle):
+    (tmp_path / "mine.py").write_text(REWARD + "VALUE = 3\n")
+    for kwargs, name in (({}, "spec"), ({"name": "--reward-fn"}, "--reward-fn")):
+        with pytest.raises(ValueError, match=f"^{name}: .*{needle}"):
+            load_reward_fn(spec.format(tmp=tmp_path), **kwargs)
+
+
+def test_load_reward_fn_keeps_the_error_of_a_broken_user_module(tmp_path, monkeypatch):
+    """The module is found but imports something missing: that is the user's bug, reported as it is."""
+    (tmp_path / "broken_reward_mod.py").write_text("import no_such_dependency_xyz\n" + REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        load_reward_fn("broken_reward_mod:reward")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +71,7 @@ def test_reward_fn_as_module_function(local, tmp_path):
 
 
 def test_reward_fn_alone_selects_the_function(local, tmp_path):
-    """--reward-fn without reward_source=function: the user's function drives PPO (it was silently ignored)."""
+    """--reward-fn without reward_source=function: the user's function drives PPO."""
     root, paths = local
     proc = _ppo(paths, tmp_path / "ppo", "--reward-fn", f"{root / 'mine.py'}:reward")
     assert proc.returncode == 0, proc.stderr[-3000:]

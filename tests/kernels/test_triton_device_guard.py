@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from hydra_kernels import ops
-from hydra_kernels.kernels.triton import device_guard
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import device_guard, triton_interpreting
 
 pytestmark = pytest.mark.skipif(not triton_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 

@@ -15,7 +15,7 @@ llp_mod = importlib.import_module("hydra_kernels.ops.linear_logprobs")      # th
 from tests._util import assert_rel_close
 
 BACKENDS = ["torch", "triton"]
-KLS = [None, "k1", "k2", "k3", "full"]
+KLS = [None, *ops.KL_ESTIMATORS]
 IGNORE = -100
 
 
@@ -311,6 +311,7 @@ def test_bad_input_names_the_argument():
         (dict(temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=torch.tensor(0.7)), "temperature"),          # a kernel constant: a Python float
         (dict(w=w.half()), "weight"),                                   # dtype mismatch
         (dict(w=w.to("meta")), "weight"),                               # device mismatch
         (dict(h=h.double(), w=w.double()), "hidden"),                   # unsupported dtype

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hydra_kernels import ops, reference
+from hydra_kernels.kernels.triton import triton_interpreting
 from hydra_kernels.ops import logprobs as lp_mod
-from hydra_kernels.ops.backend import triton_interpreting
 from tests._util import REL_TOL, poison_, rel_err
 
 # CPU-tensor Triton runs need the interpreter; conftest turns it on only where no GPU exists. On a GPU
@@ -22,7 +22,7 @@ needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
                                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
 GPU_BACKENDS = ["torch", "triton"]
-KLS = ["k1", "k2", "k3", "full"]
+KLS = list(ops.KL_ESTIMATORS)              # every estimator the ops take
 IGN = -100
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

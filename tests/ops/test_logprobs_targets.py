@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hydra_kernels import ops
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 
 needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
                                        reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -40,6 +40,23 @@ def test_shape_inference_under_fake_tensor_mode(backend):
         outs = ops.logprobs_and_kl(x, r, t, 0.5, "full", backend=backend)
     for o in (lp, *outs):
         assert isinstance(o, FakeTensor) and o.shape == (2, 3) and o.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_inputs_inside_fake_tensor_mode(backend):
+    """Real tensors made outside a FakeTensorMode(allow_non_fake_inputs=True) and passed in under it: the ops
+    answer with their fake implementations, and the target check reads no values (the mode fakes every result)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    x, r = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    t = torch.randint(0, 7, (2, 3))
+    h, w = torch.randn(2, 6, 4), torch.randn(7, 4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        lp = ops.token_logprobs(x, t, backend=backend)
+        outs = ops.logprobs_and_kl(x, r, t, 0.5, "k3", backend=backend)
+        lin = ops.linear_logprobs(h, w, t.reshape(-1), kl="k3", backend=backend)
+    for o in (lp, *outs):
+        assert isinstance(o, FakeTensor) and o.shape == (2, 3) and o.dtype == torch.float32
+    assert all(isinstance(o, FakeTensor) for o in lin) and lin[0].shape == (2, 6) and lin[2].shape == (6,)
 
 
 @pytest.mark.gpu

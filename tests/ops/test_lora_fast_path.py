@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from hydra_kernels import ops
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 
 ll_mod = importlib.import_module("hydra_kernels.ops.lora_linear")     # the package exports the function
 needs_interpreter = pytest.mark.skipif(not triton_interpreting(),
@@ -63,3 +63,25 @@ def test_no_grad_call_under_fake_tensor_mode_and_make_fx(backend):
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert "hydra_kernels.lora_linear.default" in targets, targets
     torch.testing.assert_close(gm(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_call_on_real_tensors_inside_fake_tensor_mode(backend):
+    """Real inputs passed in under FakeTensorMode(allow_non_fake_inputs=True): the op's fake implementation
+    answers (a kernel launched on the fake outputs would fail)."""
+    x, w, b, A, B = make(2 * 4, 16, 12, 1, 2, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad():
+            y = ops.lora_linear(x, w, b, A, B, 1.0, (0, -1), backend=backend)
+    assert isinstance(y, FakeTensor) and y.shape == (8, 12) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_make_fx_records_the_custom_op_in_every_tracing_mode(backend, tracing_mode):
+    x, w, b, A, B = make(2 * 4, 16, 12, 1, 2, torch.float32)
+    f = lambda x, w, b, A, B: ops.lora_linear(x, w, b, A, B, 1.0, (0, -1), backend=backend)   # noqa: E731
+    gm = make_fx(f, tracing_mode=tracing_mode)(x, w, b, A, B)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "hydra_kernels.lora_linear.default" in targets, targets
+    torch.testing.assert_close(gm(x, w, b, A, B), f(x, w, b, A, B), rtol=0, atol=0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hydra_kernels import ops, reference
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import triton_interpreting
 from tests._util import assert_rel_close
 
 # These run on CPU tensors: Triton needs the interpreter, which conftest turns on only where no GPU exists.

@@ -52,13 +52,18 @@ def test_sections_as_mappings_take_the_stage_defaults():
 
 @pytest.mark.parametrize("override, field", [
     ("variant=ppo", "variant"), ("lora.r=0", "lora.r"), ("kl_coef=-1", "kl_coef"), ("top_p=1.5", "top_p"),
-    ("mini_batch_size=5", "mini_batch_size"), ("run.seed=1.5", "run.seed"), ("kl_estimator=k2", "kl_estimator"),
+    ("mini_batch_size=5", "mini_batch_size"), ("run.seed=1.5", "run.seed"), ("kl_estimator=k4", "kl_estimator"),
     ("lora.rank=4", "lora.rank"), ("steps=many", "steps"), ("data.max_len=8", "data.max_len"),
     ("run.device=tpu", "run.device"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         load_config(PPOConfig, None, [override])
+
+
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3", "full"])
+def test_every_kl_estimator_of_the_ops_is_accepted(kl):
+    assert load_config(PPOConfig, None, [f"kl_estimator={kl}"]).kl_estimator == kl
 
 
 def test_bad_files_and_pairs(tmp_path):

@@ -1,8 +1,25 @@
-"""Triton kernels, one module per op (imported lazily by hydra_kernels.ops so CPU use never needs triton)."""
+"""Triton kernels, one module per op (imported lazily by hydra_kernels.ops so CPU use never needs triton).
+
+This package file itself imports no triton: hydra_kernels.ops.backend reads triton_interpreting() from here.
+"""
 
 import contextlib
+import os
 
 import torch
+
+__all__ = ["device_guard", "triton_interpreting", "on_interpreter"]
+
+
+def triton_interpreting() -> bool:
+    """True when TRITON_INTERPRET=1: Triton then runs kernels in its interpreter on CPU tensors (the variable
+    must be set before triton is imported, as tests/conftest.py does)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_interpreter(t: torch.Tensor) -> bool:
+    """A launch on t runs in the interpreter (t is no CUDA tensor), where the launchers pick small tiles."""
+    return t.device.type != "cuda"
 
 
 def device_guard(t: torch.Tensor):

@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydra_kernels.kernels.triton import device_guard
-from hydra_kernels.ops.backend import triton_interpreting
+from hydra_kernels.kernels.triton import device_guard, triton_interpreting
 
 MAX_STREAMS = 4      # streams per forward launch (one fp32 [BT, BV] accumulator each)
 

@@ -26,7 +26,8 @@ Inputs (the op validates everything before calling; launchers assume valid input
               a compile-time constant of the kernel (never a float64 runtime argument).
   kl          "none" (ref_logits is None), "k1" | "k2" | "k3" (sampled-token estimators of KL(pi||pi_ref)
               from the two target log-probs, d = ref_logp - logp: k1 = -d, k2 = d^2/2, k3 = e^d - 1 - d),
-              or "full" (exact sum over the vocabulary of p (log p - log p_ref)).
+              or "full" (exact sum over the vocabulary of p (log p - log p_ref)); names and mode ids:
+              hydra_kernels/kernels/kl.py.
 
 Forward outputs, all float32, all [N], all exactly 0 on ignored rows:
   logp        log softmax(z)[target]
@@ -72,12 +73,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hydra_kernels.kernels.triton import device_guard
+from hydra_kernels.kernels.kl import kl_mode
+from hydra_kernels.kernels.triton import device_guard, on_interpreter
 
-__all__ = ["logprobs_and_kl_forward", "logprobs_and_kl_backward", "KL_MODES"]
-
-# kl string -> constexpr code used by the kernels.
-KL_MODES = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "full": 4}
+__all__ = ["logprobs_and_kl_forward", "logprobs_and_kl_backward"]
 
 # A global used inside kernels must be a tl.constexpr (compiled Triton rejects plain Python globals).
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -294,10 +293,6 @@ def _launch_cfg(V: int, block_v: int | None, num_warps: int | None, interpreting
     return block_v, num_warps
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 def _row_strides(t: torch.Tensor | None):
     if t is None:
         return 0, 0
@@ -310,7 +305,7 @@ def logprobs_and_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor | Non
     """Forward launcher; see the module docstring for the contract. block_v / num_warps override the tuning."""
     B, T, V = logits.shape
     N = B * T
-    mode = KL_MODES[kl]
+    mode = kl_mode(kl)
     if (ref_logits is None) != (mode == 0):
         raise ValueError("kl: 'none' goes with ref_logits=None, and only with it")
     dev = logits.device
@@ -321,7 +316,7 @@ def logprobs_and_kl_forward(logits: torch.Tensor, ref_logits: torch.Tensor | Non
     stats = torch.empty(N, 4, **f32)
     if N == 0:
         return logp, ref_logp, kl_out, entropy, stats
-    bv, nw = _launch_cfg(V, block_v, num_warps, _interpreting(logits))
+    bv, nw = _launch_cfg(V, block_v, num_warps, on_interpreter(logits))
     sr_b, sr_t = _row_strides(ref_logits)
     with device_guard(logits):
         _logprobs_fwd_kernel[(N,)](
@@ -342,7 +337,7 @@ def logprobs_and_kl_backward(grad_logp: torch.Tensor | None, grad_kl: torch.Tens
     """Backward launcher; see the module docstring. Returns dlogits [B, T, V] contiguous in logits' dtype."""
     B, T, V = logits.shape
     N = B * T
-    mode = KL_MODES[kl]
+    mode = kl_mode(kl)
     if mode == 0:                     # no reference: only log-probs exist, nothing else can carry gradient
         grad_kl = grad_entropy = None
     if mode == 4 and grad_kl is not None and ref_logits is None:
@@ -350,7 +345,7 @@ def logprobs_and_kl_backward(grad_logp: torch.Tensor | None, grad_kl: torch.Tens
     dlogits = torch.empty((B, T, V), device=logits.device, dtype=logits.dtype)
     if N == 0:
         return dlogits
-    bv, nw = _launch_cfg(V, block_v, num_warps, _interpreting(logits))
+    bv, nw = _launch_cfg(V, block_v, num_warps, on_interpreter(logits))
     dummy = logp
     ref = ref_logits if (ref_logits is not None and mode == 4 and grad_kl is not None) else logits
     sr_b, sr_t = _row_strides(ref)

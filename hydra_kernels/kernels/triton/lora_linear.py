@@ -55,7 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hydra_kernels.kernels.triton import device_guard
+from hydra_kernels.kernels.layout import rows_per_stream
+from hydra_kernels.kernels.triton import device_guard, on_interpreter, triton_interpreting
 
 __all__ = ["lora_linear_forward", "lora_linear_backward", "MAX_RANK"]
 
@@ -380,17 +381,13 @@ _INTERP_WGRAD = {"BLOCK_BIG": 32, "BLOCK_ROWS": 16}
 
 
 # ========================================================================================= host side
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda"
-
-
 AUTOTUNE_ENV = "HYDRA_KERNELS_TRITON_AUTOTUNE"
 
 
 def _fixed_config(t: torch.Tensor) -> bool:
     """The interpreter's single small config instead of autotuning: always under the interpreter, and on a
     GPU when HYDRA_KERNELS_TRITON_AUTOTUNE=0 (tests of odd small shapes; debugging a config-independent bug)."""
-    return _interpreting(t) or os.environ.get(AUTOTUNE_ENV, "1") == "0"
+    return on_interpreter(t) or os.environ.get(AUTOTUNE_ENV, "1") == "0"
 
 
 def _rows_bucket(rows_per_stream: int) -> int:
@@ -417,7 +414,7 @@ def _check_dtype_device(x: torch.Tensor) -> None:
     if x.dtype not in _SUPPORTED:
         raise ValueError(f"x: dtype {x.dtype} not supported by the triton backend (expected one of "
                          f"{list(_SUPPORTED)}; float64 runs on the torch backend)")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if x.device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"x: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
 
 
@@ -434,7 +431,7 @@ def _launch_gemm(x, w_view, bias, a_view, b_view, y, xa, adapters, scales, rows_
                  N, K, R, compute_y):
     """x [rows, K]; w_view (stride_n, stride_k); a_view (stride_a, stride_r, stride_k);
     b_view (stride_a, stride_n, stride_r) -- strides describing W as [N, K], A as [n, R, K], B as [n, N, R]."""
-    interp = _interpreting(x)
+    interp = on_interpreter(x)
     upcast, dot_prec, epi_prec = _precisions(x.dtype, interp)
     r_pad = _r_pad(R)
     has_bias = bias is not None
@@ -463,7 +460,7 @@ def _launch_gemm(x, w_view, bias, a_view, b_view, y, xa, adapters, scales, rows_
 
 def _launch_wgrad(g, q, rows_per_stream, lora_streams_t, n_lora, scales, BIG, R):
     """fp32 [n_lora, BIG, R] = per adapter stream l: s_l · g[rows_l]ᵀ · q[rows_l]."""
-    interp = _interpreting(g)
+    interp = on_interpreter(g)
     upcast, dot_prec, _ = _precisions(g.dtype, interp)
     r_pad = _r_pad(R)
     # Enough programs to fill the GPU: split each stream's rows into chunks (a fixed 128-wide tile assumed
@@ -502,10 +499,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _split(stream_adapters, scaling, rows, device):
     S = len(stream_adapters)
-    if S == 0 or rows % S:
-        raise ValueError(f"stream_adapters: {rows} rows do not split into {S} equal streams")
+    m = rows_per_stream(rows, S)
     meta = _stream_meta(tuple(int(a) for a in stream_adapters), tuple(float(s) for s in scaling), device)
-    return S, rows // S, meta
+    return S, m, meta
 
 
 # ============================================================================================ public
