@@ -133,7 +133,7 @@ def test_bf16_model_adapters_move_at_rlhf_learning_rates(tmp_path, adapter_dtype
     lr 1e-5 are below half an ulp of almost every lora_A entry and vanish (measured: 2% of entries moved)."""
     from hydra_kernels.integrations import patch_model
     from hydra_kernels.rlhf.config import PPOConfig, load_config
-    from hydra_kernels.rlhf.models import new_reward_head
+    from hydra_kernels.integrations.hydra_model import new_reward_head
     from hydra_kernels.rlhf.ppo import train_ppo
     from tests.rlhf._ppo_job import BASE_OVERRIDES, PROMPTS
     from tests.rlhf._tiny import CharTokenizer, tiny_model
