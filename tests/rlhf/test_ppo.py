@@ -190,6 +190,20 @@ def test_nonfinite_reward_skips_the_batch(tmp_path):
     assert all(torch.isfinite(p).all() for p in res.models.named_trainable().values())
 
 
+def test_skipped_batch_with_the_progress_bar_on(tmp_path):
+    """A skipped batch's scores are null in the metrics; the progress bar shows them as such."""
+    calls = []
+
+    def flaky(prompts, completions, ended):
+        calls.append(1)
+        r = digit_reward(prompts, completions, ended)
+        return [float("nan")] + r[1:] if len(calls) == 1 else r
+
+    with pytest.warns(RuntimeWarning, match="non-finite reward"):
+        _, res = run(tmp_path, ["reward_source=function", "run.progress=true"], reward_fn=flaky)
+    assert [h["skipped"] for h in res.history] == [True, False] and res.history[0]["objective/scores"] is None
+
+
 def test_nonfinite_loss_skips_the_update_and_keeps_weights(tmp_path):
     huge = lambda p, c, e: [3e38] * len(p)           # finite rewards whose advantages/losses overflow
     with pytest.warns(RuntimeWarning, match="non-finite"):
