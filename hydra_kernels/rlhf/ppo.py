@@ -30,6 +30,7 @@ from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import build_ppo_models
 
 RewardFn = Callable[[list, list, list], Sequence[float]]   # (prompts, completions, ended) -> one float each
@@ -37,6 +38,8 @@ RewardFn = Callable[[list, list, list], Sequence[float]]   # (prompts, completio
 
 @dataclass
 class PPOResult:
+    """models: the trained variant (models.hydra for hydra / j-hydra); history: the metrics of every step;
+    counters: the skipped-batch and skipped-minibatch counts; output_dir: run.output_dir."""
     models: PPOModels
     history: list[dict] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
@@ -190,7 +193,7 @@ class PPOTrainer:
         self.kl_ctl.update(metrics["objective/kl"], B)
         return self._finish(metrics)
 
-    def _summary(self, ro: Rollout, scores, r: torch.Tensor, skipped: bool) -> dict:
+    def _summary(self, ro: Rollout, scores: Scores, r: torch.Tensor, skipped: bool) -> dict:
         kl_seq = scores.kl.sum(1)
         non_score = (-self.kl_ctl.value * kl_seq).mean().item()
         return {"objective/kl": kl_seq.mean().item(), "objective/entropy": scores.entropy.sum(1).mean().item(),
