@@ -211,32 +211,35 @@ def _trainer_class():
     from hydra_kernels.rlhf.ppo import PPOTrainer
 
     class PhaseTrainer(PPOTrainer):
-        """PPOTrainer with a memory mark at the end of each phase of step(): rollout ends in _rollout, scoring
-        (score_rollout + decoding) just before _rewards, the update (advantages + minibatch passes) after _update.
-        """
+        """PPOTrainer with a memory mark at the end of each phase of step(): rollout ends in rollout(), scoring
+        when models.score returns, the update (rewards, advantages, minibatch passes) in _finish (none for a
+        skipped batch)."""
 
         def __init__(self, *args, probe: MemProbe, **kwargs):
             super().__init__(*args, **kwargs)
             self.probe, self.phase, self.marks = probe, "init", {}
+            score = self.models.score
 
-        def _rollout(self, step):
+            def marked_score(*a, **k):
+                out = score(*a, **k)
+                self.marks["score"] = self.probe.peak()
+                self.phase = "update"
+                return out
+            self.models.score = marked_score
+
+        def rollout(self, step):
             self.probe.reset()
             self.marks, self.phase = {}, "rollout"
-            out = super()._rollout(step)
+            out = super().rollout(step)
             self.marks["rollout"] = self.probe.peak()
             self.phase = "score"
             return out
 
-        def _rewards(self, *args, **kwargs):
-            self.marks["score"] = self.probe.peak()
-            self.phase = "update"
-            return super()._rewards(*args, **kwargs)
-
-        def _update(self, *args, **kwargs):
-            out = super()._update(*args, **kwargs)
-            self.marks["update"] = self.probe.peak()
+        def _finish(self, metrics):
+            if not metrics["skipped"]:
+                self.marks["update"] = self.probe.peak()
             self.phase = "done"
-            return out
+            return super()._finish(metrics)
 
     return PhaseTrainer
 
@@ -255,8 +258,8 @@ def _param_stats(params) -> tuple[int, int]:
 
 
 def held_parameters(models) -> list:
-    mods = [models.model, models.reference, models.reward_model, models.actor, models.critic,
-            models.reward_head, models.value_head]
+    mods = [getattr(models, name, None) for name in ("model", "reference", "reward_model", "actor", "critic",
+                                                      "reward_head", "value_head")]
     return [p for m in mods if m is not None for p in m.parameters()]
 
 
@@ -276,8 +279,8 @@ def measure_row(spec: dict) -> dict:
     """Build the models of one row and run its PPO steps; the raw numbers of every step (in-process)."""
     import bench_logprobs as common
     from hydra_kernels.rlhf.config import DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig
-    from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
-    from hydra_kernels.rlhf.ppo import seed_everything
+    from hydra_kernels.rlhf import build_ppo_models, new_reward_head
+    from hydra_kernels.rlhf.run import seed_everything
 
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])

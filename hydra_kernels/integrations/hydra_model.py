@@ -30,7 +30,8 @@ from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops.matmul import linear_f32
 
-__all__ = ["HydraModel", "last_token_index", "check_plain_logits"]
+__all__ = ["HydraModel", "last_token_index", "check_plain_logits", "lm_head", "lm_head_weight", "hidden_size",
+           "init_reward_head_", "new_reward_head"]
 
 _HEAD_NAMES = ("reward_head", "value_head")
 
@@ -63,19 +64,63 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__.split("+")[0]) >= Version("4.56") else "torch_dtype"
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row ([B, T] mask → [B] long); works for left and right padding.
+def last_token_index(attention_mask: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
+    """Index of the last real token per row ([B, T] 0/1 mask → [B] long); works for left and right padding.
 
-    Read from the mask, never from the token ids, so pad == eos cannot move the reward position.
+    Read from the mask, never from the token ids, so pad == eos cannot move the reward position. Raises
+    ValueError (naming the argument `name`) for a mask that is not 2-d or has a row without a real token.
     """
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask: expected [batch, seq], got shape {tuple(attention_mask.shape)}")
+        raise ValueError(f"{name}: expected [batch, seq], got shape {tuple(attention_mask.shape)}")
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = torch.where(attention_mask.bool(), pos, -1).amax(-1)
     if bool((last < 0).any()):
         rows = torch.nonzero(last < 0).flatten().tolist()
-        raise ValueError(f"attention_mask: rows {rows} have no real token")
+        raise ValueError(f"{name}: rows {rows} have no real token")
     return last
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The LM head of a causal LM (model.get_output_embeddings()). Raises ValueError if it has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() returned None); "
+                         "pass a causal LM (AutoModelForCausalLM)")
+    return head
+
+
+def lm_head_weight(model: nn.Module, allow_bias: bool = False) -> torch.Tensor:
+    """The LM head's weight [V, D] (tied to the input embedding where the model ties it), the weight
+    ops.linear_logprobs takes. Raises ValueError if the model has no LM head, or (unless allow_bias) a biased
+    one, which the fused log-prob op cannot apply."""
+    head = lm_head(model)
+    if not allow_bias and getattr(head, "bias", None) is not None:
+        raise ValueError(f"model: the LM head of {type(model).__name__} has a bias, which ops.linear_logprobs does "
+                         "not take; score it with materialised logits (HydraModel.lm_logits)")
+    return head.weight
+
+
+def hidden_size(model: nn.Module) -> int:
+    """D: the LM head's input size, i.e. the size of the final hidden states the reward and value heads read."""
+    return lm_head(model).weight.shape[1]
+
+
+def init_reward_head_(head: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
+    """Initialise a reward head nn.Linear(D, 1) in place, as TRL does: weight ~ N(0, 1/(D + 1)), bias 0.
+    generator: the RNG of the weight draw (None: torch's global one). Returns `head`."""
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1), generator=generator)
+        head.bias.zero_()
+    return head
+
+
+def new_reward_head(model: nn.Module, generator: torch.Generator | None = None) -> nn.Linear:
+    """A reward head for `model`: nn.Linear(hidden_size(model), 1) in fp32 on the LM head's device, initialised
+    by init_reward_head_ (generator: the RNG of its weights; nn.Linear's own init still draws from the global one)."""
+    weight = lm_head(model).weight
+    head = nn.Linear(weight.shape[1], 1, device=weight.device, dtype=torch.float32)
+    return init_reward_head_(head, generator)
 
 
 class HydraModel(nn.Module):
@@ -89,20 +134,14 @@ class HydraModel(nn.Module):
         super().__init__()
         patch_info(model)
         check_plain_logits(model)
-        get = getattr(model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
-        if head is None or not hasattr(head, "weight"):
-            raise ValueError(f"model: {type(model).__name__} has no LM head (get_output_embeddings() returned None); "
-                             "pass a causal LM (AutoModelForCausalLM)")
+        weight = lm_head(model).weight
         self.model = model
         self.tokenizer = tokenizer
-        d, device = head.weight.shape[1], head.weight.device
+        d, device = weight.shape[1], weight.device
         # Heads in fp32: they are tiny, train better in fp32, and their scores feed advantages in fp32.
         self.reward_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
         self.value_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
-        with torch.no_grad():
-            nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(d + 1))
-            self.reward_head.bias.zero_()
+        init_reward_head_(self.reward_head)
         self.init_value_head_from_reward()
 
     # ------------------------------------------------------------------------------------------------ building
@@ -176,12 +215,12 @@ class HydraModel(nn.Module):
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        return lm_head(self.model)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """[V, D], the weight ops.linear_logprobs takes (tied to the input embedding where the model ties it)."""
-        return self.lm_head.weight
+        """[V, D]: lm_head_weight(self.model), a biased head allowed (lm_logits applies the bias)."""
+        return lm_head_weight(self.model, allow_bias=True)
 
     @property
     def lm_head_bias(self) -> torch.Tensor | None:
@@ -189,7 +228,7 @@ class HydraModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.lm_head_weight.shape[1]
+        return hidden_size(self.model)
 
     def hydra_layers(self) -> dict:
         """{module path: HydraLinear} of the patched backbone."""
@@ -226,12 +265,10 @@ class HydraModel(nn.Module):
         """ops.linear_logprobs through this model's LM head: hidden [S, B, T, D] (or a list of S [B, T, D]),
         targets [B, T] → (logp [S, B, T], entropy [S, B, T], kl [B, T] between streams 0 and 1, or None), fp32,
         logits never stored. Align them yourself: hidden[..., :-1, :] predicts targets = input_ids[:, 1:].
+        Raises ValueError for a biased LM head (lm_logits applies the bias).
         """
-        if self.lm_head_bias is not None:
-            raise ValueError(f"model: the LM head of {type(self.model).__name__} has a bias, which "
-                             "ops.linear_logprobs does not take; use lm_logits")
         from hydra_kernels.ops import linear_logprobs
-        return linear_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature, kl=kl,
+        return linear_logprobs(hidden, lm_head_weight(self.model), targets, temperature=temperature, kl=kl,
                                ignore_index=ignore_index)
 
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

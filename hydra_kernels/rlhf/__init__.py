@@ -1,4 +1,4 @@
-"""The thin Hydra-RLHF stack: config, data, Hydra-SFT, rollout, scoring, advantages, losses, the PPO loop.
+"""The thin Hydra-RLHF stack: config, data, Hydra-SFT, rollout, variants, advantages, losses, the PPO step.
 
 Public API (stable; the CLI and the python/ recipes build on it):
 
@@ -23,19 +23,23 @@ ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=N
            Writes <output_dir>/<metrics_file> (JSONL, one line per step), checkpoints/ (resume), final/
            (save_policy; load_policy(dir, models)). For shared variants result.models.hydra is an
            integrations.HydraModel: hydra.merge("actor", dir) exports the policy as a plain HF directory.
-models     build_ppo_models(model, reward_head, cfg) -> PPOModels (per variant; .policy("actor"|"reference"),
-           .named_trainable(), .frozen_state()); new_reward_head(model); load_model_and_tokenizer(cfg.model).
+variants   build_ppo_models(model, reward_head, cfg) -> models.PPOModels, one small object per variant
+           (HydraPPO, JHydraPPO, LoRAPPO, FullPPO): .policy("actor"|"reference"), .named_trainable(),
+           .roles(), .score(rollout, *, temperature, kl_estimator) -> scoring.Scores (old/ref log-probs, KL,
+           entropy, values, scores), .forward(rollout, *, temperature, need_entropy) (the update's, with grad).
+models     load_model_and_tokenizer(cfg.model); new_reward_head(model) (integrations.hydra_model's).
 rollout    generate(models.policy(...), prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            temperature, top_p, generator) -> Rollout;
            sample_completions(models, tokenizer, prompts, *, policy="actor"|"reference", max_new_tokens,
            temperature=1.0 (0 = greedy), top_p=1.0, seed=0, batch_size=64, max_prompt_len=128)
            -> (completions, ended). "reference" is the SFT policy (LoRA off / the frozen copy).
-scoring    score_rollout(models, rollout, *, temperature, kl_estimator) -> Scores (old/ref log-probs, KL,
-           entropy, values, scores); policy_and_values(...) is the update's forward.
 advantages shape_scores, per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
 losses     policy_loss, value_loss, entropy_bonus, ppo_loss.
-checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic).
+run        Run: the run scaffold hydra_sft and train_ppo share (output dir, resume, metrics, progress, final).
+checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic);
+           save_policy(dir, models, cfg) / load_policy(dir, models): PPO's result.
 """
+from hydra_kernels.integrations.hydra_model import new_reward_head
 from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLController, gae, masked_mean,
                                            per_token_rewards, shape_scores, whiten)
 from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
@@ -44,10 +48,12 @@ from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOC
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, add_pad_token, check_tokenizer,
                                      load_preference_jsonl, load_prompt_jsonl, load_sft_jsonl)
 from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, value_loss
-from hydra_kernels.rlhf.models import PPOModels, build_ppo_models, load_model_and_tokenizer, new_reward_head
-from hydra_kernels.rlhf.ppo import PPOResult, load_policy, save_policy, train_ppo
+from hydra_kernels.rlhf.checkpoint import load_policy, save_policy
+from hydra_kernels.rlhf.models import PPOModels, load_model_and_tokenizer
+from hydra_kernels.rlhf.ppo import PPOResult, train_ppo
 from hydra_kernels.rlhf.rollout import Rollout, generate, sample_completions
-from hydra_kernels.rlhf.scoring import Scores, score_rollout
+from hydra_kernels.rlhf.scoring import Scores
+from hydra_kernels.rlhf.variants import VARIANTS, build_ppo_models
 from hydra_kernels.rlhf.sft import SFTResult, evaluate_pairs, hydra_sft, load_sft, save_sft
 
 __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
@@ -56,7 +62,7 @@ __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", 
            "check_tokenizer", "add_pad_token",
            "hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft",
            "train_ppo", "PPOResult", "save_policy", "load_policy",
-           "PPOModels", "build_ppo_models", "new_reward_head", "load_model_and_tokenizer",
-           "Rollout", "generate", "sample_completions", "Scores", "score_rollout",
+           "PPOModels", "build_ppo_models", "VARIANTS", "new_reward_head", "load_model_and_tokenizer",
+           "Rollout", "generate", "sample_completions", "Scores",
            "shape_scores", "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",
            "policy_loss", "value_loss", "entropy_bonus", "ppo_loss"]

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from hydra_kernels.integrations.hydra_model import last_token_index
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of x over the entries where the 0/1 mask is 1 (over all of them, or along `dim`); 0 where none are."""
@@ -41,14 +43,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask.to(x.dtype)
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of a [B, R] right-padded mask (rows must hold at least one token)."""
-    lengths = mask.long().sum(-1)
-    if (lengths == 0).any():
-        raise ValueError("mask: every response needs at least one token")
-    return lengths - 1
-
-
 def shape_scores(scores: torch.Tensor, ended: torch.Tensor, reward_clip: float | None = None,
                  missing_eos_penalty: float | None = None) -> torch.Tensor:
     """Sequence scores as PPO uses them: clipped to [-reward_clip, reward_clip], then lowered by
@@ -68,7 +62,7 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"scores: shape {tuple(scores.shape)} must be [B] for kl/mask of shape {tuple(kl.shape)}")
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
-    idx = last_token_index(mask)
+    idx = last_token_index(mask, "mask")
     rewards[torch.arange(rewards.shape[0], device=rewards.device), idx] += scores.to(rewards.dtype)
     return rewards
 
@@ -147,5 +141,5 @@ def kl_controller(cfg) -> FixedKLController | AdaptiveKLController:
     return FixedKLController(cfg.kl_coef)
 
 
-__all__ = ["masked_mean", "masked_var", "whiten", "last_token_index", "shape_scores", "per_token_rewards", "gae",
+__all__ = ["masked_mean", "masked_var", "whiten", "shape_scores", "per_token_rewards", "gae",
            "FixedKLController", "AdaptiveKLController", "kl_controller"]

@@ -7,7 +7,8 @@ A checkpoint is a directory `<root>/step-00000012/` holding
                          python/numpy RNG scalars, the trainer's own state (KL coefficient, counters)
                          and digests of the run's inputs (model weights, data records)
 It is built in a hidden temporary directory and renamed into place when complete, so a kill leaves either
-no checkpoint or a whole one; `latest_checkpoint` only sees complete ones.
+no checkpoint or a whole one; `latest_checkpoint` only sees complete ones. PPO's result is save_policy's
+policy.safetensors + policy.json (Hydra-SFT's is rlhf.sft.save_sft's).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hydra_kernels.integrations.checkpoint import write_dir_atomically   # re-exported: rlhf writes its results with it
+from hydra_kernels.rlhf.config import config_to_dict
 
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
@@ -286,7 +288,49 @@ def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.T
             p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
 
 
+# ------------------------------------------------------------------------------------- PPO's result
+def save_policy(out_dir: str | os.PathLike, models, cfg, extra: dict | None = None) -> Path:
+    """The trained PPO state of `models` (a models.PPOModels: its named_trainable() tensors, i.e. the
+    actor/critic adapters or weights and the value head, and the reward head) as policy.safetensors +
+    policy.json (variant, config `cfg`, `extra`), written atomically. Load it with `load_policy`. Raises
+    ValueError for a non-finite tensor (nothing is written)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in models.named_trainable().items()}
+    for name, p in models.reward_head.named_parameters():
+        tensors[f"reward_head.{name}"] = p.detach().cpu().contiguous()
+    for k, v in tensors.items():
+        if not torch.isfinite(v).all():
+            raise ValueError(f"models: {k!r} is not finite; refusing to save NaN/inf weights")
+    meta = {"format": "hydra_kernels.rlhf.policy", "variant": models.variant, "config": config_to_dict(cfg),
+            **(extra or {})}
+
+    def fill(tmp: Path):
+        save_file(tensors, str(tmp / "policy.safetensors"))
+        with open(tmp / "policy.json", "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+    return write_dir_atomically(out_dir, fill, marker="policy.json")
+
+
+def load_policy(path: str | os.PathLike, models) -> dict:
+    """Load save_policy's tensors into `models` built with the same variant and LoRA settings; returns the
+    JSON. Raises ValueError (nothing changes) for a directory without a saved policy, another variant, or
+    tensors of other names or shapes."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    try:
+        with open(path / "policy.json") as f:
+            meta = json.load(f)
+        tensors = load_file(str(path / "policy.safetensors"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"path: {str(path)!r} holds no saved policy: {e}") from None
+    if meta.get("variant") != models.variant:
+        raise ValueError(f"path: saved variant {meta.get('variant')!r} does not match the models' {models.variant!r}")
+    target = dict(models.named_trainable())
+    target.update({f"reward_head.{n}": p for n, p in models.reward_head.named_parameters()})
+    copy_params_(target, tensors, str(path))
+    return meta
+
+
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
            "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES",
-           "inputs_digest", "check_resume_inputs"]
+           "inputs_digest", "check_resume_inputs", "save_policy", "load_policy"]

@@ -31,6 +31,11 @@ from typing import Iterable, Sequence
 
 import torch
 
+from hydra_kernels.integrations import position_ids_from_attention_mask
+
+# The name rlhf.rollout imports; the one definition is integrations'.
+position_ids_from_mask = position_ids_from_attention_mask
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -164,11 +169,6 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) + [tokenizer.eos_token_id]
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (left padding shifts nothing): cumsum(mask) − 1, 0 on padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None):
     """(ids [B, W], mask [B, W]) with each row right-aligned."""
     width = max((len(r) for r in rows), default=0) if width is None else width
@@ -220,7 +220,7 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
         loss_rows.append([0] * len(p) + [1 if p or j else 0 for j in range(len(r))])
     ids, mask = left_pad(rows, pad_id)
     loss_mask, _ = left_pad(loss_rows, 0, width=ids.shape[1])
-    return TokenBatch(ids, mask, position_ids_from_mask(mask), loss_mask)
+    return TokenBatch(ids, mask, position_ids_from_attention_mask(mask), loss_mask)
 
 
 def tokenize_sft(tokenizer, examples: Sequence[SFTExample], max_prompt_len: int, max_len: int) -> TokenBatch:
@@ -253,5 +253,5 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> 
 
 __all__ = ["SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "write_jsonl", "check_tokenizer", "add_pad_token", "encode_prompt", "encode_response",
-           "position_ids_from_mask", "left_pad", "TokenBatch", "collate_sequences", "tokenize_sft",
+           "left_pad", "TokenBatch", "collate_sequences", "tokenize_sft",
            "tokenize_pairs", "tokenize_prompts"]

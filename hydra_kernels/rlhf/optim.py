@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from hydra_kernels.nn import HydraLinear
+from hydra_kernels.rlhf.models import Role
 
 
 class SlicedLRAdamW(torch.optim.AdamW):
@@ -46,31 +46,11 @@ class SlicedLRAdamW(torch.optim.AdamW):
         return loss
 
 
-Role = list[tuple[torch.Tensor, "int | None"]]       # (parameter, index of its slice in the stack, or None)
-
-
-def ppo_roles(models, params: dict[str, torch.nn.Parameter]) -> dict[str, Role]:
-    """Which parameters (or stack slices) serve the actor and which the critic. The critic: its model or its
-    adapter (Hydra: the critic slice of every stacked lora_A / lora_B) and the value head. J-Hydra's one
-    adapter counts as the actor's."""
-    actor: Role = []
-    critic: Role = []
-    for name, p in params.items():
-        (critic if name.startswith(("critic.", "value_head.")) else actor).append((p, None))
-    if models.variant == "hydra":
-        a, k = models.hydra.adapters.index("actor"), models.hydra.adapters.index("critic")
-        stacked = {id(t) for m in models.model.modules() if isinstance(m, HydraLinear) for t in (m.lora_A, m.lora_B)}
-        critic += [(p, k) for p, _ in actor if id(p) in stacked]
-        actor = [(p, a) if id(p) in stacked else (p, None) for p, _ in actor]
-    return {"actor": actor, "critic": critic}
-
-
-def build_ppo_optimizer(models, params: dict[str, torch.nn.Parameter], cfg) -> SlicedLRAdamW:
-    """AdamW over `params` (PPOModels.named_trainable()): the actor's parameters at cfg.lr, the critic's at
+def build_ppo_optimizer(roles: dict[str, Role], cfg) -> SlicedLRAdamW:
+    """AdamW over the parameters of `roles` (models.PPOModels.roles()): the actor's at cfg.lr, the critic's at
     cfg.critic_lr (default cfg.lr); a stack shared by both roles sits in the actor's group with its critic
     slice scaled."""
     critic_lr = cfg.lr if cfg.critic_lr is None else cfg.critic_lr
-    roles = ppo_roles(models, params)
     actor = list({id(p): p for p, _ in roles["actor"]}.values())
     critic = [p for p, i in roles["critic"] if i is None]
     ratio = critic_lr / cfg.lr
@@ -95,4 +75,4 @@ def clip_grad_norm_per_role(roles: dict[str, Role], max_norm: float) -> dict[str
     return norms
 
 
-__all__ = ["SlicedLRAdamW", "build_ppo_optimizer", "ppo_roles", "clip_grad_norm_per_role"]
+__all__ = ["SlicedLRAdamW", "build_ppo_optimizer", "clip_grad_norm_per_role"]

@@ -23,19 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hydra_kernels.integrations import merge_adapter_into_base, patch_model, unpatch_model
-from hydra_kernels.integrations.checkpoint import check_replaceable
+from hydra_kernels import ops
+from hydra_kernels.integrations import decoder_forward, merge_adapter_into_base, patch_model, unpatch_model
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, check_resume_config, check_resume_inputs, copy_params_,
-                                           inputs_digest, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint, write_dir_atomically)
+from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_weight, new_reward_head
+from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
                                      encode_prompt, encode_response)
-from hydra_kernels.rlhf.models import decoder_hidden, hidden_size, lm_head_weight, new_reward_head, resolve_device
-from hydra_kernels.rlhf.ppo import derived_seed, seed_everything
-from hydra_kernels.rlhf.scoring import IGNORE_INDEX, linear_logprobs
+from hydra_kernels.rlhf.models import resolve_device
+from hydra_kernels.rlhf.run import Run, derived_seed, seed_everything
+from hydra_kernels.rlhf.scoring import IGNORE_INDEX
 
 SFT_ADAPTER = "sft"
 
@@ -80,8 +79,8 @@ def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Te
     """(Σ log π(response token), number of response tokens): position t predicts token t + 1."""
     targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, IGNORE_INDEX)
     x = h[:, :-1]
-    logp, _, _ = linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model), targets.reshape(-1),
-                                 kl=None, ignore_index=IGNORE_INDEX)
+    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model), targets.reshape(-1),
+                                     kl=None, ignore_index=IGNORE_INDEX)
     return logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -91,7 +90,7 @@ def _rewards(reward_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(model, batch: TokenBatch) -> torch.Tensor:
-    h, _ = decoder_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    h, _ = decoder_forward(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     return h[0]
 
 
@@ -163,19 +162,16 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
-    # Up front, not after training: output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
-    check_replaceable(Path(cfg.run.output_dir) / "final", name="run.output_dir", marker="sft.json",
-                      foreign=("policy.json",))
+    # output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
+    run = Run(cfg, marker="sft.json", foreign=("policy.json",))
     demonstrations, pairs = list(demonstrations), list(pairs)
     if not demonstrations and not pairs:
         raise ValueError("demonstrations: need demonstrations or preference pairs to train on")
     if eval_pairs is None:
         pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
     eval_pairs = list(eval_pairs)
-    # What this run starts from, stored with its checkpoints: another run's checkpoints in output_dir (on another
-    # base model or other data) are refused rather than resumed (their paths may change, their contents not).
-    inputs = inputs_digest(modules={"model.path": model},
-                           data={"data.sft_path": demonstrations, "data.preference_path": pairs + eval_pairs})
+    run.inputs = inputs_digest(modules={"model.path": model},
+                               data={"data.sft_path": demonstrations, "data.preference_path": pairs + eval_pairs})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
@@ -200,51 +196,37 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(max(len(demonstrations), len(pairs)) / bs)
     total = cfg.epochs * steps_per_epoch
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
     named = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     named.update({f"reward_head.{n}": p for n, p in head.named_parameters()})
-    history, skipped, start, partial = [], 0, 0, None
-    last = latest_checkpoint(ckpt_root) if cfg.run.resume else None
-    if last is not None:
-        # Resume after any step: weights, optimizer, schedule, RNGs, the finished epochs' history and the
-        # running sums of the epoch in progress; the data order of an epoch depends only on (seed, epoch),
-        # so the run continues as if never stopped.
-        ck = load_checkpoint(last)
-        check_resume_config(ck.config, config_to_dict(cfg), last, config_to_dict(SFTConfig()))
-        check_resume_inputs(ck.trainer_state.get("inputs"), inputs, last)
-        state = ck.trainer_state
-        if state.get("steps_per_epoch") != steps_per_epoch:
-            raise ValueError(f"run.output_dir: holds a checkpoint of a run with {state.get('steps_per_epoch')} "
-                             f"steps per epoch, this one has {steps_per_epoch} (other data or batch_size); use "
+
+    def check_length(ck) -> None:
+        saved = ck.trainer_state.get("steps_per_epoch")
+        if saved != steps_per_epoch:
+            raise ValueError(f"run.output_dir: holds a checkpoint of a run with {saved} steps per epoch,"
+                             f" this one has {steps_per_epoch} (other data or batch_size); use "
                              f"another output_dir or run.resume=false")
         if ck.step > total:
-            raise ValueError(f"epochs: {str(last)!r} is a checkpoint after {ck.step} steps, more than the "
+            raise ValueError(f"epochs: {str(ck.path)!r} is a checkpoint after {ck.step} steps, more than the "
                              f"{total} of epochs={cfg.epochs} ({steps_per_epoch} per epoch); resume with more "
                              f"epochs, or use another output_dir or run.resume=false")
-        copy_params_(named, ck.params, str(last))
-        optimizer.load_state_dict(ck.optimizer_state)
+
+    # Resume after any step: weights, optimizer, schedule, RNGs, the finished epochs' history and the running
+    # sums of the epoch in progress; the data order of an epoch depends only on (seed, epoch), so the run
+    # continues as if never stopped.
+    start, state = run.start(named, optimizer, check=check_length)
+    history, skipped, partial = [], 0, None
+    if state is not None:
         scheduler.load_state_dict(state["scheduler"])
         history, skipped, partial = state["history"], state["skipped"], state["epoch_partial"]
-        restore_rng(ck.rng_meta, ck.rng_tensors)
-        start = ck.step
     start_epoch, start_s = divmod(start, steps_per_epoch)
 
-    schedule = CheckpointSchedule(cfg.run.checkpoint_every, cfg.run.checkpoint_minutes)
-
-    def checkpoint_due(done: int) -> bool:
-        # Never after the last step: the result goes to final right after, atomically.
-        return done < total and schedule.due(done)
-
     def checkpoint(done: int, epoch_partial: dict | None) -> None:
-        """After `done` loop steps; epoch_partial: the running sums of an unfinished epoch (None at its end,
-        when history already holds it)."""
-        save_checkpoint(ckpt_root, done, named, optimizer, config_to_dict(cfg),
-                        {"scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
-                         "steps_per_epoch": steps_per_epoch, "epoch_partial": epoch_partial, "inputs": inputs},
-                        keep=cfg.run.keep_checkpoints)
-        schedule.saved()
+        """After `done` loop steps, never after the last one (final follows at once); epoch_partial: the running
+        sums of an unfinished epoch (None at its end, when the history holds it)."""
+        if done < total and run.due(done):
+            run.checkpoint(done, named, optimizer, {"scheduler": scheduler.state_dict(), "history": run.history,
+                                                    "skipped": skipped, "steps_per_epoch": steps_per_epoch,
+                                                    "epoch_partial": epoch_partial})
 
     def train_step(epoch: int, s: int, demo_order: list[int], pair_order: list[int]):
         """One optimizer step on batch s of the epoch: (lm, bt, acc), or None when it was skipped."""
@@ -289,16 +271,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         scheduler.step()
         return float(lm.detach()), float(bt.detach()), acc
 
-    log = open(out / cfg.run.metrics_file, "w")
-    for rec in history:
-        log.write(json.dumps(rec) + "\n")
-    log.flush()
-    progress = None
-    if cfg.run.progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=total, initial=start, desc=f"Hydra-SFT ({cfg.mode})", unit="step")
     model.train()
-    try:
+    with run.logging(history, total, start, f"Hydra-SFT ({cfg.mode})"):
         for epoch in range(start_epoch, cfg.epochs):
             demo_order = _epoch_order(len(demonstrations), cfg.run.seed, epoch, 7) if demonstrations else []
             pair_order = _epoch_order(len(pairs), cfg.run.seed, epoch, 8) if pairs else []
@@ -312,19 +286,16 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                 stepped = train_step(epoch, s, demo_order, pair_order)
                 if stepped is None:
                     skipped += 1
+                    run.tick()
                 else:
                     lm, bt, acc = stepped
                     counted += 1
                     sums["train/lm_loss"] += lm
                     sums["train/bt_loss"] += bt
                     sums["train/reward_accuracy"] += acc if pairs else 0.0
-                if progress is not None:
-                    progress.update(1)
-                    if stepped is not None:
-                        progress.set_postfix(lm=f"{lm:.3f}", bt=f"{bt:.3f}")
-                done = epoch * steps_per_epoch + s + 1
-                if s + 1 < steps_per_epoch and checkpoint_due(done):
-                    checkpoint(done, {"sums": sums, "counted": counted})
+                    run.tick(lm=lm, bt=bt)
+                if s + 1 < steps_per_epoch:
+                    checkpoint(epoch * steps_per_epoch + s + 1, {"sums": sums, "counted": counted})
             metrics = {"epoch": epoch + 1, **{k: v / max(counted, 1) for k, v in sums.items()},
                        "skipped/nonfinite_loss": skipped}
             if not pairs:
@@ -332,17 +303,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             if eval_pairs:
                 metrics.update({f"eval/{k}": v for k, v in evaluate_pairs(model, head, tokenizer, eval_pairs,
                                                                           cfg).items()})
-            history.append(metrics)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if checkpoint_due((epoch + 1) * steps_per_epoch):
-                checkpoint((epoch + 1) * steps_per_epoch, None)
+            run.log(metrics)
+            checkpoint((epoch + 1) * steps_per_epoch, None)
             if callback is not None:
                 callback(epoch + 1, metrics)
-    finally:
-        if progress is not None:
-            progress.close()
-        log.close()
 
     if cfg.mode == "lora":
         # Fold the adapter into the base, then drop the LoRA layers: the base now IS the SFT model.
@@ -355,9 +319,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     for name, p in list(model.named_parameters()) + list(head.named_parameters()):
         if not torch.isfinite(p).all():
             raise ValueError(f"model: parameter {name!r} is not finite after SFT; nothing was saved")
+    history = run.history
     final = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
     result = SFTResult(model, head, final, history, None)
-    result.output_dir = save_sft(out / "final", result, tokenizer, cfg)
+    result.output_dir = run.save_final(save_sft, result, tokenizer, cfg)
     return result
 
 

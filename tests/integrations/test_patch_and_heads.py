@@ -258,7 +258,7 @@ def test_ppo_refuses_transformed_logits_before_patching(variant):
     import transformers as T
 
     from hydra_kernels.rlhf.config import PPOConfig
-    from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
+    from hydra_kernels.rlhf import build_ppo_models, new_reward_head
     model = T.Gemma2ForCausalLM(T.Gemma2Config(**_SMALL, head_dim=8))
     with pytest.raises(ValueError, match=r"config.final_logit_softcapping=30.0"):
         build_ppo_models(model, new_reward_head(model), PPOConfig(variant=variant))

@@ -10,7 +10,7 @@ import time
 import torch
 
 from hydra_kernels.rlhf.config import PPOConfig, load_config
-from hydra_kernels.rlhf.models import new_reward_head
+from hydra_kernels.integrations.hydra_model import new_reward_head
 from hydra_kernels.rlhf.ppo import train_ppo
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 

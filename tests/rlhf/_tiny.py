@@ -35,3 +35,21 @@ def tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model.eval()
+
+
+MODEL_ATTRIBUTES = ("model", "reference", "reward_model", "actor", "critic", "reward_head", "value_head")
+
+
+def frozen_state(models) -> dict[str, torch.Tensor]:
+    """Every frozen tensor a PPOModels holds (base weights, reference and reward copies, reward head), by
+    "<attribute>.<name>": what no PPO step may change."""
+    trainable = {id(p) for p in models.named_trainable().values()}
+    out = {}
+    for prefix in MODEL_ATTRIBUTES:
+        m = getattr(models, prefix, None)
+        if m is None:
+            continue
+        for name, p in m.named_parameters():
+            if id(p) not in trainable:
+                out[f"{prefix}.{name}"] = p
+    return out

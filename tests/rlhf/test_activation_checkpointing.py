@@ -8,15 +8,15 @@ import torch
 
 from hydra_kernels.integrations import activation_checkpointing as ac
 from hydra_kernels.nn import HydraLinear
-from hydra_kernels.rlhf import ppo as ppo_module
 from hydra_kernels.rlhf import sft as sft_module
+from hydra_kernels.rlhf import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf.config import ModelConfig, PPOConfig, SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample, tokenize_prompts
-from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, build_ppo_models, new_reward_head
+from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC
 from hydra_kernels.rlhf.ppo import PPOTrainer
 from hydra_kernels.rlhf.sft import hydra_sft
 from tests.rlhf._ppo_job import PROMPTS
-from tests.rlhf._tiny import CharTokenizer, tiny_model
+from tests.rlhf._tiny import CharTokenizer, frozen_state, tiny_model
 
 TOK = CharTokenizer()
 VARIANTS = ("hydra", "j-hydra", "lora", "full")
@@ -79,7 +79,7 @@ def _randomize_adapters(models, seed=0):
 
 
 def _all_params(models):
-    return list(models.named_trainable().values()) + list(models.frozen_state().values())
+    return list(models.named_trainable().values()) + list(frozen_state(models).values())
 
 
 def _one_ppo_step(variant, on, calls, monkeypatch):
@@ -99,18 +99,18 @@ def _one_ppo_step(variant, on, calls, monkeypatch):
     seen = {}
 
     def score(*args, **kwargs):
-        out = score_rollout(*args, **kwargs)
+        out = real_score(*args, **kwargs)
         seen["scores"], seen["calls_before_update"] = out, len(calls)
         return out
-    score_rollout = ppo_module.score_rollout
-    monkeypatch.setattr(ppo_module, "score_rollout", score)
-    rollout = trainer._rollout
+    real_score = models.score
+    monkeypatch.setattr(models, "score", score)
+    rollout = trainer.rollout
 
     def keep_rollout(step):
         out = rollout(step)
         seen["rollout"] = out[1]
         return out
-    trainer._rollout = keep_rollout
+    trainer.rollout = keep_rollout
     step = trainer.optimizer.step
 
     def grab_grads(*args, **kwargs):

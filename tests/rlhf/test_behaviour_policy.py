@@ -2,7 +2,7 @@
 
 The existing tests check greedy decoding against a full recomputation (argmax only) and the old/new log-prob
 agreement at step 0; this checks the sampled path at temperature != 1 with an actor that differs from the
-reference: log_softmax(generation logits / T) at each sampled token == score_rollout's logprobs (and the
+reference: log_softmax(generation logits / T) at each sampled token == models.score's logprobs (and the
 reference log-probs are the reference policy's, at the same temperature).
 
 In a bf16 model too: generation samples from fp32 logits (models.PolicyHandle, never rounded to bf16). The
@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from hydra_kernels.nn import HydraLinear
+from hydra_kernels.rlhf import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf import rollout as rollout_mod
 from hydra_kernels.rlhf import scoring as scoring_mod
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import tokenize_prompts
-from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf.rollout import generate
-from hydra_kernels.rlhf.scoring import policy_and_values, score_rollout
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 
 TOK = CharTokenizer()
@@ -70,12 +69,12 @@ def test_old_logprobs_are_the_sampling_distribution(variant, monkeypatch):
     models = _perturbed(variant)
     ro, behaviour = _sample(models, "actor", monkeypatch)
     m = ro.response_mask.float()
-    s = score_rollout(models, ro, temperature=T, kl_estimator="k1")
+    s = models.score(ro, temperature=T, kl_estimator="k1")
     torch.testing.assert_close(s.logprobs, behaviour * m, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(s.logprobs, s.ref_logprobs, atol=1e-3)      # the actor differs from the reference
     # The reference log-probs are those of the reference policy's own sampling distribution at T.
     ro_ref, ref_behaviour = _sample(models, "reference", monkeypatch)
-    s_ref = score_rollout(models, ro_ref, temperature=T, kl_estimator="k1")
+    s_ref = models.score(ro_ref, temperature=T, kl_estimator="k1")
     torch.testing.assert_close(s_ref.ref_logprobs, ref_behaviour * ro_ref.response_mask.float(),
                                atol=1e-5, rtol=1e-5)
     # k1 is log pi - log pi_ref, per token, 0 off the mask.
@@ -88,11 +87,11 @@ def test_bf16_old_logprobs_are_the_sampling_distribution(variant, monkeypatch):
     models = _perturbed(variant, dtype=torch.bfloat16, hidden=64, head_scale=40.0, full_noise=0.02)
     ro, behaviour = _sample(models, "actor", monkeypatch)
     m = ro.response_mask.float()
-    s = score_rollout(models, ro, temperature=T, kl_estimator="k1")
+    s = models.score(ro, temperature=T, kl_estimator="k1")
     assert (behaviour * m).abs().max() > 0.5                 # the sampled tokens are not all near-certain
     torch.testing.assert_close(s.logprobs, behaviour * m, atol=1e-4, rtol=0)
     # The update's first forward is the scoring function: ratio 1, and the actor gets a gradient through it.
-    logp, ent, _ = policy_and_values(models, ro, temperature=T, need_entropy=True)
+    logp, ent, _ = models.forward(ro, temperature=T, need_entropy=True)
     assert logp.dtype == torch.float32
     torch.testing.assert_close(logp.detach(), s.logprobs, atol=1e-5, rtol=0)
     (logp.sum() + ent.sum()).backward()
@@ -107,7 +106,7 @@ def test_fp32_logits_backward_matches_a_plain_linear():
     head.weight.requires_grad_(True)
     h = torch.randn(2, 3, head.weight.shape[1], requires_grad=True)
     w = torch.randn(2, 3, head.weight.shape[0])
-    (scoring_mod._logits(model, h) * w).sum().backward()
+    (scoring_mod.logits_f32(model, h) * w).sum().backward()
     gh, gw = h.grad.clone(), head.weight.grad.clone()
     h.grad, head.weight.grad = None, None
     (torch.nn.functional.linear(h, head.weight) * w).sum().backward()

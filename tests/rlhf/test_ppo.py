@@ -133,7 +133,7 @@ def test_bf16_model_adapters_move_at_rlhf_learning_rates(tmp_path, adapter_dtype
     lr 1e-5 are below half an ulp of almost every lora_A entry and vanish (measured: 2% of entries moved)."""
     from hydra_kernels.integrations import patch_model
     from hydra_kernels.rlhf.config import PPOConfig, load_config
-    from hydra_kernels.rlhf.models import new_reward_head
+    from hydra_kernels.integrations.hydra_model import new_reward_head
     from hydra_kernels.rlhf.ppo import train_ppo
     from tests.rlhf._ppo_job import BASE_OVERRIDES, PROMPTS
     from tests.rlhf._tiny import CharTokenizer, tiny_model
@@ -188,6 +188,20 @@ def test_nonfinite_reward_skips_the_batch(tmp_path):
             assert torch.equal(v, torch.zeros_like(v)), k
     assert torch.equal(step1["param/value_head.weight"], res.models.reward_head.weight)
     assert all(torch.isfinite(p).all() for p in res.models.named_trainable().values())
+
+
+def test_skipped_batch_with_the_progress_bar_on(tmp_path):
+    """A skipped batch's scores are null in the metrics; the progress bar shows them as such."""
+    calls = []
+
+    def flaky(prompts, completions, ended):
+        calls.append(1)
+        r = digit_reward(prompts, completions, ended)
+        return [float("nan")] + r[1:] if len(calls) == 1 else r
+
+    with pytest.warns(RuntimeWarning, match="non-finite reward"):
+        _, res = run(tmp_path, ["reward_source=function", "run.progress=true"], reward_fn=flaky)
+    assert [h["skipped"] for h in res.history] == [True, False] and res.history[0]["objective/scores"] is None
 
 
 def test_nonfinite_loss_skips_the_update_and_keeps_weights(tmp_path):

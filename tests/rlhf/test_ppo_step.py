@@ -15,7 +15,7 @@ import torch
 
 from hydra_kernels.rlhf import ppo as ppo_mod
 from hydra_kernels.rlhf.config import PPOConfig, load_config
-from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
+from hydra_kernels.rlhf import build_ppo_models, new_reward_head
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 
 TOK = CharTokenizer()
@@ -81,15 +81,15 @@ def test_step_feeds_each_minibatch_loss_the_right_rows(variant, monkeypatch, tmp
     trainer = ppo_mod.PPOTrainer(models, TOK, PROMPTS, cfg, reward_fn=reward_fn)
 
     seen, calls = {}, []
-    real_score, real_loss, real_pv = ppo_mod.score_rollout, ppo_mod.ppo_loss, ppo_mod.policy_and_values
+    real_score, real_loss, real_pv = models.score, ppo_mod.ppo_loss, models.forward
 
-    def score_spy(models_, ro, **kw):
-        s = real_score(models_, ro, **kw)
+    def score_spy(ro, **kw):
+        s = real_score(ro, **kw)
         seen["ro"], seen["scores"] = ro, s
         return s
 
-    def pv_spy(models_, sub, **kw):
-        out = real_pv(models_, sub, **kw)
+    def pv_spy(sub, **kw):
+        out = real_pv(sub, **kw)
         seen["sub"] = sub
         return out
 
@@ -98,8 +98,8 @@ def test_step_feeds_each_minibatch_loss_the_right_rows(variant, monkeypatch, tmp
                       "old_values": old_values, "returns": returns, "mask": mask, "kw": kw})
         return real_loss(logp, old, adv, values, old_values, returns, mask, ent, **kw)
 
-    monkeypatch.setattr(ppo_mod, "score_rollout", score_spy)
-    monkeypatch.setattr(ppo_mod, "policy_and_values", pv_spy)
+    monkeypatch.setattr(models, "score", score_spy)
+    monkeypatch.setattr(models, "forward", pv_spy)
     monkeypatch.setattr(ppo_mod, "ppo_loss", loss_spy)
 
     beta0 = trainer.kl_ctl.value

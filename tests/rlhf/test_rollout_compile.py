@@ -6,7 +6,7 @@ import torch
 
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import tokenize_prompts
-from hydra_kernels.rlhf.models import build_ppo_models, new_reward_head
+from hydra_kernels.rlhf import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf.rollout import generate
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 from tests.rlhf.test_rollout_scoring import _randomize_adapters
@@ -30,7 +30,7 @@ def _models(variant):
         _randomize_adapters(models.model)                   # the actor differs from the reference
     # EOS likely, so that some rows stop early and are padded while others run on.
     with torch.no_grad():
-        for m in {id(x): x for x in (models.model, models.actor, models.reference) if x is not None}.values():
+        for m in {id(h.model): h.model for h in models.policies().values()}.values():
             m.get_output_embeddings().weight[TOK.eos_token_id] *= 0.0
             m.get_output_embeddings().weight[TOK.eos_token_id] += 0.05
     return models
@@ -102,7 +102,7 @@ def test_ppo_steps_with_a_compiled_rollout(tmp_path):
     model = tiny_model(len(TOK))
     models = build_ppo_models(model, new_reward_head(model, torch.Generator().manual_seed(1)), cfg)
     trainer = ppo_mod.PPOTrainer(models, TOK, prompts, cfg)
-    _, ro = trainer._rollout(0)
+    _, ro = trainer.rollout(0)
     assert ro.prompt_ids.shape[1] == max(map(len, trainer.prompt_tokens)) == 8    # BOS + the longest prompt
     again = generate(models.policy("actor"), ro.prompt_ids, ro.prompt_mask, max_new_tokens=5,
                      eos_token_id=TOK.eos_token_id, pad_token_id=TOK.pad_token_id,
@@ -116,7 +116,7 @@ def test_ppo_steps_with_a_compiled_rollout(tmp_path):
 
 
 def trainer_generator(trainer, step):
-    from hydra_kernels.rlhf.ppo import derived_seed
+    from hydra_kernels.rlhf.run import derived_seed
     return torch.Generator(device=trainer.device).manual_seed(derived_seed(trainer.cfg.run.seed, step, 2))
 
 

@@ -5,9 +5,9 @@ import torch
 from hydra_kernels.nn import HydraLinear
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import left_pad, tokenize_prompts
-from hydra_kernels.rlhf.models import build_ppo_models, decoder_hidden, new_reward_head
+from hydra_kernels.integrations import decoder_forward
+from hydra_kernels.rlhf import build_ppo_models, new_reward_head
 from hydra_kernels.rlhf.rollout import Rollout, generate, sample_completions, top_p_filter
-from hydra_kernels.rlhf.scoring import policy_and_values, score_rollout
 from tests.rlhf._tiny import CharTokenizer, tiny_model
 
 TOK = CharTokenizer()
@@ -83,10 +83,10 @@ def test_kv_cache_greedy_matches_full_recomputation():
 def test_step_zero_ratio_is_one_and_kl_is_zero_exactly(variant):
     models = _models(variant)
     ro = _rollout(models)
-    s = score_rollout(models, ro, temperature=1.0, kl_estimator="k3")
+    s = models.score(ro, temperature=1.0, kl_estimator="k3")
     assert torch.equal(s.kl, torch.zeros_like(s.kl))
     assert torch.equal(s.logprobs, s.ref_logprobs)
-    logp, _, values = policy_and_values(models, ro, temperature=1.0, need_entropy=False)
+    logp, _, values = models.forward(ro, temperature=1.0, need_entropy=False)
     assert torch.equal(torch.exp(logp.detach() - s.logprobs), torch.ones_like(logp))
     assert torch.equal(values.detach(), s.values)
     # The critic starts as the reward model (value head = a copy of the reward head).
@@ -104,13 +104,13 @@ def test_multi_stream_scoring_equals_separate_passes(variant):
     with torch.no_grad():
         models.value_head.weight.add_(0.1)
     ro = _rollout(models)
-    s = score_rollout(models, ro, temperature=0.7, kl_estimator="full")
+    s = models.score(ro, temperature=0.7, kl_estimator="full")
     ids, mask, pos = ro.input_ids, ro.attention_mask, ro.position_ids
     P, R = ro.prompt_len, ro.response_ids.shape[1]
     W = models.model.get_output_embeddings().weight
 
     def one(stream):
-        h, _ = decoder_hidden(models.model, ids, mask, pos, (stream,))
+        h, _ = decoder_forward(models.model, ids, mask, pos, (stream,))
         return h[0]
 
     def logp_of(h):
@@ -136,13 +136,13 @@ def test_left_padding_does_not_change_scores():
     models = _models("hydra")
     _randomize_adapters(models.model)
     ro = _rollout(models)
-    s = score_rollout(models, ro, temperature=1.0, kl_estimator="k1")
+    s = models.score(ro, temperature=1.0, kl_estimator="k1")
     for i in range(len(PROMPTS)):
         real = ro.prompt_ids[i][ro.prompt_mask[i].bool()].tolist()
         # The same row with 3 extra pad tokens on the left, alone in its batch.
         ids, pm = left_pad([real], TOK.pad_token_id, width=ro.prompt_len + 3)
         alone = Rollout(ids, pm, ro.response_ids[i:i + 1], ro.response_mask[i:i + 1], ro.ended[i:i + 1])
-        si = score_rollout(models, alone, temperature=1.0, kl_estimator="k1")
+        si = models.score(alone, temperature=1.0, kl_estimator="k1")
         for a, b in ((si.logprobs, s.logprobs), (si.ref_logprobs, s.ref_logprobs), (si.values, s.values),
                      (si.scores, s.scores)):
             torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hydra_kernels.rlhf.run as run_module
 import hydra_kernels.rlhf.sft as sft_module
 from hydra_kernels.nn import HydraLinear
 from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, capture_rng, latest_checkpoint, list_checkpoints,
@@ -188,8 +189,8 @@ def _assert_same_run(a: Path, b: Path):
 
 def test_sft_checkpoint_every_counts_loop_steps(tmp_path, monkeypatch):
     saved = []
-    real = sft_module.save_checkpoint
-    monkeypatch.setattr(sft_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
+    real = run_module.save_checkpoint
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
                         real(root, step, *a, **k))
     real_rewards = sft_module._rewards
     calls = []
@@ -246,8 +247,8 @@ def test_checkpoint_schedule_by_count_and_by_time():
 
 def test_sft_checkpoints_by_time(tmp_path, monkeypatch):
     saved = []
-    real = sft_module.save_checkpoint
-    monkeypatch.setattr(sft_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
+    real = run_module.save_checkpoint
+    monkeypatch.setattr(run_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
                         real(root, step, *a, **k))
     # Any time at all is "long enough": every step but the last checkpoints, with no count set.
     _job(tmp_path, "full", "epochs=1", "run.checkpoint_every=0", "run.checkpoint_minutes=1e-12")
@@ -267,14 +268,14 @@ def test_sft_resumes_at_any_step_bitwise(tmp_path, monkeypatch, straight, every,
                 raise KeyboardInterrupt("killed")
             m.setattr(sft_module, "save_sft", killing_final)
         else:
-            real = sft_module.save_checkpoint
+            real = run_module.save_checkpoint
 
             def killing(root, step, *a, **k):
                 path = real(root, step, *a, **k)
                 if step == kill:
                     raise KeyboardInterrupt("killed")
                 return path
-            m.setattr(sft_module, "save_checkpoint", killing)
+            m.setattr(run_module, "save_checkpoint", killing)
         with pytest.raises(KeyboardInterrupt):
             _job(run, "lora", *extra)
     assert latest_checkpoint(run / "checkpoints").name == f"step-{start:08d}" and not (run / "final").exists()
@@ -325,13 +326,13 @@ if __name__ == "__main__":
             hang()
         sft_module.save_sft = hanging_final
     else:
-        real_save = sft_module.save_checkpoint
+        real_save = run_module.save_checkpoint
 
         def hanging(root, step, *a, **k):
             path = real_save(root, step, *a, **k)
             if step == int(when):
                 hang()
             return path
-        sft_module.save_checkpoint = hanging
+        run_module.save_checkpoint = hanging
     _job(out, mode, *extra)
     print("DONE", flush=True)

@@ -9,7 +9,7 @@
 import pytest
 import torch
 
-import hydra_kernels.rlhf.sft as sft_module
+import hydra_kernels.rlhf.run as run_module
 from hydra_kernels.rlhf.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from hydra_kernels.rlhf.config import SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample
@@ -45,36 +45,36 @@ def test_fresh_run_in_a_used_output_dir_resumes_its_own_checkpoint(tmp_path):
     _run(tmp_path, "epochs=3", "run.checkpoint_every=1")           # leaves step-4 and step-5 (of 6)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004", "step-00000005"]
     # A fresh run (resume=false, another seed) killed after its checkpoint of step 1 ...
-    real = sft_module.save_checkpoint
+    real = run_module.save_checkpoint
 
     def killing(root, step, *a, **k):
         path = real(root, step, *a, **k)
         raise KeyboardInterrupt("killed")
-    sft_module.save_checkpoint = killing
+    run_module.save_checkpoint = killing
     try:
         with pytest.raises(KeyboardInterrupt):
             _run(tmp_path, "epochs=3", "run.checkpoint_every=1", "run.seed=1", "run.resume=false")
     finally:
-        sft_module.save_checkpoint = real
+        run_module.save_checkpoint = real
     # ... is continued from that checkpoint, not from the earlier run's step 5.
     last = latest_checkpoint(tmp_path / "checkpoints")
     assert last.name == "step-00000001" and load_checkpoint(last).config["run"]["seed"] == 1
 
 
 def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
-    real = sft_module.save_checkpoint
+    real = run_module.save_checkpoint
 
     def killing(root, step, *a, **k):
         path = real(root, step, *a, **k)
         if step == 3:
             raise KeyboardInterrupt("killed")
         return path
-    sft_module.save_checkpoint = killing
+    run_module.save_checkpoint = killing
     try:
         with pytest.raises(KeyboardInterrupt):
             _run(tmp_path, "epochs=2", "run.checkpoint_every=3")     # killed after step 3 of 4
     finally:
-        sft_module.save_checkpoint = real
+        run_module.save_checkpoint = real
     with pytest.raises(ValueError, match="^epochs: "):
         _run(tmp_path, "epochs=1", "run.checkpoint_every=3")
     assert not (tmp_path / "final").exists()

@@ -244,7 +244,6 @@ def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature:
 
     from hydra_kernels.rlhf.data import tokenize_prompts
     from hydra_kernels.rlhf.rollout import decode_responses, generate
-    from hydra_kernels.rlhf.scoring import score_rollout
     from hydra_kernels.rlhf.demo.task import gold_reward, mean_and_stderr
 
     out = {}
@@ -266,7 +265,7 @@ def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature:
                 texts = decode_responses(tokenizer, ro)
                 ended = ro.ended.tolist()
                 gold += [gold_reward(p, t, e) for p, t, e in zip(chunk, texts, ended)]
-                sc = score_rollout(models, ro, temperature=1.0, kl_estimator="full")
+                sc = models.score(ro, temperature=1.0, kl_estimator="full")
                 learned += sc.scores.tolist()
                 kl += sc.kl.sum(1).tolist()
                 samples += [{"prompt": p, "completion": t, "ended": e} for p, t, e in zip(chunk, texts, ended)]

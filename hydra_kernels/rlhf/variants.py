@@ -1,0 +1,267 @@
+"""PPO's variants (Santacroce et al. 2023), one small models.PPOModels each, built from the Hydra-SFT result.
+
+    variant   in memory                                    scoring pass (no grad)              trains
+    hydra     1 base with adapters (actor, critic)         1 forward: base, actor, critic      both adapters
+    j-hydra   1 base with one adapter (actor)              1 forward: base, actor              the adapter
+    lora      4 copies: reference, reward, actor, critic   4 forwards (actor, critic: LoRA)    both adapters
+    full      4 copies: reference, reward, actor, critic   4 forwards                          actor, critic
+
+Each also trains a value head. The reward head is frozen; the value head starts as a copy of it (the paper's
+critic initialisation). Dropout is off and every model is in eval() mode: old and new log-probs must come from
+the same function. With model.activation_checkpointing the trained models recompute decoder layers in backward.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from hydra_kernels import ops
+from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
+from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
+from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, lm_head_weight
+from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
+from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
+                                        response_targets)
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    disable_dropout(model)
+    return model.eval()
+
+
+def _lora(cfg) -> dict:
+    return dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+
+
+# ------------------------------------------------------------------------------------------ one base
+class SharedPPO(PPOModels):
+    """Variants on one base patched with adapters (`hydra`, an integrations.HydraModel): the reference policy is
+    the base stream and the reward model the base stream + reward head, so one forward scores a rollout, and
+    one linear_logprobs sweep of the LM head gives the policy's and the reference's log-probs and the KL.
+
+    A subclass names its `adapters` (the policy's, "actor", among them) and `value_stream`, the stream whose
+    hidden states the value head reads (None: no critic, values None).
+    """
+    adapters: tuple[str, ...] = (ACTOR,)
+    value_stream: str | None = None
+
+    def __init__(self, hydra: HydraModel):
+        super().__init__(hydra.reward_head, None if self.value_stream is None else hydra.value_head)
+        self.hydra = hydra
+
+    @property
+    def model(self) -> nn.Module:
+        """The patched causal LM."""
+        return self.hydra.model
+
+    @classmethod
+    def build(cls, model: nn.Module, reward_head: nn.Linear, cfg) -> "SharedPPO":
+        """Patch `model` in place with cls.adapters (an already patched model must have exactly those)."""
+        info = getattr(model, "hydra_patch", None)
+        if info is None:
+            patch_model(model, adapters=cls.adapters, **_lora(cfg))
+        elif tuple(info.adapters) != cls.adapters:
+            raise ValueError(f"model: already patched with adapters {tuple(info.adapters)}; variant {cls.variant!r} "
+                             f"needs {cls.adapters} (pass the unpatched SFT model)")
+        hydra = HydraModel(_prepare(model))
+        with torch.no_grad():
+            hydra.reward_head.weight.copy_(reward_head.weight)
+            hydra.reward_head.bias.copy_(reward_head.bias)
+        hydra.init_value_head_from_reward()
+        hydra.reward_head.requires_grad_(False)
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return cls(hydra)
+
+    def policies(self) -> dict[str, PolicyHandle]:
+        return {"actor": PolicyHandle(self.model, ACTOR), "reference": PolicyHandle(self.model, BASE)}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        out = {"model": self.model}
+        if self.value_head is not None:
+            out["value_head"] = self.value_head
+        return out
+
+    def _values(self, hr: torch.Tensor, streams: tuple[str, ...]) -> torch.Tensor | None:
+        return None if self.value_stream is None else self.hydra.values(hr[streams.index(self.value_stream)])
+
+    @torch.no_grad()
+    def score(self, rollout, *, temperature: float, kl_estimator: str) -> Scores:
+        streams = (BASE, *self.adapters)
+        mask = rollout.attention_mask
+        h = self.hydra.forward_streams(rollout.input_ids, mask, streams, rollout.position_ids)   # [S, B, L, D]
+        hr = response_hidden(h, rollout)
+        # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
+        logp, ent, kl = ops.linear_logprobs([hr[streams.index(ACTOR)], hr[0]], lm_head_weight(self.model),
+                                            response_targets(rollout), temperature=temperature, kl=kl_estimator,
+                                            ignore_index=IGNORE_INDEX)
+        scores = self.hydra.reward(h[0], mask)                 # reward model = LoRA off + reward head
+        return Scores.masked(rollout, logp[0], logp[1], kl, ent[0], self._values(hr, streams), scores)
+
+    def forward(self, rollout, *, temperature: float, need_entropy: bool):
+        h = self.hydra.forward_streams(rollout.input_ids, rollout.attention_mask, self.adapters, rollout.position_ids)
+        hr = response_hidden(h, rollout)
+        logp, ent, _ = ops.linear_logprobs([hr[self.adapters.index(ACTOR)]], lm_head_weight(self.model),
+                                           response_targets(rollout), temperature=temperature, kl=None,
+                                           ignore_index=IGNORE_INDEX)
+        values = self._values(hr, self.adapters)
+        m = rollout.response_mask.float()
+        return logp[0] * m, (ent[0] * m if need_entropy else None), (None if values is None else values * m)
+
+
+class HydraPPO(SharedPPO):
+    """Hydra-PPO: actor and critic adapters on one base; the critic stream feeds the value head."""
+    variant = "hydra"
+    adapters = (ACTOR, CRITIC)
+    value_stream = CRITIC
+
+    def roles(self) -> dict[str, Role]:
+        """The actor's and the critic's LoRA factors share one stacked Parameter per layer ([adapters, ...]):
+        slice `actor` of every stack is the actor's, slice `critic` the critic's."""
+        roles = super().roles()
+        a, k = self.hydra.adapters.index(ACTOR), self.hydra.adapters.index(CRITIC)
+        stacked = {id(p) for p in self.hydra.lora_parameters()}
+        roles["critic"] += [(p, k) for p, _ in roles["actor"] if id(p) in stacked]
+        roles["actor"] = [(p, a) if id(p) in stacked else (p, None) for p, _ in roles["actor"]]
+        return roles
+
+
+class JHydraPPO(SharedPPO):
+    """J-Hydra-PPO: one adapter shared by actor and critic; the actor stream feeds the value head too."""
+    variant = "j-hydra"
+    adapters = (ACTOR,)
+    value_stream = ACTOR
+
+
+# ------------------------------------------------------------------------------------- separate models
+class SeparatePPO(PPOModels):
+    """The paper's 4-model baselines: a frozen reference, a frozen reward model, an actor and a critic, each
+    its own copy of the SFT model. Log-probs and KL come from materialised logits (ops.logprobs_and_kl), as
+    the peer frameworks do; the logits are fp32 (as sampled), never the bf16 output of a bf16 head.
+
+    A subclass sets `actor_stream` / `critic_stream` (the adapter each copy runs; None: unpatched) and
+    `make_trainable(actor, critic, cfg)`.
+    """
+    actor_stream: str | None = None
+    critic_stream: str | None = None
+
+    def __init__(self, reward_head: nn.Linear, value_head: nn.Linear, reference: nn.Module,
+                 reward_model: nn.Module, actor: nn.Module, critic: nn.Module):
+        super().__init__(reward_head, value_head)
+        self.reference, self.reward_model, self.actor, self.critic = reference, reward_model, actor, critic
+
+    @staticmethod
+    def make_trainable(actor: nn.Module, critic: nn.Module, cfg) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, model: nn.Module, reward_head: nn.Linear, cfg) -> "SeparatePPO":
+        """`model` itself is the frozen reference (it is never updated), plus 3 deep copies: 4 in all."""
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+        reference = _prepare(model).requires_grad_(False)
+        reward_model = _prepare(copy.deepcopy(model)).requires_grad_(False)
+        actor = _prepare(copy.deepcopy(model))
+        critic = _prepare(copy.deepcopy(model))
+        cls.make_trainable(actor, critic, cfg)
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(actor)     # the frozen reference and reward model never run with grad
+            enable_activation_checkpointing(critic)
+        return cls(reward_head, value_head, reference, reward_model, actor, critic)
+
+    def policies(self) -> dict[str, PolicyHandle]:
+        return {"actor": PolicyHandle(self.actor, self.actor_stream), "reference": PolicyHandle(self.reference, None)}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "critic": self.critic, "value_head": self.value_head}
+
+    @staticmethod
+    def _hidden(model: nn.Module, rollout, stream: str | None) -> torch.Tensor:
+        """Final hidden states [B, L, D] of one copy (stream: its adapter, None unpatched)."""
+        h, _ = decoder_forward(model, rollout.input_ids, rollout.attention_mask, rollout.position_ids,
+                               None if stream is None else (stream,))
+        return h[0]
+
+    @torch.no_grad()
+    def score(self, rollout, *, temperature: float, kl_estimator: str) -> Scores:
+        targets = response_targets(rollout)
+        ref_logits = logits_f32(self.reference, response_hidden(self._hidden(self.reference, rollout, None), rollout))
+        act_logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream),
+                                                            rollout))
+        logp, ref_logp, kl, ent = ops.logprobs_and_kl(act_logits, ref_logits, targets, temperature, kl_estimator,
+                                                      IGNORE_INDEX)
+        del ref_logits, act_logits
+        h_rm = self._hidden(self.reward_model, rollout, None)
+        last = last_token_index(rollout.attention_mask)
+        scores = apply_head(self.reward_head, h_rm[torch.arange(h_rm.shape[0], device=h_rm.device), last])
+        h_cr = self._hidden(self.critic, rollout, self.critic_stream)
+        values = apply_head(self.value_head, response_hidden(h_cr, rollout))
+        return Scores.masked(rollout, logp, ref_logp, kl, ent, values, scores)
+
+    def forward(self, rollout, *, temperature: float, need_entropy: bool):
+        targets = response_targets(rollout)
+        logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream), rollout))
+        if need_entropy:
+            # The logits serve as their own "reference" here: only log-prob and entropy are used.
+            logp, _, _, ent = ops.logprobs_and_kl(logits, logits.detach(), targets, temperature, "k1", IGNORE_INDEX)
+        else:
+            logp, ent = ops.token_logprobs(logits, targets, temperature, IGNORE_INDEX), None
+        values = apply_head(self.value_head, response_hidden(self._hidden(self.critic, rollout, self.critic_stream),
+                                                             rollout))
+        m = rollout.response_mask.float()
+        return logp * m, (None if ent is None else ent * m), values * m
+
+
+class LoRAPPO(SeparatePPO):
+    """LoRA-PPO: the actor and the critic copies each carry one adapter."""
+    variant = "lora"
+    actor_stream = ACTOR
+    critic_stream = CRITIC
+
+    @staticmethod
+    def make_trainable(actor: nn.Module, critic: nn.Module, cfg) -> None:
+        patch_model(actor, adapters=(ACTOR,), **_lora(cfg))
+        patch_model(critic, adapters=(CRITIC,), **_lora(cfg))
+
+
+class FullPPO(SeparatePPO):
+    """Full PPO: every weight of the actor and the critic copies trains."""
+    variant = "full"
+
+    @staticmethod
+    def make_trainable(actor: nn.Module, critic: nn.Module, cfg) -> None:
+        actor.requires_grad_(True)
+        critic.requires_grad_(True)
+        # The critic's LM head takes no part in the value (and the actor needs no value head).
+        critic.get_output_embeddings().requires_grad_(False)
+        if critic.get_output_embeddings().weight is critic.get_input_embeddings().weight:
+            critic.get_input_embeddings().requires_grad_(True)   # tied: the embedding is still used
+
+
+VARIANTS: dict[str, type[PPOModels]] = {c.variant: c for c in (HydraPPO, JHydraPPO, LoRAPPO, FullPPO)}
+
+
+def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels:
+    """PPO's models for cfg.variant (a PPOConfig) from the SFT result: `model` (a causal LM) and `reward_head`
+    (nn.Linear(D, 1), copied and frozen). hydra / j-hydra patch `model` in place (its base weights are shared,
+    so "LoRA off" is the SFT model); lora / full keep it as the frozen reference and add 3 deep copies. Every
+    variant switches dropout off in `model` and freezes its base.
+
+    Raises ValueError for a reward head of the wrong shape, an unknown variant, a biased LM head, logits the
+    model transforms after its head, or a model patched with other adapters than the variant needs.
+    """
+    if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
+        raise ValueError("reward_head: expected nn.Linear(hidden, 1)")
+    if reward_head.in_features != hidden_size(model):
+        raise ValueError(f"reward_head: in_features {reward_head.in_features} does not match the model's hidden "
+                         f"size {hidden_size(model)}")
+    lm_head_weight(model)                       # refuse a biased LM head before anything is patched,
+    check_plain_logits(model)                   # and logits transformed after it (sampled and scored from h·Wᵀ)
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant: unknown PPO variant {cfg.variant!r}")
+    return VARIANTS[cfg.variant].build(model, copy.deepcopy(reward_head).float().requires_grad_(False), cfg)
+
+
+__all__ = ["SharedPPO", "HydraPPO", "JHydraPPO", "SeparatePPO", "LoRAPPO", "FullPPO", "VARIANTS",
+           "build_ppo_models"]
