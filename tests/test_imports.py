@@ -255,10 +255,6 @@ KNOWN = {
         "nn/linear.py keys its rounded-adapter cache on Tensor._version, a private torch attribute",
     ("private-attribute", "hydra_kernels/nn/streams.py", "uses ._stream_layout of an object it does not define"):
         "nn/streams.py sets HydraLinear's layout attribute (the layout moves out of module attributes)",
-    ("sft-imports-ppo", "hydra_kernels/rlhf/sft.py", "imports hydra_kernels.rlhf.ppo.derived_seed"):
-        "rlhf/sft.py takes its seeding helpers from rlhf/ppo.py (the shared run scaffold moves them)",
-    ("sft-imports-ppo", "hydra_kernels/rlhf/sft.py", "imports hydra_kernels.rlhf.ppo.seed_everything"):
-        "rlhf/sft.py takes its seeding helpers from rlhf/ppo.py (the shared run scaffold moves them)",
 }
 
 _VIOLATIONS: list[Violation] | None = None
