@@ -42,7 +42,7 @@ def test_help_shows_the_stage_defaults_and_choices(capsys):
     out = " ".join(_help(capsys, "ppo").split())
     assert "run.output_dir=runs/hydra-ppo str checkpoints, metrics and final/ go here" in out
     assert "variant=hydra hydra | j-hydra | lora | full" in out
-    assert "kl_estimator=k1 k1 | k3 | full" in out
+    assert "kl_estimator=k1 k1 | k2 | k3 | full" in out
     assert "run.device=auto auto, cpu, cuda or cuda:N" in out
     assert "run.output_dir=runs/hydra-sft" in " ".join(_help(capsys, "sft").split())
 
