@@ -26,14 +26,14 @@ UNTRUSTED = ("streams: a compiled forward cannot tell which stream layout to run
 
 class Frame:
     """One streams() call: `names` for every HydraLinear in `indices` ({layer: adapter index per stream})."""
-    __slots__ = ("names", "indices", "entry", "owner", "mirror")
+    __slots__ = ("names", "indices", "entry", "owner", "live")
 
     def __init__(self, names: tuple[str, ...], indices: dict):
         self.names, self.indices = names, indices
         # What the compiled path reads: values only (strings, ints), so Dynamo's guards match a later frame of the
         # same layout over the same layers without recompiling.
         self.entry = (names, frozenset(id(layer) for layer in indices))
-        self.owner = self.mirror = None
+        self.owner = self.live = None                      # set by push: its task, its thread's live list
 
 
 class _Mirror(threading.local):
@@ -70,10 +70,12 @@ def push(frame: Frame) -> None:
     """Put `frame` on top of this context's frames."""
     before, mirror, owner = _FRAMES.get(), _MIRROR, _owner()
     # Another context's frames are live in this thread when the mirror shows other frames than this context's,
-    # or when a live frame belongs to another task (a child task inherits its parent's frames: same tuple).
-    if mirror.live and (mirror.frames is not before or any(f.owner is not owner for f in mirror.live)):
+    # or when a live frame belongs to another task (a child task inherits its parent's frames: the same tuple).
+    # Frames of code outside any task wait while the event loop runs, so they conflict with none below them.
+    if mirror.live and (mirror.frames is not before
+                        or any(f.owner is not owner and f.owner is not None for f in mirror.live)):
         mirror.trusted = False
-    frame.owner, frame.mirror = owner, mirror
+    frame.owner, frame.live = owner, mirror.live
     mirror.live.append(frame)
     _sync(before + (frame,))
 
@@ -81,8 +83,8 @@ def push(frame: Frame) -> None:
 def remove(frame: Frame) -> None:
     """Take `frame` out of this context's frames, wherever it is in the stack (exits in any order)."""
     before, mirror = _FRAMES.get(), _MIRROR
-    if frame.mirror is not None:
-        frame.mirror.live[:] = [f for f in frame.mirror.live if f is not frame]
+    if frame.live is not None:
+        frame.live[:] = [f for f in frame.live if f is not frame]
     if not mirror.live:
         mirror.trusted = True
     elif mirror.frames is not before:

@@ -34,9 +34,15 @@ def streams(module: nn.Module, *names: str) -> Iterator[tuple[str, ...]]:
     innermost one that covers a layer decides) and may exit in any order; each exit removes exactly its own
     layout. Backward reuses the layout of the forward that built the graph. Activation-checkpoint recomputation
     does too through HydraModel.enable_activation_checkpointing, or with checkpoint_context_fn / bind_streams
-    for torch.utils.checkpoint; a recomputation under another layout raises RuntimeError (non-reentrant).
-    A torch.compile'd forward reads the layouts entered in its own thread; it raises RuntimeError while two
-    asyncio tasks (or contexts) of that thread are inside streams() at once.
+    for torch.utils.checkpoint. A non-reentrant recomputation under another layout raises RuntimeError; a
+    reentrant checkpoint of a function not wrapped in bind_streams recomputes under backward's layout undetected.
+
+    A torch.compile'd forward reads the layouts entered in its own thread (a per-thread mirror, guarded: one
+    graph per layout). It raises while two asyncio tasks (or contexts) of that thread are inside streams() at
+    once, until all of them have exited. What compiled code cannot see: a task that entered no streams() itself,
+    running while another task of its thread is inside one, gets that task's layout; a context copied into
+    another thread (asyncio.to_thread) carries the layout to eager forwards only. Enter streams() in the task
+    and thread that run the compiled model.
 
     Raises ValueError (before anything changes) without names, with a name no layer of `module` has, or when
     `module` holds no HydraLinear.

@@ -349,6 +349,34 @@ def test_compiled_forward_raises_when_two_tasks_of_a_thread_are_inside_streams(f
         assert close(run(compiled, x, "actor"), refs[("actor",)])
 
 
+def test_compiled_forward_in_a_task_of_its_own(fresh_dynamo):
+    """One task inside streams() (under a context of the code that started the loop): compiled code is right;
+    a child task that enters streams() while its parent is inside one makes compiled forwards raise."""
+    block = make_block()
+    x = torch.randn(4, 13)
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+
+    async def one():
+        with hk.streams(block, "critic"):
+            await asyncio.sleep(0)
+            with torch.no_grad():
+                return compiled(x)
+
+    async def parent_and_child():
+        with hk.streams(block, "critic"):
+            async def child():
+                with hk.streams(block, "base"):
+                    await asyncio.sleep(0)
+            task = asyncio.create_task(child())
+            await asyncio.sleep(0)                            # the child is inside its context now
+            with torch.no_grad(), pytest.raises(Exception, match="cannot tell which stream layout"):
+                compiled(x)
+            await task
+    with hk.streams(block, "base"):
+        assert close(asyncio.run(one()), run(block, x, "critic"))
+        asyncio.run(parent_and_child())
+
+
 # ------------------------------------------------------------------------------------------- rounded adapters
 def make_bf16_layer():
     layer = hk.HydraLinear.from_linear(nn.Linear(13, 11).bfloat16(), r=4)
