@@ -116,9 +116,10 @@ def rounded_adapters(module: nn.Module) -> Iterator[None]:
     copy of the adapters rounded to the input's dtype, made on first use and reused (the same numbers the
     forward computes without the scope, which rounds on every call). The copies belong to this call (thread,
     asyncio task) and are dropped at exit, so none outlives the phase. An in-place update of the adapters (their
-    version counter) or a new tensor (its data pointer) makes a new copy. Fused and other multi-tensor optimizer
-    steps update in place without bumping versions: optimizer steps do not belong inside the scope. Forwards
-    with grad and torch.compile'd forwards use the parameters as they are.
+    version counter) or a new tensor (its data pointer) makes a new copy. Fused optimizer steps and writes through
+    `.data` (`p.data.copy_(...)`) change the values without bumping the version: optimizer steps and such writes
+    do not belong inside the scope. Forwards with grad and torch.compile'd forwards use the parameters as they
+    are.
 
     Raises ValueError when `module` holds no HydraLinear.
     """
