@@ -155,8 +155,8 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters, need_dx, back
 # Non-reentrant activation checkpointing replaces saved tensors with those of the recomputed forward, while ctx's
 # other attributes stay the original forward's: a saved copy of the layout tells a recomputation that ran another
 # one (a different stream count already fails checkpoint's own shape check). Unseen by reentrant checkpointing.
-LAYOUT_MISMATCH = ("lora_linear: activation-checkpoint recomputation ran stream adapters {got}, its forward ran {want}: "
-                   "the recomputation must run the forward's stream layout. Use HydraModel.enable_activation_"
+LAYOUT_MISMATCH = ("lora_linear: activation-checkpoint recomputation ran stream adapters {got}, its forward ran "
+                   "{want}: the recomputation must run the forward's stream layout. Use HydraModel.enable_activation_"
                    "checkpointing, or pass context_fn=hydra_kernels.nn.checkpoint_context_fn to torch.utils.checkpoint "
                    "(use_reentrant=False; transformers: activation_checkpointing_kwargs)")
 

@@ -445,7 +445,8 @@ def test_import_changes_no_global_torch_state():
 import torch, torch.optim.optimizer as opt, torch.nn.modules.module as mod
 def state():
     # Test-only reads of torch's private registries: torch has no public listing of global hooks.
-    hooks = {n: len(getattr(o, n)) for o in (opt, mod) for n in dir(o) if n.startswith("_global_") and n.endswith("hooks")}
+    hooks = {n: len(getattr(o, n)) for o in (opt, mod) for n in dir(o)
+             if n.startswith("_global_") and n.endswith("hooks")}
     return hooks, torch.is_grad_enabled(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()
 before = state()
 assert any(before[0]), before
