@@ -242,20 +242,15 @@ RULES = ("upward-import", "private-name", "private-attribute", "imports-oracle",
          "recipes-import-cli", "sft-imports-ppo", "private-torch")
 
 # Violations that other work removes now (rule, file, what): each is a strict xfail below.
-KNOWN = {
-    ("private-torch", "hydra_kernels/nn/linear.py", "torch._C._current_graph_task_id"):
-        "nn/linear.py's layout recovery for checkpoint recomputation (being replaced by a public mechanism)",
-    ("private-torch", "hydra_kernels/nn/linear.py", "torch._C._current_autograd_node"):
-        "nn/linear.py's layout recovery for checkpoint recomputation (being replaced by a public mechanism)",
-    ("private-torch", "hydra_kernels/nn/linear.py", "torch.autograd._get_sequence_nr"):
-        "nn/linear.py's layout recovery for checkpoint recomputation (being replaced by a public mechanism)",
-    ("private-attribute", "hydra_kernels/nn/linear.py", "uses ._sequence_nr of an object it does not define"):
-        "nn/linear.py reads autograd nodes' sequence numbers for checkpoint recomputation (being replaced)",
-    ("private-attribute", "hydra_kernels/nn/linear.py", "uses ._version of an object it does not define"):
-        "nn/linear.py keys its rounded-adapter cache on Tensor._version, a private torch attribute",
-    ("private-attribute", "hydra_kernels/nn/streams.py", "uses ._stream_layout of an object it does not define"):
-        "nn/streams.py sets HydraLinear's layout attribute (the layout moves out of module attributes)",
+KNOWN: dict[tuple[str, str, str], str] = {}
+
+# Uses kept on purpose, each with its reason; a test fails when one is no longer there (then drop it here).
+ALLOWED = {
+    ("private-attribute", "hydra_kernels/nn/context.py", "uses ._version of an object it does not define"):
+        "Tensor._version is the only signal of an in-place update (torch has a public writer, "
+        "torch.autograd.graph.increment_version, but no reader); the rounded-adapter scope must see updates",
 }
+
 
 _VIOLATIONS: list[Violation] | None = None
 
@@ -269,7 +264,7 @@ def violations() -> list[Violation]:
 
 @pytest.mark.parametrize("rule", RULES)
 def test_rule_holds(rule):
-    found = [str(x) for x in violations() if x.rule == rule and x.key not in KNOWN]
+    found = [str(x) for x in violations() if x.rule == rule and x.key not in KNOWN and x.key not in ALLOWED]
     assert not found, f"{rule}:\n" + "\n".join(found)
 
 
@@ -278,6 +273,11 @@ def test_rule_holds(rule):
                                  for k, why in KNOWN.items()])
 def test_known_violation_is_gone(key):
     assert key not in {x.key for x in violations()}
+
+
+@pytest.mark.parametrize("key", list(ALLOWED), ids=lambda k: f"{k[0]}:{k[1]}")
+def test_allowed_use_is_still_there(key):
+    assert key in {x.key for x in violations()}
 
 
 def test_the_scan_sees_each_rule(tmp_path):

@@ -16,10 +16,10 @@ runs the layer under `torch.utils.checkpoint.checkpoint` whenever grad mode is o
   so only positional tensors (the hidden states) carry gradient; since the embeddings are frozen, their output is
   made to require grad (transformers' enable_input_require_grads), else nothing would back-propagate.
 
-HydraLinear layers recompute with the stream layout of the forward that built the graph (they match a
-recomputation to its forward by autograd sequence number), so multi-stream forwards are recomputed exactly.
-The wrapper is a bound method in the layer's __dict__: state_dict keys do not change and copy.deepcopy
-rebinds it to the copy.
+The checkpointed function is bound to the stream layout of the forward (nn.bind_streams: a closure that
+re-enters it), so a recomputation runs the layout of the forward that built the graph, also after the streams()
+context has exited and other forwards with other layouts have run. The wrapper is a bound method in the layer's
+__dict__: state_dict keys do not change and copy.deepcopy rebinds it to the copy.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import warnings
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from hydra_kernels.nn.streams import bind_streams
 
 __all__ = ["enable_activation_checkpointing", "disable_activation_checkpointing", "activation_checkpointing_enabled",
            "checkpointable_layers"]
@@ -85,8 +87,8 @@ def _checkpointed_forward(self, *args, **kwargs):
                       "without checkpointing (pass use_cache=False to checkpoint it)", UserWarning, stacklevel=2)
         return plain(self, *args, **kwargs)
     if self.__dict__.get(_REENTRANT, False):
-        return checkpoint(functools.partial(plain, self, **kwargs), *args, use_reentrant=True)
-    return checkpoint(plain, self, *args, use_reentrant=False, **kwargs)
+        return checkpoint(bind_streams(functools.partial(plain, self, **kwargs)), *args, use_reentrant=True)
+    return checkpoint(bind_streams(plain), self, *args, use_reentrant=False, **kwargs)
 
 
 def enable_activation_checkpointing(model: nn.Module, use_reentrant: bool = False) -> int:

@@ -27,6 +27,7 @@ from hydra_kernels.integrations import checkpoint as ckpt
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
 from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
+from hydra_kernels.nn.streams import rounded_adapters
 from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops.matmul import linear_f32
 
@@ -296,18 +297,22 @@ class HydraModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, stream: str = "actor",
                  **generate_kwargs):
-        """model.generate (KV cache and all) with every layer on one stream ("base" = the reference policy)."""
+        """model.generate (KV cache and all) with every layer on one stream ("base" = the reference policy).
+
+        fp32 adapters of a 16-bit model are rounded once for the whole call (nn.rounded_adapters), not per token.
+        """
         validate_streams(self.model, (stream,))
-        with hydra_streams(self.model, stream):
+        with hydra_streams(self.model, stream), rounded_adapters(self.model):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
         """Recompute every decoder layer's activations in backward (integrations.activation_checkpointing:
         unlike transformers' own mechanism it also acts in eval mode, where PPO runs).
 
-        Gradients equal those without checkpointing: each HydraLinear recomputes with the stream layout of the
-        forward that built the graph (it matches the recomputation to its forward by autograd sequence number),
-        also when several forwards with different layouts precede one backward.
+        Gradients equal those without checkpointing: each checkpointed layer is bound to the stream layout of
+        its forward (nn.bind_streams) and recomputes with it, also when several forwards with different layouts
+        precede one backward. For torch.utils.checkpoint or transformers' own checkpointing of your own, pass
+        nn.checkpoint_context_fn as context_fn (use_reentrant=False) or wrap the function in nn.bind_streams.
         """
         enable_activation_checkpointing(self.model, use_reentrant=use_reentrant)
 

@@ -2,34 +2,15 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Sequence
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.checkpoint import CheckpointFunction
 
+from hydra_kernels.nn import context
 from hydra_kernels.ops import lora_linear
 
 BASE = "base"
-# Layout records kept per layer for activation-checkpoint recomputation (see HydraLinear.current_layout).
-# A record is only needed until its graph runs backward; a graph older than this many forwards of the same
-# layer that is recomputed raises instead of guessing.
-_LAYOUT_HISTORY = 256
-
-# Number of optimizer steps taken so far (any torch.optim.Optimizer): part of the key of HydraLinear's rounded
-# adapter cache. Fused optimizers (fused=True; transformers' default adamw_torch_fused) and other multi-tensor
-# kernels update parameters in place without bumping their version counters.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class HydraLinear(nn.Module):
@@ -41,7 +22,11 @@ class HydraLinear(nn.Module):
 
     adapter_dtype: the adapters' dtype; None = fp32 for a bf16 / fp16 weight (master weights, as PEFT does:
     optimizer steps of RLHF-sized learning rates are below a bf16 ulp of most entries), else the weight's.
-    The forward rounds fp32 adapters to the input's dtype (ops.lora_linear), so it equals a 16-bit adapter's.
+    The forward rounds fp32 adapters to the input's dtype (ops.lora_linear), so it equals a 16-bit adapter's;
+    no-grad forwards inside `rounded_adapters(...)` reuse one rounded copy per layer instead.
+
+    The layer holds no per-call state: the stream layout a forward runs comes from the caller's context
+    (`streams(...)`, per thread and asyncio task), the rounded copies from its `rounded_adapters(...)` scope.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -95,11 +80,6 @@ class HydraLinear(nn.Module):
         self.default_stream = adapters[0] if adapters else BASE
         self.backend: str | None = None
         self._index = {BASE: -1, **{name: i for i, name in enumerate(adapters)}}
-        self._stream_layout: tuple[str, ...] | None = None   # set by hydra_kernels.streams(...)
-        # (autograd sequence number when the forward ran, layout): grad-mode and no-grad forwards apart.
-        self._layouts_grad: deque = deque(maxlen=_LAYOUT_HISTORY)
-        self._layouts_nograd: deque = deque(maxlen=_LAYOUT_HISTORY)
-        self._rounded_adapters: tuple | None = None          # see _adapter_operands
 
     def reset_lora_parameters(self) -> None:
         """Standard LoRA init: A like nn.Linear's weight (per adapter), B zero, so every adapter starts as the base."""
@@ -115,40 +95,10 @@ class HydraLinear(nn.Module):
             raise ValueError(f"streams: unknown stream {e.args[0]!r}; this layer has {(BASE,) + self.adapters}") from None
 
     def current_layout(self) -> tuple[str, ...]:
-        """The stream names this forward runs.
-
-        Inside a backward pass a forward is an activation-checkpoint recomputation: it must repeat the layout
-        of the original forward, although the `streams` context may have exited and other forwards with other
-        layouts may have run since. Every forward is therefore stamped with autograd's sequence counter; the
-        recomputation looks at the backward node that triggered it (torch._C._current_autograd_node):
-        - non-reentrant checkpoint: that node was created inside the checkpointed region, after this layer's
-          forward there, so the layer's latest grad-mode record with stamp <= node's sequence number is it;
-        - reentrant checkpoint: the node is CheckpointFunction's own; the region ran under no_grad right after
-          that node was created, so this layer's records there carry stamp == node's sequence number + 1.
-        """
-        if torch._C._current_graph_task_id() == -1:                 # an ordinary forward
-            layout = self._stream_layout or (self.default_stream,)
-            log = self._layouts_grad if torch.is_grad_enabled() else self._layouts_nograd
-            log.append((torch.autograd._get_sequence_nr(), layout))
-            return layout
-        return self._recomputed_layout()
-
-    def _recomputed_layout(self) -> tuple[str, ...]:
-        node = torch._C._current_autograd_node()
-        if node is None:
-            raise RuntimeError("HydraLinear: forward inside backward with no autograd node to match its layout")
-        seq = node._sequence_nr()
-        if getattr(node, "_forward_cls", None) is CheckpointFunction:     # reentrant checkpoint
-            for stamp, layout in self._layouts_nograd:
-                if stamp == seq + 1:
-                    return layout
-        else:
-            for stamp, layout in reversed(self._layouts_grad):
-                if stamp <= seq:
-                    return layout
-        raise RuntimeError(
-            "HydraLinear: cannot find the stream layout of the forward being recomputed (more than "
-            f"{_LAYOUT_HISTORY} forwards of this layer since it ran); run backward sooner")
+        """The stream names a forward of this layer runs now, in this thread and asyncio task: those of the
+        innermost streams(...) context that covers it, else (default_stream,)."""
+        frame = context.layer_frame(self)
+        return frame.names if frame is not None else (self.default_stream,)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling·B·A of one adapter, [out, in], in fp32."""
@@ -157,32 +107,19 @@ class HydraLinear(nn.Module):
             return torch.zeros(self.weight.shape, device=self.weight.device, dtype=torch.float32)
         return self.scaling * (self.lora_B[i].float() @ self.lora_A[i].float())
 
-    def _adapter_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """lora_A, lora_B for ops.lora_linear. With grad enabled, the Parameters themselves (the op rounds fp32
-        ones to x's dtype and returns fp32 gradients). Without, fp32 adapters are rounded once and the copy is
-        reused until a parameter changes: decoding would otherwise round every adapter of every layer at every
-        token. A change is an in-place update (it bumps the version), a new tensor (another data pointer) or any
-        optimizer step (fused optimizers bump no versions). Writes through `.data` bypass version counting:
-        after `p.data.copy_(...)` outside an optimizer, set `layer._rounded_adapters = None`."""
-        A, B = self.lora_A, self.lora_B
-        if A.dtype == dtype or torch.is_grad_enabled():
-            return A, B
-        key = (dtype, A._version, B._version, A.data_ptr(), B.data_ptr(), _optimizer_steps)
-        if self._rounded_adapters is None or self._rounded_adapters[0] != key:
-            self._rounded_adapters = (key, A.detach().to(dtype), B.detach().to(dtype))
-        return self._rounded_adapters[1], self._rounded_adapters[2]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            # Traced by torch.compile: the layout is a plain attribute (Dynamo guards on it, one graph per layout)
-            # and the parameters go to the op as they are (it rounds fp32 adapters itself). The eager bookkeeping
-            # (autograd sequence stamps for checkpoint recomputation, the rounded-adapter cache keyed on data
-            # pointers) cannot be traced, and is not needed: a compiled backward replays its own graph.
-            idx = self.stream_indices(self._stream_layout or (self.default_stream,))
+            # Traced: the layout comes from the per-thread mirror (Dynamo guards on it: one graph per layout), and
+            # the op rounds fp32 adapters itself.
+            names = context.traced_names(self)
+            idx = self.stream_indices(names if names is not None else (self.default_stream,))
             return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, idx,
                                backend=self.backend)
-        idx = self.stream_indices(self.current_layout())
-        A, B = self._adapter_operands(x.dtype)
+        frame = context.layer_frame(self)
+        idx = frame.indices[self] if frame is not None else self.stream_indices((self.default_stream,))
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype and not torch.is_grad_enabled():
+            A, B = context.rounded_operands(self, x.dtype)
         return lora_linear(x, self.weight, self.bias, A, B, self.scaling, idx, backend=self.backend)
 
     def extra_repr(self) -> str:

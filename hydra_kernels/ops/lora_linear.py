@@ -152,15 +152,29 @@ def _(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters, need_dx, back
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
+# Non-reentrant activation checkpointing replaces saved tensors with those of the recomputed forward, while ctx's
+# other attributes stay the original forward's: a saved copy of the layout tells a recomputation that ran another
+# one (a different stream count already fails checkpoint's own shape check). Unseen by reentrant checkpointing.
+LAYOUT_MISMATCH = ("lora_linear: activation-checkpoint recomputation ran stream adapters {got}, its forward ran "
+                   "{want}: the recomputation must run the forward's stream layout. Use HydraModel.enable_activation_"
+                   "checkpointing, or pass context_fn=hydra_kernels.nn.checkpoint_context_fn to torch.utils.checkpoint "
+                   "(use_reentrant=False; transformers: activation_checkpointing_kwargs)")
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, stream_adapters, backend = inputs
     _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+    # On the host in eager mode (backward reads it without a device sync), on x's device in traced graphs.
+    traced = torch.compiler.is_compiling() or type(x) is not torch.Tensor
+    layout = torch.tensor(stream_adapters, dtype=torch.int64, device=x.device if traced else "cpu")
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, layout)
     ctx.scaling, ctx.stream_adapters, ctx.backend = scaling, stream_adapters, backend
 
 
 def _backward(ctx, dy, _dxa):
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, layout = ctx.saved_tensors
+    if plain_eager(dy) and layout.tolist() != list(ctx.stream_adapters):
+        raise RuntimeError(LAYOUT_MISMATCH.format(got=layout.tolist(), want=list(ctx.stream_adapters)))
     need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
     if not (need_x or need_A or need_B):
         return None, None, None, None, None, None, None, None

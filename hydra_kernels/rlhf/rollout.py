@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from hydra_kernels.integrations import cache_kwarg
-from hydra_kernels.nn.streams import streams
+from hydra_kernels.nn.streams import rounded_adapters, streams
 from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
 from hydra_kernels.rlhf.models import last_logits
 
@@ -146,6 +146,14 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if eos_token_id == pad_token_id:
         raise ValueError("pad_token_id: must differ from eos_token_id")
+    # fp32 adapters of a 16-bit model rounded once for the whole rollout (dropped at its end), not per token.
+    with (rounded_adapters(policy.model) if policy.stream is not None else contextlib.nullcontext()):
+        return _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
+                       top_p, generator, compile)
+
+
+def _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
+            generator, compile) -> Rollout:
     device = prompt_ids.device
     (B, P), mask = prompt_ids.shape, prompt_mask.long()
     if compile:

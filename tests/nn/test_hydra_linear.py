@@ -1,11 +1,11 @@
-"""HydraLinear and the streams context: contract, layouts, checkpointing."""
+"""HydraLinear: contract, stream layouts against the reference, fp32 master adapters of a 16-bit layer."""
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import hydra_kernels as hk
 from hydra_kernels import reference
+from hydra_kernels.nn import context, rounded_adapters
 
 
 def make_layer(K=13, N=11, r=4, seed=0):
@@ -44,17 +44,21 @@ def test_adapters_of_a_16bit_layer_are_fp32_master_weights():
     with hk.streams(layer, "actor", "critic"):
         y_grad = layer(x.repeat(2, 1, 1))                    # grad mode: the op rounds the masters itself
         with torch.no_grad():
-            y = layer(x.repeat(2, 1, 1))                      # no grad: a cached rounded copy
-            cached = layer._rounded_adapters[1]
-            assert torch.equal(layer(x.repeat(2, 1, 1)), y) and layer._rounded_adapters[1] is cached
-    assert torch.equal(y, y_grad)
-    # An optimizer step changes the masters in place: the cached copy must not outlive it.
+            y_call = layer(x.repeat(2, 1, 1))                 # no grad, no scope: rounded on the call
+            with rounded_adapters(layer):
+                y = layer(x.repeat(2, 1, 1))                  # no grad in a scope: a rounded copy, reused
+                cached = context.rounded_operands(layer, torch.bfloat16)[0]
+                assert cached.dtype == torch.bfloat16
+                assert torch.equal(layer(x.repeat(2, 1, 1)), y)
+                assert context.rounded_operands(layer, torch.bfloat16)[0] is cached
+    assert torch.equal(y, y_grad) and torch.equal(y_call, y_grad)
+    # An optimizer step changes the masters in place: the next no-grad phase must see it.
     y_grad.float().pow(2).sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32
     torch.optim.SGD(layer.parameters(), lr=1.0).step()
-    with torch.no_grad(), hk.streams(layer, "actor", "critic"):
+    with torch.no_grad(), rounded_adapters(layer), hk.streams(layer, "actor", "critic"):
         after = layer(x.repeat(2, 1, 1))
-    assert layer._rounded_adapters[1] is not cached and not torch.equal(after, y)
+        assert context.rounded_operands(layer, torch.bfloat16)[0] is not cached and not torch.equal(after, y)
     with hk.streams(layer, "actor", "critic"):
         assert torch.equal(layer(x.repeat(2, 1, 1)), after)
 
@@ -100,51 +104,3 @@ def test_default_stream_outside_context_and_restore():
             pass
         torch.testing.assert_close(layer(x), y_actor)     # nested contexts restore
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
-
-
-def _grads(layer, x, use_checkpoint, reentrant=False):
-    layer.zero_grad(set_to_none=True)
-    xg = x.clone().requires_grad_(True)
-    block = nn.Sequential(layer, nn.Tanh(), nn.Linear(11, 11))   # a second op that needs layer's output
-    torch.manual_seed(1)
-    nn.init.normal_(block[2].weight)
-    with hk.streams(layer, "critic", "actor"):
-        out = checkpoint(block, xg, use_reentrant=reentrant) if use_checkpoint else block(xg)
-    # The context has exited: backward (and the recomputation) must still use ("critic", "actor").
-    hk.set_default_stream(layer, "base")
-    (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
-    return xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
-
-
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_recompute_uses_forward_layout(reentrant):
-    _, layer = make_layer()
-    x = torch.randn(8, 13)
-    plain = _grads(layer, x, use_checkpoint=False)
-    ckpt = _grads(layer, x, use_checkpoint=True, reentrant=reentrant)
-    for a, b in zip(plain, ckpt):
-        torch.testing.assert_close(a, b)
-    assert torch.count_nonzero(plain[1][0]) > 0 and torch.count_nonzero(plain[1][1]) > 0
-
-
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_two_layouts_before_one_backward(reentrant):
-    """Two checkpointed forwards with different layouts, inference calls in between, then one backward."""
-    _, layer = make_layer()
-    x = torch.randn(6, 13)
-    block = nn.Sequential(layer, nn.Tanh())
-
-    def run(use_checkpoint):
-        layer.zero_grad(set_to_none=True)
-        outs = []
-        for names in [("critic", "actor"), ("actor", "base")]:
-            xg = x.clone().requires_grad_(True)       # reentrant checkpoint needs an input that requires grad
-            with hk.streams(layer, *names):
-                outs.append(checkpoint(block, xg, use_reentrant=reentrant) if use_checkpoint else block(xg))
-                with torch.no_grad(), hk.streams(layer, "base"):
-                    layer(x)                           # inference between forward and backward
-        sum((o * torch.arange(o.numel()).reshape(o.shape)).sum() for o in outs).backward()
-        return layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
-
-    for a, b in zip(run(False), run(True)):
-        torch.testing.assert_close(a, b)
