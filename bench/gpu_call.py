@@ -428,9 +428,9 @@ def print_table(summary) -> None:
         status = "ok" if s["status"] == "rc=0" else s["status"]
         return f"{s['name']} {status}" + ("" if s["wall_s"] is None else f" {s['wall_s']:.0f}s")
 
-    total = sum((s["wall_s"] or 0) for s in summary["steps"])
+    end = max(((s["start_s"] or 0) + (s["wall_s"] or 0) for s in summary["steps"]), default=0)
     print(f"################ the one GPU call: {_head(summary)}")
-    print("steps: " + ", ".join(step(s) for s in summary["steps"]) + f" (steps total {total:.0f} s)")
+    print("steps: " + ", ".join(step(s) for s in summary["steps"]) + f"; the last ended at {end:.0f} s")
     for line in summary["info"]:
         print("info: " + line)
     if summary.get("tarball"):

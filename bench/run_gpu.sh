@@ -110,7 +110,7 @@ bg_step() {  # bg_step NAME SHARE CMD...: as step, in the background; bg_wait NA
     echo "=== $name in the background (+$(secs $(( $(now_ms) - T0 )))s, limit $(secs "$lim")s): $*"
     BG_T1[$name]=$(now_ms); BG_LIM[$name]=$lim
     ( timeout --signal=INT --kill-after="$(secs "$KILL_MS")" "$(secs "$lim")" "$@" > "$W/$name.log" 2>&1
-      echo $? > "$W/$name.rc" ) &
+      echo "$? $(now_ms)" > "$W/$name.rc" ) &
     BG_PID[$name]=$!
 }
 BG_RC=
@@ -118,10 +118,12 @@ bg_wait() {  # bg_wait NAME: wait for a background step (its own limit bounds th
     local name=$1
     if [ -z "${BG_PID[$name]:-}" ]; then BG_RC=skipped; return 0; fi
     wait "${BG_PID[$name]}"
-    BG_RC=$(cat "$W/$name.rc" 2>/dev/null || echo 1)
-    echo "=== $name done (rc=$BG_RC)"
+    local rc_end t2
+    rc_end=$(cat "$W/$name.rc" 2>/dev/null || echo "1 $(now_ms)")
+    BG_RC=${rc_end% *}; t2=${rc_end#* }
+    echo "=== $name done (rc=$BG_RC, +$(secs $(( t2 - T0 )))s)"
     tail -n 15 "$W/$name.log"
-    record "$name" "rc=$BG_RC" "${BG_T1[$name]}" "$(now_ms)" "${BG_LIM[$name]}"
+    record "$name" "rc=$BG_RC" "${BG_T1[$name]}" "$t2" "${BG_LIM[$name]}"
     unset "BG_PID[$name]"
     pack
 }
