@@ -12,11 +12,18 @@ reference stream detached, the head frozen; loss = Σ w1·logp + Σ w2·entropy 
 
 Impls:
   ours          ops.linear_logprobs: one sweep over W for all streams (Triton on GPU, torch chunks on CPU)
+  eager         what a user writes: logits = (h·Wᵀ).float() / T per stream, fp32 log_softmax, gather, entropy,
+                k3 from the two log-probs; the fp32 logits [tokens, V] exist per stream (and autograd keeps them)
+  compile       (GPU) torch.compile of `eager` (one graph per mode; its compile time is outside the timing)
+  liger         (GPU, when liger-kernel imports) Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none")
+                per stream: log-probs = −CE, k3 from the two; no entropy (Liger's fused head has none)
   materialized  logits = h·Wᵀ in bf16 (cuBLAS) per stream, then the from-logits op (ops.token_logprobs /
                 ops.logprobs_and_kl); autograd through both for the backward
   chunked       one sweep per model, as peers do: 1024-token chunks, fp32 log_softmax of (h_c·Wᵀ)/T, gather,
                 entropy; the actor's chunks under torch.utils.checkpoint (recomputed in backward, so memory stays
                 bounded), the reference's under no_grad
+The compiling impl runs after every other impl of every case (a time limit then costs it, not the others).
+--shapes DxV and --tokens pick the cases (bench_logprobs: --linear-shapes, --linear-tokens).
 
 Reported: median ms, effective TFLOP/s with the convention of issue 3 (2·tokens·D·V per stream forward, ×3 for
 forward+backward, every stream counted even though only the actor takes a gradient), peak extra memory while the
@@ -97,63 +104,158 @@ def _ours(hs, w, tg, T, S):
     return lp[0], ent[0], kl
 
 
-IMPLS = {"ours": _ours, "materialized": _materialized, "chunked": _chunked}
+def _eager(hs, w, tg, T, S):
+    """fp32 logits per stream, log_softmax, gather; entropy of the actor; k3 between the two."""
+    lps = []
+    ent = None
+    for s, h in enumerate(hs):
+        lp_all = torch.log_softmax((h @ w.T).float() / T, -1)
+        lps.append(lp_all.gather(-1, tg.unsqueeze(-1)).squeeze(-1))
+        if s == 0:
+            ent = -(lp_all.exp() * lp_all).sum(-1)
+    if S == 1:
+        return lps[0], ent, None
+    d = lps[1] - lps[0]
+    return lps[0], ent, torch.expm1(d) - d
+
+
+_COMPILED = {}
+
+
+def _compiled(hs, w, tg, T, S):
+    fn = _COMPILED.get("eager")
+    if fn is None:
+        fn = _COMPILED["eager"] = torch.compile(_eager)
+    return fn(hs, w, tg, T, S)
+
+
+def _liger_loss():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception:                                   # not installed, or it does not import here: say so
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="none")
+
+
+def _liger(hs, w, tg, T, S):
+    """Per stream Liger's fused linear cross-entropy (reduction none): log-prob = −CE; no entropy."""
+    loss = _liger_loss()
+    lps = [-loss(w, h / T if T != 1.0 else h, tg) for h in hs]
+    if S == 1:
+        return lps[0], None, None
+    d = lps[1] - lps[0]
+    return lps[0], None, torch.expm1(d) - d
+
+
+IMPLS = {"ours": _ours, "eager": _eager, "liger": _liger, "materialized": _materialized, "chunked": _chunked,
+         "compile": _compiled}
+GPU_ONLY = {"compile", "liger"}
+LAST = ("compile",)                 # compiling impls: after every other impl of every case
 
 
 # ------------------------------------------------------------------------------------------------ section
+def _shape(text):
+    try:
+        d, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: expected DxV (hidden x vocab), got {text!r}") from None
+    return d, v
+
+
+def _cases(args, smoke):
+    quick = getattr(args, "quick", False)
+    shapes = [_shape(x) for x in (getattr(args, "linear_shapes", None) or getattr(args, "shapes", None) or [])]
+    tokens = getattr(args, "linear_tokens", None) or getattr(args, "tokens_linear", None)
+    shapes = shapes or (SMOKE_SHAPES if smoke else (SHAPES[1:] if quick else SHAPES))
+    tokens = tokens or (SMOKE_TOKENS if smoke else ([4096, 16384] if quick else TOKENS))
+    return shapes, tokens
+
+
 def bench_linear(args, env):
     dev = env["device"]
     smoke = env["smoke"]
-    shapes = SMOKE_SHAPES if smoke else (SHAPES[1:] if getattr(args, "quick", False) else SHAPES)
-    tokens = SMOKE_TOKENS if smoke else ([4096, 16384] if getattr(args, "quick", False) else TOKENS)
+    shapes, tokens = _cases(args, smoke)
     streams = list(getattr(args, "models", None) or [1, 2])
     modes = list(getattr(args, "modes", None) or ["fwd", "fwdbwd"])
-    impls = [i for i in IMPLS if not getattr(args, "impls", None) or i in args.impls]
+    impls = [i for i in IMPLS if (not getattr(args, "impls", None) or i in args.impls)
+             and (dev.type == "cuda" or i not in GPU_ONLY)]
+    passes = [[i for i in impls if i not in LAST], [i for i in impls if i in LAST]]
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     rows = []
-    for D, V in shapes:
-        g = torch.Generator(device=dev).manual_seed(0)
-        w = (torch.randn(V, D, device=dev, generator=g) * (4.0 / D ** 0.5)).to(dtype)
-        for N in tokens:
-            base = torch.randn(N, D, device=dev, generator=g)
-            h_all = [(base + 0.3 * torch.randn(N, D, device=dev, generator=g)).to(dtype) for _ in range(2)]
-            del base
-            tg = torch.randint(0, V, (N,), device=dev, generator=g)
-            wts = [torch.randn(N, device=dev, generator=g) for _ in range(3)]
-            for S in streams:
-                hs = h_all[:S]
-                fp32_logits = S * N * V * 4
-                for mode in modes:
-                    case = f"{mode} S={S} N={N} D={D} V={V}"
-                    flops = 2.0 * S * N * D * V * (3 if mode == "fwdbwd" else 1)
-                    for impl in impls:
-                        fn = _runner(IMPLS[impl], hs, w, tg, S, mode, wts)
-                        row = dict(case=case, impl=impl, tokens=N, D=D, V=V, streams=S, mode=mode,
-                                   dtype=str(dtype).replace("torch.", ""), flops=flops, ratio_ref="chunked",
-                                   fp32_logits_gib=fp32_logits / GIB, note=None)
-                        try:
-                            row["ms"] = env["time"](fn)
-                            peak = env["peak"](fn)
-                            row["peak_gib"] = peak
-                            if peak is not None:
-                                row["pct_fp32_logits"] = 100.0 * peak * GIB / fp32_logits
-                                # Also in the note: the shared table shows only its standard columns.
-                                row["note"] = f"extra peak {row['pct_fp32_logits']:.2f}% of fp32 logits"
-                        except torch.OutOfMemoryError:
-                            row["ms"], row["note"] = None, "OOM"
-                        except Exception as exc:               # a failing impl is reported, not fatal
-                            row["ms"], row["note"] = None, f"{type(exc).__name__}: {str(exc)[:160]}"
-                        if dev.type == "cuda":
-                            torch.cuda.empty_cache()
-                        rows.append(row)
-                        print(f"{case:44s} {impl:14s} {_ms(row.get('ms')):>10s} ms  {row.get('note') or ''}",
-                              flush=True)
-                rows.append(_accuracy_row(hs, w, tg, S, N, D, V))
-            del h_all
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+    order = {}                                          # case -> position, for the table's order
+    for n_pass, pass_impls in enumerate(passes):
+        if not pass_impls:
+            continue
+        for D, V in shapes:
+            g = torch.Generator(device=dev).manual_seed(0)
+            w = (torch.randn(V, D, device=dev, generator=g) * (4.0 / D ** 0.5)).to(dtype)
+            for N in tokens:
+                base = torch.randn(N, D, device=dev, generator=g)
+                h_all = [(base + 0.3 * torch.randn(N, D, device=dev, generator=g)).to(dtype) for _ in range(2)]
+                del base
+                tg = torch.randint(0, V, (N,), device=dev, generator=g)
+                wts = [torch.randn(N, device=dev, generator=g) for _ in range(3)]
+                for S in streams:
+                    hs = h_all[:S]
+                    fp32_logits = S * N * V * 4
+                    for mode in modes:
+                        case = f"{mode} S={S} N={N} D={D} V={V}"
+                        order.setdefault(case, len(order))
+                        flops = 2.0 * S * N * D * V * (3 if mode == "fwdbwd" else 1)
+                        for impl in pass_impls:
+                            row = dict(case=case, impl=impl, tokens=N, D=D, V=V, streams=S, mode=mode,
+                                       dtype=str(dtype).replace("torch.", ""), flops=flops, ratio_ref="chunked",
+                                       fp32_logits_gib=fp32_logits / GIB, note=None)
+                            _measure(row, IMPLS[impl], hs, w, tg, S, mode, wts, env, fp32_logits)
+                            rows.append(row)
+                            print(f"{case:44s} {impl:14s} {_ms(row.get('ms')):>10s} ms  {row.get('note') or ''}",
+                                  flush=True)
+                            _progress(env, rows, order)
+                    if n_pass == 0:
+                        rows.append(_accuracy_row(hs, w, tg, S, N, D, V))
+                        order.setdefault(rows[-1]["case"], len(order))
+                del h_all
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    rows = _ordered(rows, order)
     rows.extend(_target_rows(rows))
     return rows
+
+
+def _measure(row, f, hs, w, tg, S, mode, wts, env, fp32_logits):
+    if f is _liger and _liger_loss() is None:
+        row["ms"], row["note"] = None, "liger-kernel not installed (carry its wheel: see bench/run_gpu.sh)"
+        return
+    fn = _runner(f, hs, w, tg, S, mode, wts)
+    try:
+        if f is _compiled:
+            fn()                                        # compile outside the timing
+        row["ms"] = env["time"](fn)
+        peak = env["peak"](fn)
+        row["peak_gib"] = peak
+        if peak is not None:
+            row["pct_fp32_logits"] = 100.0 * peak * GIB / fp32_logits
+            # Also in the note: the shared table shows only its standard columns.
+            row["note"] = f"extra peak {row['pct_fp32_logits']:.2f}% of fp32 logits"
+        if f is _liger:
+            row["note"] = (row["note"] + "; " if row["note"] else "") + "no entropy"
+    except torch.OutOfMemoryError:
+        row["ms"], row["note"] = None, "OOM"
+    except Exception as exc:               # a failing impl is reported, not fatal
+        row["ms"], row["note"] = None, f"{type(exc).__name__}: {str(exc)[:160]}"
+    if env["device"].type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ordered(rows, order):
+    """Rows by case (first measured first), then in IMPLS order; accuracy rows after their cases."""
+    rank = {name: i for i, name in enumerate(IMPLS)}
+    return sorted(rows, key=lambda r: (order.get(r["case"], len(order)), rank.get(r["impl"], len(rank))))
+
+
+def _progress(env, rows, order):
+    if env.get("progress") is not None:
+        env["progress"](_ordered(rows, order))
 
 
 def _ms(v):
@@ -192,19 +294,39 @@ def _accuracy_row(hs, w, tg, S, N, D, V):
                 note=note)
 
 
-def _target_rows(rows):
-    """One row per 2-stream case of ours: does it meet the issue's targets?"""
+def linear_targets(rows, env=None):
+    """Issue 3's targets for every 2-stream case of ours: TFLOP/s by mode, and the extra peak memory."""
     out = []
     for r in rows:
         if r["impl"] != "ours" or r.get("streams") != 2 or not r.get("ms"):
             continue
         tflops = r["flops"] / (r["ms"] * 1e-3) / 1e12
         need = TARGETS[r["mode"]]
+        out.append(dict(id=f"linear_logprobs.{r['mode']}_tflops", issue="issue 3",
+                        target=f"linear_logprobs 2 streams {r['mode']} ≥{need:.0f} TFLOP/s", where=r["case"],
+                        value=tflops, need=f"≥ {need:.0f} TFLOP/s", ok=tflops >= need))
         pct = r.get("pct_fp32_logits")
-        ok = tflops >= need and (pct is None or pct <= TARGETS["pct_fp32_logits"])
-        out.append(dict(case=r["case"], impl="target", ms=None,
-                        note=f"{'MET' if ok else 'MISSED'}: {tflops:.0f} TFLOP/s (need ≥ {need:.0f}), extra peak "
-                             f"{'-' if pct is None else f'{pct:.2f}'}% of fp32 logits (need ≤ 5%)"))
+        if pct is not None:
+            out.append(dict(id="linear_logprobs.peak_pct", issue="issue 3",
+                            target="linear_logprobs extra peak ≤5% of fp32 logits", where=r["case"], value=pct,
+                            need=f"≤ {TARGETS['pct_fp32_logits']:.0f}%", ok=pct <= TARGETS["pct_fp32_logits"]))
+    return out
+
+
+def _target_rows(rows):
+    """One table row per 2-stream case of ours: does it meet the issue's targets (both of them)?"""
+    by_case = {}
+    for t in linear_targets(rows):
+        by_case.setdefault(t["where"], []).append(t)
+    out = []
+    for case, ts in by_case.items():
+        speed = next(t for t in ts if t["id"].endswith("_tflops"))
+        mem = next((t for t in ts if t["id"] == "linear_logprobs.peak_pct"), None)
+        ok = all(t["ok"] for t in ts)
+        pct = "-" if mem is None else f"{mem['value']:.2f}"
+        out.append(dict(case=case, impl="target", ms=None,
+                        note=f"{'MET' if ok else 'MISSED'}: {speed['value']:.0f} TFLOP/s (need {speed['need']}), "
+                             f"extra peak {pct}% of fp32 logits (need ≤ 5%)"))
     return out
 
 
@@ -218,14 +340,19 @@ def main(argv=None) -> int:
     p.add_argument("--models", type=int, nargs="+", choices=[1, 2], default=[1, 2], help="streams")
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
     p.add_argument("--impls", nargs="+", choices=list(IMPLS))
+    p.add_argument("--shapes", nargs="+", metavar="DxV", help="head shapes, e.g. 3584x152064")
+    p.add_argument("--tokens", type=int, nargs="+", dest="tokens_linear", help="token counts")
     args = p.parse_args(argv)
     env = common.make_env(args)
     if env["device"].type == "cpu" and not args.smoke:
         print("no CUDA device: running the CPU smoke shapes (pass --smoke to silence this)", file=sys.stderr)
         args.smoke, env["smoke"] = True, True
+    now = common._dt.datetime.now(common._dt.timezone.utc)
+    env["progress"] = lambda rows: common.write_results("linear", rows, env, args, args.out, ("pct_fp32_logits",),
+                                                        now=now, complete=False, targets=linear_targets(rows))
     rows = bench_linear(args, env)
-    j, m = common.write_results("linear", rows, env, args, args.out,
-                                extra_cols=("pct_fp32_logits",))
+    j, m = common.write_results("linear", rows, env, args, args.out, extra_cols=("pct_fp32_logits",), now=now,
+                                targets=linear_targets(rows))
     print(f"wrote {j} and {m}")
     return 0
 

@@ -28,12 +28,19 @@ Return one dict per (case, impl): required keys `case` (a string naming the shap
 "eager"), and any extra columns (they go to JSON; pass `extra_cols=[...]` to `write_results` to show
 them in the table). `write_results` adds the derived columns, writes `<out>/logprobs_<section>_<device>_<date>
 .json` (device, versions, date, raw numbers) and a Markdown table next to it. Add the section's argument
-defaults (shapes) in `parse_args`; `--quick` and `--smoke` should shrink them.
+defaults (shapes) in `parse_args`; `--quick` and `--smoke` should shrink them. Call `env["progress"](rows)`
+after each row: main() rewrites the files then, so a run stopped by a time limit keeps what it measured
+(`complete` in the JSON says whether the section finished). A section's targets: a function in
+SECTION_TARGETS(rows, env) -> [{id, issue, target, where, value, need, ok}], written to the JSON's `targets`.
+
+Target of `logits` (issue 4): the log-prob kernels (ours = Triton, cuda = csrc) move ≥ 85% of the measured HBM
+copy bandwidth, on every case that moves at least 1 GiB (smaller ones measure launch overhead).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -158,23 +165,34 @@ def derive(rows, env):
     return rows
 
 
-def write_results(section, rows, env, args, out_dir, extra_cols=()):
-    """JSON (device, versions, date, raw rows) + a Markdown table, both under out_dir. Returns the paths."""
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Written aside and renamed: a run killed mid-write leaves the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(section, rows, env, args, out_dir, extra_cols=(), now=None, complete=True, targets=None):
+    """JSON (device, versions, date, raw rows, targets) + a Markdown table, both under out_dir. `now` fixes the
+    file names (pass the same one to rewrite a run's files as it goes); `targets` defaults to the section's
+    SECTION_TARGETS. Returns the paths."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
     dev = env["device"]
     name = device_name(dev)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
     stem = f"logprobs_{section}_{slug}_{now.strftime('%Y%m%d-%H%M%S')}"
     derive(rows, env)
+    if targets is None:
+        targets = SECTION_TARGETS[section](rows, env) if section in SECTION_TARGETS else []
     meta = {
         "bench": "bench/bench_logprobs.py", "section": section, "date": now.isoformat(timespec="seconds"),
         "device": name, "device_type": dev.type, "versions": versions(), "hbm_copy_gbps": env.get("hbm_gbps"),
-        "args": {k: v for k, v in vars(args).items()}, "results": rows,
+        "complete": complete, "args": {k: v for k, v in vars(args).items()}, "results": rows, "targets": targets,
     }
     jpath = out / f"{stem}.json"
-    jpath.write_text(json.dumps(meta, indent=1, default=str))
+    _write_atomic(jpath, json.dumps(meta, indent=1, default=str))
     cols = ["case", "impl", "ms", "gbps", "pct_hbm", "tflops", "peak_gib", "speedup_vs_ref", *extra_cols, "note"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows) or c in ("case", "impl", "ms")]
     head = {"ms": "median ms", "gbps": "GB/s", "pct_hbm": "% HBM", "tflops": "TFLOP/s", "peak_gib": "peak GiB",
@@ -189,8 +207,15 @@ def write_results(section, rows, env, args, out_dir, extra_cols=()):
     ]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    if not complete:
+        lines += ["", "**Partial results: the run stopped before the section finished.**"]
+    if targets:
+        lines += ["", "## Targets", "", "| target | issue | where | value | need | met |", "|---|---|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['target']} | {t['issue']} | {t['where']} | {_fmt(t['value'])} | {t['need']} | "
+                         f"{'MET' if t['ok'] else 'MISSED'} |")
     mpath = out / f"{stem}.md"
-    mpath.write_text("\n".join(lines) + "\n")
+    _write_atomic(mpath, "\n".join(lines) + "\n")
     return jpath, mpath
 
 
@@ -296,12 +321,39 @@ def bench_logits(args, env):
                         rows_out.append(row)
                         print(f"{case:40s} {impl:24s} {_fmt(row.get('ms')):>10s} ms  {row.get('note') or ''}",
                               flush=True)
+                        progress(env, rows_out)
             if not env["smoke"]:
                 _check_accuracy(rows_out, x, r, t, T, B * L, V)
             del full, x, r
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows_out
+
+
+def progress(env, rows):
+    """Hand the rows so far to env["progress"] (main() rewrites the result files), if there is one."""
+    if env.get("progress") is not None:
+        env["progress"](rows)
+
+
+LOGPROBS_HBM_TARGET = 0.85         # issue 4: fraction of the measured HBM copy bandwidth
+TARGET_MIN_BYTES = GIB             # cases that move less measure launch overhead more than bandwidth
+
+
+def logits_targets(rows, env):
+    """Issue 4: ours (Triton) and cuda (csrc) from-logits kernels at ≥ 85% of measured HBM bandwidth."""
+    out = []
+    for r in rows:
+        if r.get("impl") not in ("ours", "cuda") or not r.get("ms") or r.get("pct_hbm") is None:
+            continue
+        if (r.get("bytes") or 0) < TARGET_MIN_BYTES:
+            continue
+        frac = r["pct_hbm"] / 100.0
+        out.append(dict(id=f"logprobs.{r['impl']}_hbm", issue="issue 4",
+                        target=f"log-prob kernel ({'Triton' if r['impl'] == 'ours' else 'CUDA'}) ≥85% of HBM",
+                        where=r["case"], value=frac, need=f"≥ {LOGPROBS_HBM_TARGET:.2f} of HBM",
+                        ok=frac >= LOGPROBS_HBM_TARGET))
+    return out
 
 
 def _check_accuracy(rows_out, x, r, t, T, N, V):
@@ -394,18 +446,29 @@ def _logits_impls(models, mode, x, r, t, T, w, full, liger, env, args):
 
 
 SECTIONS = {"logits": bench_logits}
+SECTION_TARGETS = {"logits": logits_targets}
 
 
 def bench_linear(args, env):
     """Section `linear` (ops.linear_logprobs, the LM head fused) lives in bench/bench_linear_logprobs.py."""
+    return _linear_module().bench_linear(args, env)
+
+
+@functools.lru_cache(maxsize=1)
+def _linear_module():
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_linear_logprobs", ROOT / "bench" / "bench_linear_logprobs.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.bench_linear(args, env)
+    return mod
+
+
+def linear_targets(rows, env):
+    return _linear_module().linear_targets(rows, env)
 
 
 SECTIONS["linear"] = bench_linear
+SECTION_TARGETS["linear"] = linear_targets
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -421,7 +484,10 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, nargs="+")
     p.add_argument("--models", type=int, nargs="+", choices=[1, 2], default=[1, 2])
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
-    p.add_argument("--impls", nargs="+", help="only these impls (ours cuda eager chunked compile liger)")
+    p.add_argument("--impls", nargs="+", help="only these impls (logits: ours cuda eager chunked compile liger; "
+                                              "linear: ours eager compile liger materialized chunked)")
+    p.add_argument("--linear-shapes", nargs="+", metavar="DxV", help="section linear: head shapes, e.g. 3584x152064")
+    p.add_argument("--linear-tokens", type=int, nargs="+", help="section linear: token counts")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens = args.tokens or [32, 64]
@@ -447,8 +513,12 @@ def main(argv=None) -> int:
         if section not in SECTIONS:
             print(f"section {section!r} is not implemented in this script yet", file=sys.stderr)
             continue
+        now = _dt.datetime.now(_dt.timezone.utc)
+        extra = ("pct_fp32_logits",) if section == "linear" else ()
+        env["progress"] = lambda rows, section=section, now=now, extra=extra: write_results(
+            section, rows, env, args, args.out, extra, now=now, complete=False)
         rows = SECTIONS[section](args, env)
-        j, m = write_results(section, rows, env, args, args.out)
+        j, m = write_results(section, rows, env, args, args.out, extra, now=now)
         print(f"wrote {j} and {m}")
     return 0
 

@@ -25,6 +25,12 @@ script can be smoke-tested anywhere. Triton under the interpreter is not timed (
 
   python bench/bench_lora_linear.py --quick                 # reduced sweep
   python bench/bench_lora_linear.py --out bench/results     # full sweep, JSON + Markdown
+  python bench/bench_lora_linear.py --shapes 4096x4096 --ranks 64 --cases actor_fwd_bwd,base_actor \
+      --case-rows actor_fwd_bwd=2048,8192 --case-rows base_actor=16,64 --out DIR   # bench/run_gpu.sh's pick
+
+With --out the JSON and Markdown are rewritten after every measured row, so a run stopped by a time limit keeps
+what it measured (meta.complete says whether the sweep finished). Targets carry an `id` and the issue they come
+from (bench/gpu_call.py collects them into the GPU call's MET / MISSED table).
 """
 from __future__ import annotations
 
@@ -280,7 +286,22 @@ def measure_ceilings(device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(args) -> dict:
+def parse_case_rows(items) -> dict:
+    """--case-rows CASE=R1,R2 (repeatable) -> {case: [R1, R2]}: rows per stream for that case only."""
+    out = {}
+    for item in items or []:
+        case, sep, rows = item.partition("=")
+        if not sep or not rows:
+            raise SystemExit(f"--case-rows: expected CASE=ROWS[,ROWS...], got {item!r}")
+        try:
+            out[case] = [int(v) for v in rows.split(",")]
+        except ValueError:
+            raise SystemExit(f"--case-rows: rows must be integers, got {item!r}") from None
+    return out
+
+
+def run(args, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """The sweep; on_row(result so far) is called after every measured row (main() writes the files there)."""
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     sweep = dict((QUICK if args.quick else FULL) if gpu else (CPU_QUICK if args.quick else CPU_FULL))
@@ -291,6 +312,10 @@ def run(args) -> dict:
     if args.rows:
         sweep["rows"] = [int(v) for v in args.rows.split(",")]
     cases = args.cases.split(",") if args.cases else list(CASES)
+    case_rows = parse_case_rows(args.case_rows)
+    unknown = sorted(set(case_rows) - set(CASES))
+    if unknown:
+        raise SystemExit(f"--case-rows: unknown case(s) {unknown}; choose from {list(CASES)}")
     providers = args.providers.split(",") if args.providers else (GPU_PROVIDERS if gpu else CPU_PROVIDERS)
     if args.no_compile and "compile" in providers:
         providers.remove("compile")
@@ -306,7 +331,7 @@ def run(args) -> dict:
         "triton": _triton_version(), "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dtype": str(dtype).replace("torch.", ""), "scaling": SCALING, "sweep": sweep, "cases": cases,
-        "providers": providers,
+        "case_rows": case_rows, "providers": providers, "complete": False,
         "timing": "triton.testing.do_bench median (eager) + do_bench_cudagraph median (no-grad)" if gpu
                   else f"wall clock median of {args.repeats}, {torch.get_num_threads()} thread(s)",
     }
@@ -316,10 +341,19 @@ def run(args) -> dict:
               f"bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s", flush=True)
 
     rows_out: list[Row] = []
+
+    def result_so_far() -> dict:
+        res = {"meta": meta, "ceilings": ceilings, "results": [asdict(r) for r in rows_out]}
+        res["targets"] = evaluate_targets(rows_out, ceilings) if gpu else []
+        return res
+
+    all_rows = sorted({n for c in cases for n in case_rows.get(c, sweep["rows"])})
     for (K, N) in sweep["shapes"]:
         for r in sweep["ranks"]:
-            for rps in sweep["rows"]:
+            for rps in all_rows:
                 for case in cases:
+                    if rps not in case_rows.get(case, sweep["rows"]):
+                        continue
                     p = make_problem(K, N, r, rps, case, device, dtype)
                     wb, tb = min_bytes(p)
                     fl = flops(p)
@@ -349,9 +383,11 @@ def run(args) -> dict:
                         print(f"{K}->{N} r={r:<3} rows/stream={rps:<5} {case:<17} {prov:<14} "
                               f"{row.ms:9.4f} ms  {row.tflops:7.2f} TFLOP/s  W {row.weight_gbps:7.1f} GB/s",
                               flush=True)
+                        if on_row is not None:
+                            on_row(result_so_far())
                     del p
-    result = {"meta": meta, "ceilings": ceilings, "results": [asdict(r) for r in rows_out]}
-    result["targets"] = evaluate_targets(rows_out, ceilings) if gpu else []
+    meta["complete"] = True
+    result = result_so_far()
     result["autotune"] = _autotune_choices() if gpu else {}
     return result
 
@@ -384,6 +420,11 @@ def evaluate_targets(rows: list[Row], ceilings: dict) -> list[dict]:
     separate passes and ≥ 75% of measured HBM bandwidth on the weight bytes."""
     idx = _index(rows)
     out = []
+
+    def add(tid, issue, target, k, value, need, ok):
+        out.append(dict(id=tid, issue=issue, target=target, key=k, value=value, need=need, ok=ok,
+                        where=f"{k[0]}→{k[1]} r={k[2]} {k[3]} rows/stream {k[4]}"))
+
     for r in rows:
         if r.provider == "cuda" and r.ms is not None and r.case == "base_actor" and r.rows_per_stream <= 64:
             # Issue 4 (csrc/lora_linear_small.cu): ≥ 1.8× faster than two separate cuBLAS passes with unfused
@@ -392,11 +433,12 @@ def evaluate_targets(rows: list[Row], ceilings: dict) -> list[dict]:
             sep = idx.get(k + ("separate",))
             if sep:
                 sp = sep.ms / r.ms
-                out.append(dict(target="cuda: 2 streams ≥1.8× vs separate passes", key=k, value=sp, ok=sp >= 1.8))
+                add("lora.cuda_2stream_vs_separate", "issue 4", "cuda: 2 streams ≥1.8× vs separate passes", k, sp,
+                    "≥ 1.8×", sp >= 1.8)
             if ceilings.get("hbm_copy_GBps"):
                 frac = r.weight_gbps / ceilings["hbm_copy_GBps"]
-                out.append(dict(target="cuda: 2 streams ≥80% HBM on weight bytes", key=k, value=frac,
-                                ok=frac >= 0.80))
+                add("lora.cuda_2stream_hbm", "issue 4", "cuda: 2 streams ≥80% HBM on weight bytes", k, frac,
+                    "≥ 0.80 of HBM", frac >= 0.80)
         if r.provider != "fused" or r.ms is None:
             continue
         k = (r.K, r.N, r.r, r.rows_per_stream, r.case)
@@ -404,18 +446,20 @@ def evaluate_targets(rows: list[Row], ceilings: dict) -> list[dict]:
             peft, base = idx.get(k + ("peft",)), idx.get(k + ("base",))
             if peft:
                 sp = peft.ms / r.ms
-                out.append(dict(target="fwd+bwd ≥1.3× vs unfused", key=k, value=sp, ok=sp >= 1.3))
+                add("lora.fwdbwd_vs_peft", "issue 2", "fwd+bwd ≥1.3× vs unfused", k, sp, "≥ 1.3×", sp >= 1.3)
             if base:
                 rat = r.ms / base.ms
-                out.append(dict(target="fwd+bwd ≤1.10× base GEMM", key=k, value=rat, ok=rat <= 1.10))
+                add("lora.fwdbwd_vs_base", "issue 2", "fwd+bwd ≤1.10× base GEMM", k, rat, "≤ 1.10×", rat <= 1.10)
         if r.case == "base_actor" and r.rows_per_stream <= 64:
             sep = idx.get(k + ("separate",))
             if sep:
                 sp = sep.ms / r.ms
-                out.append(dict(target="2 streams ≥1.8× vs separate passes", key=k, value=sp, ok=sp >= 1.8))
+                add("lora.2stream_vs_separate", "issue 2", "2 streams ≥1.8× vs separate passes", k, sp, "≥ 1.8×",
+                    sp >= 1.8)
             if ceilings.get("hbm_copy_GBps"):
                 frac = r.weight_gbps / ceilings["hbm_copy_GBps"]
-                out.append(dict(target="2 streams ≥75% HBM on weight bytes", key=k, value=frac, ok=frac >= 0.75))
+                add("lora.2stream_hbm", "issue 2", "2 streams ≥75% HBM on weight bytes", k, frac, "≥ 0.75 of HBM",
+                    frac >= 0.75)
     return out
 
 
@@ -429,6 +473,8 @@ def markdown(result: dict) -> str:
     lines = [f"# lora_linear benchmark — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · "
              f"{meta['dtype']} · {meta['timing']}", ""]
+    if not meta.get("complete", True):
+        lines += ["**Partial results: the run stopped before the sweep finished.**", ""]
     if ceil:
         lines += [f"Measured ceilings: HBM copy **{ceil['hbm_copy_GBps']:.0f} GB/s**, bf16 GEMM "
                   f"**{ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s**.", ""]
@@ -472,10 +518,11 @@ def write_outputs(result: dict, out_dir: str, tag: str = "") -> tuple[str, str]:
     dev = "".join(c if c.isalnum() else "_" for c in result["meta"]["device"]).strip("_").lower()[:40]
     stamp = result["meta"]["date"][:10]
     base = os.path.join(out_dir, f"lora_linear_{dev}_{stamp}{('_' + tag) if tag else ''}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
+    # Written aside and renamed: a run killed mid-write (a time limit) leaves the previous complete file.
+    for path, text in ((base + ".json", json.dumps(result, indent=1, default=str)), (base + ".md", markdown(result))):
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
     return base + ".json", base + ".md"
 
 
@@ -488,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default=None, help="comma list of KxN, e.g. 4096x4096,4096x11008")
     ap.add_argument("--ranks", default=None, help="comma list, e.g. 16,64,128")
     ap.add_argument("--rows", default=None, help="rows per stream, comma list")
+    ap.add_argument("--case-rows", action="append", metavar="CASE=ROWS",
+                    help="rows per stream for one case only, e.g. base_actor=16,64 (repeatable; overrides --rows)")
     ap.add_argument("--cases", default=None, help=f"comma list of {list(CASES)}")
     ap.add_argument("--providers", default=None, help=f"comma list of {GPU_PROVIDERS + ['torch']}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -499,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
+    on_row = (lambda res: write_outputs(res, args.out, args.tag)) if args.out else None
     try:
-        result = run(args)
+        result = run(args, on_row)
     finally:
         torch.set_num_threads(threads)            # main() may be called in-process (tests)
     if args.out:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hydra_kernels.kernels.triton import device_guard, triton_interpreting
+from hydra_kernels.kernels.triton import device_guard, skip_listed, triton_interpreting
 
 MAX_STREAMS = 4      # streams per forward launch (one fp32 [BT, BV] accumulator each)
 
@@ -135,11 +135,15 @@ def _fits_registers(configs, streams):
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    return _fits_registers(configs, kwargs.get("S", named_args.get("S", 1)))
+    streams = kwargs.get("S", named_args.get("S", 1))
+    return skip_listed("linear_logprobs_fwd", _fits_registers(configs, streams), streams=streams,
+                       fp32=bool(kwargs.get("FP32", named_args.get("FP32", False))))
 
 
 def _prune_dz(configs, named_args, **kwargs):
-    return _fits_registers(configs, kwargs.get("NS", named_args.get("NS", 1)))
+    streams = kwargs.get("NS", named_args.get("NS", 1))
+    return skip_listed("linear_logprobs_dz", _fits_registers(configs, streams), streams=streams,
+                       fp32=bool(kwargs.get("FP32", named_args.get("FP32", False))))
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "S", "KL_FULL", "FP32"],

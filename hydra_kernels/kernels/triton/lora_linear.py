@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from hydra_kernels.kernels.layout import rows_per_stream
-from hydra_kernels.kernels.triton import device_guard, on_interpreter, triton_interpreting
+from hydra_kernels.kernels.triton import device_guard, on_interpreter, skip_listed, triton_interpreting
 
 __all__ = ["lora_linear_forward", "lora_linear_backward", "MAX_RANK"]
 
@@ -311,6 +311,9 @@ _SMEM_BUDGET = 200 * 1024       # H100/H200 allow 227 KB per block; leave room f
 _ACC_REGS_BUDGET = 136
 
 
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}   # as the build records
+
+
 def _arg(named_args, kwargs, name):
     return kwargs[name] if name in kwargs else named_args[name]
 
@@ -345,7 +348,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     if not kept:                  # large rank: fall back to the smallest footprint
         kept = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "N_GROUP": 1},
                               num_warps=8, num_stages=2)]
-    return kept
+    return skip_listed("lora_gemm", kept, dtype=_DTYPE_NAMES.get(dtype), r_pad=r_pad)
 
 
 def _wcfg(bb, br, warps, stages):
@@ -365,7 +368,7 @@ def _prune_wgrad(configs, named_args, **kwargs):
         regs = bb * r_pad / (32 * c.num_warps)
         if smem <= _SMEM_BUDGET and regs <= 128:
             kept.append(c)
-    return kept or [_wcfg(32, 32, 4, 2)]
+    return skip_listed("lora_wgrad", kept or [_wcfg(32, 32, 4, 2)], r_pad=r_pad)
 
 
 _gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS,
