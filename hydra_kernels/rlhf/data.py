@@ -97,12 +97,14 @@ def _open_text(path: str, **kw):
         raise _cannot_read(path, e) from None
 
 
-def _json_value(path: str, lineno: int, parse, hint: str = ""):
+def _json_value(path: str, lineno: int, parse, hint: str = "", *, in_file: bool = False):
+    """parse() -> a JSON value; its errors as ValueError at `lineno` (or, with in_file, where the decoder failed in
+    the whole file's text)."""
     try:
         return parse()
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno if lineno is None else lineno}: not valid JSON ({e.msg} at column "
-                         f"{e.colno}){hint}") from None
+        raise ValueError(f"{path}:{e.lineno if in_file else lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                         f"{hint}") from None
     except RecursionError:
         raise ValueError(f"{path}:{lineno}: not valid JSON (nested too deeply to read){hint}") from None
 
@@ -123,7 +125,7 @@ def _jsonl_rows(path: str, f, hint: str = "") -> Iterator[tuple[str, dict]]:
 
 def _json_array_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
     """The objects of one JSON array, each located by the line it starts on (decoded one by one)."""
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         err = _utf8_error(path, lineno, line)
         if err:
             raise err
@@ -146,7 +148,7 @@ def _json_array_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
     else:
         while True:
             start = line_of(pos)
-            obj, pos = _json_value(path, start, lambda: decoder.raw_decode(text, pos))
+            obj, pos = _json_value(path, start, lambda: decoder.raw_decode(text, pos), in_file=True)
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{start}: expected a JSON object, got {type(obj).__name__}")
             yield f"{path}:{start}", obj
