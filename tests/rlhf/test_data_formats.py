@@ -75,6 +75,15 @@ def test_datasets_dataset_in_python():
         load_sft_data(datasets.DatasetDict({"train": ds, "test": ds}))
 
 
+def test_pandas_dataframe_rows():
+    pd = pytest.importorskip("pandas")
+    # Iterating a DataFrame gives its column names: they must not become the prompts "prompt" and "answer".
+    df = pd.DataFrame({"prompt": ["1+1=", "2+2="], "answer": [2, 4]})
+    assert as_prompts(df) == PromptData(["1+1=", "2+2="], [{"prompt": "1+1=", "answer": 2},
+                                                         {"prompt": "2+2=", "answer": 4}])
+    assert load_sft_data(pd.DataFrame({"text": ["12"]})) == [SFTExample("", "12")]
+
+
 @pytest.mark.parametrize("value, message", [
     ("1+1=", r"prompts: expected a sequence of rows .*got a single str '1\+1='"),
     (b"1+1=", r"prompts: expected a sequence of rows .*got a single bytes"),
