@@ -158,7 +158,7 @@ def load_reward_fn(spec: str):
 
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
-    from hydra_kernels.rlhf.data import load_prompt_data
+    from hydra_kernels.rlhf.data import check_source, load_prompt_data
 
     overrides = list(args.overrides)
     if args.reward_fn:
@@ -179,6 +179,7 @@ def _ppo(args) -> int:
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
+    check_source(prompt_path)           # read below, with the tokenizer; a missing path is reported first
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")

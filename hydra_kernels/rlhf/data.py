@@ -296,6 +296,18 @@ def _file_rows(path: str) -> Iterator[tuple[str, dict]]:
     return _parquet_rows(path) if magic == b"PAR1" else _jsonl_rows(path, _open_text(path))
 
 
+def check_source(path: str | os.PathLike) -> None:
+    """The loaders' error for a missing or unreadable path, early (before a model is loaded): ValueError
+    "<path>: cannot read: <why>"."""
+    path = os.fspath(path)
+    if not os.access(path, os.R_OK):
+        try:
+            os.stat(path)
+        except OSError as e:
+            raise _cannot_read(path, e) from None
+        raise ValueError(f"{path}: cannot read: Permission denied")
+
+
 def _rows(source, name: str, *, paths: bool) -> Iterator[tuple[str, Mapping]]:
     """(where, row) for each row of `source`; rows are mappings, record dataclasses become theirs."""
     if isinstance(source, (str, os.PathLike)) and paths:
@@ -826,8 +838,8 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> 
 
 
 __all__ = ["SFTExample", "PreferencePair", "PromptData", "MESSAGES", "load_sft_data", "load_preference_data",
-           "load_prompt_data", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl", "as_sft_examples",
-           "as_preference_pairs", "as_prompts", "Truncation", "count_truncation", "report_truncation",
-           "write_jsonl", "check_tokenizer", "add_pad_token", "encode_prompt", "encode_response",
+           "load_prompt_data", "check_source", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
+           "as_sft_examples", "as_preference_pairs", "as_prompts", "Truncation", "count_truncation",
+           "report_truncation", "write_jsonl", "check_tokenizer", "add_pad_token", "encode_prompt", "encode_response",
            "position_ids_from_mask", "left_pad", "TokenBatch", "collate_sequences", "tokenize_sft",
            "tokenize_pairs", "tokenize_prompts"]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hydra_kernels.rlhf.data import (PreferencePair, PromptData, SFTExample, load_preference_data, load_prompt_data,
-                                     load_prompt_jsonl, load_sft_data, load_sft_jsonl)
+from hydra_kernels.rlhf.data import (PreferencePair, PromptData, SFTExample, check_source, load_preference_data,
+                                     load_prompt_data, load_prompt_jsonl, load_sft_data, load_sft_jsonl)
 
 datasets = pytest.importorskip("datasets")
 
@@ -89,6 +89,10 @@ def test_no_longer_misread(tmp_path):
     for name in ("nope.parquet", "nope.csv", "nope.json", "nope.jsonl", "nope"):
         with pytest.raises(ValueError, match=rf"{name}: cannot read: No such file or directory"):
             load_sft_data(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}: cannot read: No such file or directory"):
+            check_source(tmp_path / name)         # the same error, before anything is loaded
+    check_source(path)
+    check_source(directory)
 
 
 def where(path: str, kind: str, k: int) -> str:
@@ -119,7 +123,8 @@ def test_bad_record_names_file_row_and_field(tmp_path, kind, stage, rows, messag
 
 @pytest.mark.parametrize("kind", ["jsonl", "json-array", "parquet", "dataset-dir"])
 def test_bad_types_name_file_row_and_field(tmp_path, kind):
-    path = write(tmp_path / "bad", kind, [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": None}])
+    path = write(tmp_path / "bad", kind, [{"prompt": "1+1=", "completion": "2"},
+                                          {"prompt": "2+2=", "completion": None}])
     with pytest.raises(ValueError) as e:
         load_sft_data(path)
     assert str(e.value) == f"{where(path, kind, 2)} field 'completion': expected a string, got NoneType"
