@@ -44,6 +44,9 @@ setup(
         "ninja",
         "tqdm",
         "pyyaml",
+        # TRL users' datasets: save_to_disk directories, datasets.Dataset objects; pyarrow (one of its
+        # dependencies) reads parquet. JSONL, JSON and CSV are read without it.
+        "datasets>=2.19",
     ],
     extras_require={"test": ["pytest>=7", "peft>=0.13"]},
     entry_points={"console_scripts": ["hydra-rlhf=hydra_kernels.cli:main"]},

@@ -109,6 +109,7 @@ def _require(value, name: str, what: str) -> str:
 
 def _sft(args) -> int:
     from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.data import load_preference_data, load_sft_data
 
     cfg = rlhf.load_config(rlhf.SFTConfig, args.config, args.overrides)
     args.run_cfg = cfg.run
@@ -117,8 +118,9 @@ def _sft(args) -> int:
         raise ValueError("data.sft_path: give demonstrations (data.sft_path) and/or pairs (data.preference_path)")
     model, tok = rlhf.load_model_and_tokenizer(cfg.model)
     rlhf.add_pad_token(tok, model)        # a tokenizer without a distinct pad token gets one (embeddings resized)
-    demos = rlhf.load_sft_jsonl(cfg.data.sft_path) if cfg.data.sft_path else []
-    pairs = rlhf.load_preference_jsonl(cfg.data.preference_path) if cfg.data.preference_path else []
+    # Any file kind or dataset directory of TRL's formats; conversational rows are rendered with tok's chat template.
+    demos = load_sft_data(cfg.data.sft_path, tok) if cfg.data.sft_path else []
+    pairs = load_preference_data(cfg.data.preference_path, tok) if cfg.data.preference_path else []
     result = rlhf.hydra_sft(model, tok, demos, pairs, cfg)
     print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
     return 0
@@ -127,6 +129,7 @@ def _sft(args) -> int:
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
     from hydra_kernels.rlhf.rewards import load_reward_fn
+    from hydra_kernels.rlhf.data import check_source, load_prompt_data
 
     overrides = list(args.overrides)
     if args.reward_fn:
@@ -146,7 +149,8 @@ def _ppo(args) -> int:
         from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
-    prompts = rlhf.load_prompt_jsonl(_require(cfg.data.prompt_path, "data.prompt_path", "a JSONL file of {prompt}"))
+    prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
+    check_source(prompt_path)           # read below, with the tokenizer; a missing path is reported first
     reward_fn = load_reward_fn(args.reward_fn, name="--reward-fn") if args.reward_fn else None
     if cfg.reward_source == "function" and reward_fn is None:
         raise ValueError("reward_source: 'function' needs --reward-fn module:function")
@@ -162,6 +166,9 @@ def _ppo(args) -> int:
                          f"directory that `hydra-rlhf sft` wrote under its run.output_dir")
     tok = load_tokenizer(cfg.model.tokenizer_path or path,
                          "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path")
+    # After the tokenizer (conversational prompts are rendered with its chat template), before the model.
+    # .records holds each row's other columns, for reward functions that take them.
+    prompts = load_prompt_data(prompt_path, tok).prompts
     model, head = rlhf.load_sft(path, dtype=getattr(torch, cfg.model.dtype))
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}

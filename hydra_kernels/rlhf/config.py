@@ -183,10 +183,12 @@ class LoRAConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
-    """JSONL inputs (schemas in hydra_kernels.rlhf.data) and length limits, in tokens."""
-    sft_path: str | None = setting(None, "demonstrations, JSONL of {prompt, completion}")
-    preference_path: str | None = setting(None, "preference pairs, JSONL of {prompt, chosen, rejected}")
-    prompt_path: str | None = setting(None, "PPO prompts, JSONL of {prompt}")
+    """Inputs and length limits, in tokens. A path is a .jsonl, .json, .parquet or .csv file or a save_to_disk
+    directory, in TRL's standard or conversational formats (hydra_kernels.rlhf.data; README "Data formats")."""
+    sft_path: str | None = setting(None, "demonstrations: rows of {prompt, completion}, {text} or {messages}")
+    preference_path: str | None = setting(None, "preference pairs: rows of {prompt, chosen, rejected} or "
+                                                "{chosen, rejected} (implicit prompt)")
+    prompt_path: str | None = setting(None, "PPO prompts: rows of {prompt} (other columns are kept)")
     eval_fraction: float = setting(0.1, "share of preference pairs held out for reward accuracy / margin", ge=0, lt=1)
     max_prompt_len: int = setting(128, "longer prompts are cut from the left (the end is kept)", ge=1)
     max_len: int = setting(256, "prompt + completion in SFT; longer ones are cut at the right", ge=1)

@@ -24,7 +24,7 @@ import torch
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
-from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
+from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
@@ -235,6 +235,8 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
+    report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
     run = Run(cfg, marker="policy.json", foreign=("sft.json",))
     seed_everything(cfg.run.seed)

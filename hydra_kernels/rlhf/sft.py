@@ -30,8 +30,9 @@ from hydra_kernels.integrations.activation_checkpointing import (disable_activat
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_weight, new_reward_head
 from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
-from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, check_tokenizer, collate_sequences,
-                                     encode_prompt, encode_response)
+from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_preference_pairs, as_sft_examples,
+                                     check_tokenizer, collate_sequences, encode_prompt, encode_response,
+                                     report_truncation)
 from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.run import Run, derived_seed, seed_everything
 from hydra_kernels.rlhf.scoring import IGNORE_INDEX
@@ -164,12 +165,17 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     check_tokenizer(tokenizer)
     # output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
     run = Run(cfg, marker="sft.json", foreign=("policy.json",))
-    demonstrations, pairs = list(demonstrations), list(pairs)
+    demonstrations = as_sft_examples(demonstrations, tokenizer, name="demonstrations")
+    pairs = as_preference_pairs(pairs, tokenizer, name="pairs")
     if not demonstrations and not pairs:
         raise ValueError("demonstrations: need demonstrations or preference pairs to train on")
     if eval_pairs is None:
         pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
-    eval_pairs = list(eval_pairs)
+    else:
+        eval_pairs = as_preference_pairs(eval_pairs, tokenizer, name="eval_pairs")
+    d = cfg.data
+    report_truncation(tokenizer, demonstrations, d.max_prompt_len, d.max_len, name="demonstrations")
+    report_truncation(tokenizer, pairs + eval_pairs, d.max_prompt_len, d.max_len, name="pairs")
     run.inputs = inputs_digest(modules={"model.path": model},
                                data={"data.sft_path": demonstrations, "data.preference_path": pairs + eval_pairs})
     seed_everything(cfg.run.seed)
