@@ -5,7 +5,9 @@ Public API (stable; the CLI and the python/ recipes build on it):
 config     SFTConfig, PPOConfig (+ sections ModelConfig, LoRAConfig, DataConfig, RunConfig);
            load_config(cls, path=None, overrides=()) — defaults < JSON/YAML file < dotted "key=value" pairs;
            apply_overrides(cfg, pairs); config_to_dict / config_from_dict; save_config(cfg, path).
-data       load_sft_jsonl / load_preference_jsonl / load_prompt_jsonl (ValueError "<file>:<line>: field ..."),
+data       load_sft_data / load_preference_data / load_prompt_data: TRL's standard and conversational formats from
+           JSONL/JSON/parquet/CSV files, save_to_disk directories, datasets.Dataset or lists of dicts (ValueError
+           "<file>:<row>: field ..."); load_*_jsonl are the same readers,
            SFTExample, PreferencePair, check_tokenizer, add_pad_token, tokenize_* and collate helpers.
 sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs=None, callback=None)
                -> SFTResult(model, reward_head, metrics, history, output_dir)
@@ -45,8 +47,9 @@ from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLControll
 from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
                                        apply_overrides, config_from_dict, config_to_dict, load_config,
                                        parse_overrides, save_config)
-from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, add_pad_token, check_tokenizer,
-                                     load_preference_jsonl, load_prompt_jsonl, load_sft_jsonl)
+from hydra_kernels.rlhf.data import (PreferencePair, PromptData, SFTExample, add_pad_token, check_tokenizer,
+                                     load_preference_data, load_preference_jsonl, load_prompt_data,
+                                     load_prompt_jsonl, load_sft_data, load_sft_jsonl)
 from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, value_loss
 from hydra_kernels.rlhf.checkpoint import load_policy, save_policy
 from hydra_kernels.rlhf.models import PPOModels, load_model_and_tokenizer
@@ -58,7 +61,8 @@ from hydra_kernels.rlhf.sft import SFTResult, evaluate_pairs, hydra_sft, load_sf
 
 __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
            "apply_overrides", "parse_overrides", "config_from_dict", "config_to_dict", "save_config",
-           "SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
+           "SFTExample", "PreferencePair", "PromptData", "load_sft_data", "load_preference_data", "load_prompt_data",
+           "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "check_tokenizer", "add_pad_token",
            "hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft",
            "train_ppo", "PPOResult", "save_policy", "load_policy",

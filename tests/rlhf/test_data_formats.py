@@ -155,3 +155,15 @@ def test_truncation_is_reported_once_with_counts():
         count_truncation(tok, "123", 4)
     b, _ = tokenize_pairs(tok, [PreferencePair("1", "2", "3")], 4, 8)
     assert b.input_ids.shape == (1, 4)
+
+
+def test_training_entry_points_refuse_a_single_string(tmp_path):
+    from hydra_kernels.rlhf import PPOConfig, SFTConfig, hydra_sft, new_reward_head, train_ppo
+    from tests.rlhf._tiny import tiny_model
+    tok = CharTokenizer()
+    model = tiny_model(len(tok))
+    run = {"output_dir": str(tmp_path / "run"), "progress": False}
+    with pytest.raises(ValueError, match="^prompts: "):
+        train_ppo(model, new_reward_head(model), tok, "1+1=", PPOConfig(steps=1, run=run))
+    with pytest.raises(ValueError, match="^demonstrations: "):
+        hydra_sft(model, tok, "1+1=2", [], SFTConfig(run=run))
