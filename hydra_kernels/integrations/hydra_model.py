@@ -425,10 +425,12 @@ class HydraModel(nn.Module):
                 key = f"{head}.{name}"
                 if key not in tensors:
                     raise ValueError(f"{where}: missing tensor {key!r}")
-                if tuple(tensors[key].shape) != tuple(p.shape) or not tensors[key].is_floating_point():
-                    raise ValueError(f"{where}: tensor {key!r} is {tensors[key].dtype} {tuple(tensors[key].shape)}, "
-                                     f"the model expects a floating-point {tuple(p.shape)} (hidden size "
-                                     f"{self.hidden_size})")
+                if tuple(tensors[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
+                                     f"expects {tuple(p.shape)} (hidden size {self.hidden_size})")
+                if not tensors[key].is_floating_point():
+                    raise ValueError(f"{where}: tensor {key!r} has dtype {tensors[key].dtype}; heads are floating "
+                                     "point")
                 heads.append((p, tensors[key]))
         ckpt.load_adapter_tensors(self.model, tensors, info.adapters, source=where,
                                   extra_ok=lambda k: k.split(".", 1)[0] in _HEAD_NAMES and
