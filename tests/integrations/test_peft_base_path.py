@@ -47,11 +47,10 @@ def test_a_base_merged_in_place_is_refused_until_written(tmp_path, monkeypatch):
     randomize_adapters(h.model)
     h.merge_adapter_into_base("sft")
     randomize_adapters(h.model, seed=1)
-    assert base_directory(h.model)[0] is None
     with pytest.raises(ValueError, match=r"model: no directory on disk holds this model's base weights "
                                          r"\(adapters \['sft'\] are merged into its base in memory"):
         h.export_peft("actor", tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+    assert not (tmp_path / "peft").exists() and base_directory(h.model)[0] is None
     h.merge(None, "sft-base")                                   # the merged base, written: now the adapter's base
     h.export_peft("actor", tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -64,8 +63,9 @@ def test_a_base_changed_in_memory_or_built_there_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model: no directory on disk .*built in memory"):
         h.export_peft("actor", tmp_path / "peft")
     h.merge(None, tmp_path / "base")
+    h.export_peft("actor", tmp_path / "peft")
     assert base_directory(h.model)[0] == str((tmp_path / "base").resolve())
     with torch.no_grad():
         next(iter(h.hydra_layers().values())).weight.add_(1.0)   # trained or edited in place, no merge recorded
     with pytest.raises(ValueError, match=r"model: no directory on disk .*differs from the one in"):
-        h.export_peft("actor", tmp_path / "peft")
+        h.export_peft("actor", tmp_path / "peft2")
