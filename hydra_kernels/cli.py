@@ -2,7 +2,7 @@
 
     hydra-rlhf demo [--out DIR] [--quick] [--seed N] [key=value ...]   Hydra-RLHF end to end on a synthetic task
     hydra-rlhf sft  [--config FILE] [key=value ...]                    Hydra-SFT on your JSONL and local model
-    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [key=value ...]
+    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [--export-peft DIR] [key=value ...]
                                                                        PPO on a Hydra-SFT result
     hydra-rlhf selfcheck                                               ops against the float64 reference
     hydra-rlhf bench NAME [options]                                    a benchmark of bench/ (source checkout):
@@ -148,6 +148,13 @@ def _ppo(args) -> int:
     if args.merge_to:
         from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
+    if args.export_peft:
+        if cfg.variant not in SHARED_VARIANTS:
+            raise ValueError(f"--export-peft: variant {cfg.variant!r} has no actor adapter on a shared base "
+                             f"(only {' and '.join(SHARED_VARIANTS)})")
+        from hydra_kernels.integrations.checkpoint import check_replaceable
+        from hydra_kernels.integrations.peft_lora import PEFT_CONFIG_NAME, PEFT_FOREIGN
+        check_replaceable(args.export_peft, name="--export-peft", marker=PEFT_CONFIG_NAME, foreign=PEFT_FOREIGN)
     path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
     prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
     check_source(prompt_path)           # read below, with the tokenizer; a missing path is reported first
@@ -175,6 +182,8 @@ def _ppo(args) -> int:
     if args.merge_to:
         result.models.hydra.tokenizer = tok
         info["merged_policy"] = str(result.models.hydra.merge("actor", args.merge_to))
+    if args.export_peft:
+        info["peft_adapter"] = str(result.models.hydra.export_peft("actor", args.export_peft))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
     print(json.dumps(info, indent=2))
@@ -235,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reward function (prompts, completions, ended) -> floats, as module:function or file.py:function")
     p.add_argument("--merge-to", default=None, metavar="DIR",
                    help="also write the trained policy (actor merged into the base) as a plain HF model directory")
+    p.add_argument("--export-peft", default=None, metavar="DIR",
+                   help="also write the actor adapter as a PEFT LoRA directory on the SFT model (hydra, j-hydra)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
     p.set_defaults(func=_ppo)
 

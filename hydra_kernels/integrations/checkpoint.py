@@ -22,9 +22,16 @@ from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, p
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
-           "save_merged", "check_replaceable", "write_dir_atomically", "CONFIG_NAME", "WEIGHTS_NAME"]
+           "save_merged", "check_replaceable", "write_dir_atomically", "read_dir_marker", "CONFIG_NAME",
+           "WEIGHTS_NAME", "DIR_MARKER", "MERGED_KIND"]
 
 CONFIG_NAME = "hydra_config.json"
+# Written by write_dir_atomically into every directory it makes: what wrote it (the kind) and the entries it
+# wrote. Only such a directory (of the same kind) may later be replaced as a whole; see check_replaceable.
+DIR_MARKER = ".hydra_kernels.json"
+DIR_MARKER_FORMAT = "hydra_kernels.dir"
+# The kind (marker) of a merged transformers model directory (save_merged, `--merge-to`).
+MERGED_KIND = "config.json"
 # Files of the directories a merged model must not replace: a Hydra-SFT result, a PPO policy, a checkpoint, a
 # HydraModel or PEFT checkpoint (all of which also hold, or may hold, a config.json).
 MERGE_FOREIGN = ("sft.json", "reward_head.safetensors", "policy.json", "state.json", "hydra_config.json",
@@ -81,12 +88,27 @@ def atomic_save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata:
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
 
 
-def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def load_safetensors(path, *, name: str = "path",
+                     finite: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, on the CPU.
+
+    Raises ValueError naming `name` and the file when it is missing or not a readable safetensors file
+    (truncated, a pickle, a bad header), and, with `finite`, naming the tensor when a floating-point tensor
+    holds NaN or inf."""
+    from safetensors import SafetensorError, safe_open
     if not Path(path).is_file():
-        raise ValueError(f"path: {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        raise ValueError(f"{name}: {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name}: {str(path)!r} is not a readable safetensors file "
+                         f"({' '.join(str(e).split()) or type(e).__name__}); is it truncated?") from None
+    if finite:
+        for key, t in tensors.items():
+            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name}: tensor {key!r} in {str(path)!r} holds NaN or inf values")
+    return tensors, meta
 
 
 # ------------------------------------------------------------------------------------- adapters in a state dict
@@ -127,6 +149,8 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
                 if key not in tensors:
                     raise ValueError(f"{source}: missing tensor {key!r} (the model has adapter {name!r} on {path!r})")
                 t = tensors[key]
+                if not t.is_floating_point():
+                    raise ValueError(f"{source}: tensor {key!r} has dtype {t.dtype}; adapters are floating point")
                 if tuple(t.shape) != tuple(param.shape[1:]):
                     raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
                                      f"{tuple(param.shape[1:])} (rank {layer.r}, layer {layer.in_features}->"
@@ -241,41 +265,75 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
     return shards
 
 
+def read_dir_marker(out_dir) -> dict | None:
+    """The marker write_dir_atomically left in out_dir ({"kind", "entries"}), or None if there is none or it is
+    not one (unreadable, another format)."""
+    path = Path(out_dir) / DIR_MARKER
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(marker, dict) or marker.get("format") != DIR_MARKER_FORMAT
+            or not isinstance(marker.get("entries"), list)):
+        return None
+    return marker
+
+
 def check_replaceable(out_dir, *, name: str = "out_dir", marker: str | None = None,
                       foreign: tuple[str, ...] = ()) -> None:
-    """Refuse (ValueError naming `name`) to replace an existing directory that is not an earlier result of the same
-    writer: the writers swap the new result in and DELETE what the directory held, so a parent directory
-    (runs/, a home directory), a data directory or another kind of result must never be taken for one. Allowed:
-    no directory, an empty one, or one with no subdirectory that holds `marker` (if given) and none of `foreign`."""
+    """Refuse (ValueError naming `name` and the path) to replace out_dir unless it is missing, empty, or an
+    earlier result of the same writer: the writers swap the new result in and DELETE what the directory held,
+    so a user's own directory (a pretrained model, runs/, a data directory) or another kind of result must
+    never be taken for one.
+
+    An earlier result is a directory that write_dir_atomically wrote with the same `marker` (its kind, recorded
+    in DIR_MARKER) and that holds nothing it did not write and none of `foreign`."""
     out = Path(out_dir)
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         return
-    if not out.is_dir():
-        raise ValueError(f"{name}: {str(out)!r} exists and is not a directory")
-    entries = list(out.iterdir())
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"{name}: {str(out)!r} exists and is not a directory" +
+                         (" (a symbolic link)" if out.is_symlink() else ""))
+    entries = sorted(e.name for e in out.iterdir())
     if not entries:
         return
-    why = next((f"holds the directory {e.name!r}" for e in entries if e.is_dir()), None)
+    found = read_dir_marker(out)
+    why = next((f"holds {e!r}" for e in entries if e in foreign), None)
+    if why is None and found is None:
+        shown = ", ".join(repr(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        why = f"was not written by hydra_kernels (no {DIR_MARKER}; it holds {shown})"
+    if why is None and found.get("kind") != marker:
+        why = f"is another kind of hydra_kernels result ({found.get('kind')!r}, not {marker!r})"
     if why is None:
-        why = next((f"holds {e.name!r}" for e in entries if e.name in foreign), None)
-    if why is None and marker is not None and not (out / marker).is_file():
-        why = f"is not an earlier result of this kind (no {marker})"
+        extra = [e for e in entries if e != DIR_MARKER and e not in found["entries"]]
+        if extra:
+            why = f"holds {extra[0]!r}, which hydra_kernels did not write there"
     if why is not None:
-        raise ValueError(f"{name}: {str(out)!r} {why}; writing there would delete all it holds. Give a new directory")
+        raise ValueError(f"{name}: {str(out)!r} {why}; writing there would delete all it holds. Give a new or "
+                         "empty directory")
 
 
 def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = None, *, name: str = "out_dir",
                          foreign: tuple[str, ...] = ()) -> Path:
-    """Call fill(tmp_dir) on a temporary directory beside out_dir, fsync every file and directory in it, then
-    rename it to out_dir, so a crash leaves either no result or a whole one. An existing out_dir is replaced only
-    if it is an earlier result of the same kind (check_replaceable with marker / foreign; ValueError naming
-    `name` otherwise, nothing written); it is swapped out first and removed after."""
+    """Call fill(tmp_dir) on a temporary directory beside out_dir, add the DIR_MARKER file (kind `marker`, the
+    entries fill wrote), fsync every file and directory in it, then rename it to out_dir, so a crash leaves
+    either no result or a whole one.
+
+    marker: the kind of result (by convention the name of the file that identifies it, e.g. "sft.json");
+        an existing out_dir is replaced only if it is an earlier result of the same kind (check_replaceable;
+        ValueError naming `name` otherwise, nothing written); it is swapped out first and removed after.
+    Returns out_dir as a Path."""
     check_replaceable(out_dir, name=name, marker=marker, foreign=foreign)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
+        entries = sorted(e.name for e in tmp.iterdir() if e.name != DIR_MARKER)
+        with open(tmp / DIR_MARKER, "w") as f:
+            json.dump({"format": DIR_MARKER_FORMAT, "kind": marker, "entries": entries}, f, indent=1)
+            f.write("\n")
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)
@@ -298,10 +356,14 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = 
 def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
                 max_shard_size: int = 5 * 1024 ** 3) -> Path:
     """Write a plain transformers model directory (config.json, generation_config.json, model*.safetensors,
-    the tokenizer if given) with `adapter` folded in; AutoModelForCausalLM.from_pretrained loads it.
+    the tokenizer if given) with `adapter` folded in (None or "base": the base weights as they are);
+    AutoModelForCausalLM.from_pretrained loads it.
 
-    The directory is built next to out_dir and renamed into place when complete. An existing out_dir must be an
-    earlier model directory (see check_replaceable): it is replaced as a whole.
+    The directory is built next to out_dir and renamed into place when complete. An existing out_dir is replaced
+    as a whole only if it is an earlier merged model directory written here (see check_replaceable); anything
+    else (the user's own pretrained model included) raises ValueError naming out_dir, and nothing is written.
+    With adapter None / "base", out_dir then holds this model's base: it becomes the model's base directory
+    (config.name_or_path, absolute), which export_peft names. Returns out_dir as a Path.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
@@ -340,4 +402,7 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    return write_dir_atomically(out_dir, fill, marker="config.json", foreign=MERGE_FOREIGN)
+    out = write_dir_atomically(out_dir, fill, marker=MERGED_KIND, foreign=MERGE_FOREIGN)
+    if adapter in (None, "base"):
+        config.name_or_path = str(out.resolve())
+    return out

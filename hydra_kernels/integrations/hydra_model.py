@@ -24,17 +24,21 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
 from hydra_kernels.integrations.patch import disable_dropout as _disable_dropout
 from hydra_kernels.nn.streams import rounded_adapters
 from hydra_kernels.nn.streams import streams as hydra_streams
+from hydra_kernels.ops import check_lora_args
 from hydra_kernels.ops.matmul import linear_f32
 
 __all__ = ["HydraModel", "last_token_index", "check_plain_logits", "lm_head", "lm_head_weight", "hidden_size",
            "init_reward_head_", "new_reward_head"]
 
 _HEAD_NAMES = ("reward_head", "value_head")
+# Key of save_pretrained's safetensors metadata that records the LoRA settings the tensors were trained with.
+_META_LORA = "hydra_kernels.lora"
 
 
 # Config attributes with which a model's forward rescales its logits after the LM head (value that means "off").
@@ -56,13 +60,6 @@ def check_plain_logits(model: nn.Module) -> None:
                     f"model: {type(model).__name__} has config.{key}={value!r}: its forward transforms the logits "
                     "after the LM head, while hydra_kernels samples and scores with the head's h·Wᵀ (the fused LM "
                     "head), so PPO would train a distribution other than the model's")
-
-
-def _dtype_kwarg() -> str:
-    """transformers renamed from_pretrained's torch_dtype to dtype in 4.56."""
-    import transformers
-    from packaging.version import Version
-    return "dtype" if Version(transformers.__version__.split("+")[0]) >= Version("4.56") else "torch_dtype"
 
 
 def last_token_index(attention_mask: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
@@ -128,13 +125,16 @@ class HydraModel(nn.Module):
     """A patched causal LM (`model`, see patch_model) plus `reward_head` and `value_head`, both nn.Linear(D, 1)
     in fp32 (D = the LM head's input size). The value head starts as a copy of the reward head.
 
-    `tokenizer` (optional, not a module) is written alongside merged models.
+    `tokenizer` (optional, not a module) is written alongside merged models; it must fit the model's embedding
+    (check_tokenizer_fits: ValueError naming tokenizer otherwise).
     """
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__()
         patch_info(model)
         check_plain_logits(model)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, model)
         weight = lm_head(model).weight
         self.model = model
         self.tokenizer = tokenizer
@@ -153,22 +153,25 @@ class HydraModel(nn.Module):
                              **load_kwargs) -> "HydraModel":
         """Load (or take) a causal LM, patch it and wrap it.
 
-        base: a local directory (AutoModelForCausalLM.from_pretrained(base, **load_kwargs)) or a model instance
-            (patched in place; an already patched one is used as is, and adapters/r/alpha, if given, must match).
-        adapters, r, alpha: default ("actor", "critic"), 16, 32 for an unpatched base.
+        base: a local directory (load_causal_lm(base, **load_kwargs): safetensors weights only) or a model
+            instance (patched in place; an already patched one is used as is, and adapters/r/alpha, if given,
+            must match).
+        adapters, r, alpha: default ("actor", "critic"), 16, 32 for an unpatched base (adapters a sequence of
+            names, never one str; r a positive int; alpha a finite positive number).
         dtype: load dtype (an unpatched model instance is converted with .to(dtype); a patched one is refused).
         tokenizer: a tokenizer, a path to load one from, or None (loaded from `base` when it is a directory
             that holds one).
         disable_dropout: set all dropout to 0 (PPO needs old and new log-probs to agree).
+        Raises ValueError naming the argument (base: not a directory, pickle-only weights, unreadable files).
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+        # Checked before anything is loaded; None keeps meaning "as patched" for an already patched model.
+        checked = check_lora_args(("actor", "critic") if adapters is None else adapters, 16 if r is None else r,
+                                  32 if alpha is None else alpha, reserved=(BASE,))
+        adapters, r, alpha = (None if v is None else c for v, c in zip((adapters, r, alpha), checked))
         if isinstance(base, (str, os.PathLike)):
             path = Path(base)
-            if not path.is_dir():
-                raise ValueError(f"base: {str(base)!r} is not a local model directory")
-            if dtype is not None:
-                load_kwargs[_dtype_kwarg()] = dtype
-            model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
+            model = load_causal_lm(path, name="base", dtype=dtype, **load_kwargs)
             if tokenizer is None and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
                 tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         elif isinstance(base, nn.Module):
@@ -328,7 +331,7 @@ class HydraModel(nn.Module):
             "adapters": list(info.adapters), "r": info.r, "alpha": info.alpha,
             "modules": list(info.modules), "conv1d": sorted(info.conv1d), "merged_into_base": list(info.merged),
             "model_type": getattr(cfg, "model_type", None),
-            "base_model_name_or_path": getattr(cfg, "_name_or_path", None) or None,
+            "base_model_name_or_path": base_directory(self.model)[0],
             "hidden_size": self.hidden_size, "vocab_size": self.lm_head_weight.shape[0],
             "heads": {"reward_head": "Linear(hidden, 1) at the last real token",
                       "value_head": "Linear(hidden, 1) per token"},
@@ -339,33 +342,74 @@ class HydraModel(nn.Module):
 
         The base weights are not written: load with from_pretrained(save_dir, base=...). If an adapter was merged
         into the base in place (merge_adapter_into_base), write that base with merge(None, dir) and load on it.
+        The safetensors header repeats adapters, r and alpha, so a hydra_config.json edited afterwards is refused
+        on load rather than applied to the tensors.
         """
         save_dir = Path(save_dir)
+        info = self.patch
         tensors = ckpt.adapter_tensors(self.model)
         for head in _HEAD_NAMES:
             for name, p in getattr(self, head).named_parameters():
                 tensors[f"{head}.{name}"] = p.detach()
-        ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        meta = {"format": "pt", _META_LORA: json.dumps({"adapters": list(info.adapters), "r": info.r,
+                                                         "alpha": info.alpha})}
+        ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata=meta)
         ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, self._config_dict())
 
     @staticmethod
     def read_config(load_dir) -> dict:
+        """hydra_config.json of a save_pretrained directory, checked: format and version, and the fields
+        adapters (distinct names), r (positive int), alpha (finite positive number), modules (distinct module
+        paths), conv1d (a subset of modules), merged_into_base (names), hidden_size and vocab_size (positive
+        ints, where present). Returns the dict with alpha as a float and the optional lists filled in.
+        Raises ValueError naming the file and the field (missing file, bad JSON, missing or mistyped field)."""
         path = Path(load_dir) / ckpt.CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"load_dir: {str(load_dir)!r} has no {ckpt.CONFIG_NAME}")
-        with open(path) as f:
-            cfg = json.load(f)
+        where = f"load_dir: {str(path)!r}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{where} is not readable JSON ({' '.join(str(e).split())})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where} holds a JSON {type(cfg).__name__}, expected an object")
         if cfg.get("format") != ckpt.FORMAT or cfg.get("format_version") != ckpt.FORMAT_VERSION:
-            raise ValueError(f"load_dir: {str(path)!r} is not a {ckpt.FORMAT} v{ckpt.FORMAT_VERSION} config "
+            raise ValueError(f"{where} is not a {ckpt.FORMAT} v{ckpt.FORMAT_VERSION} config "
                              f"(format={cfg.get('format')!r}, version={cfg.get('format_version')!r})")
-        return cfg
+        for key in ("adapters", "r", "alpha", "modules"):
+            if key not in cfg:
+                raise ValueError(f"{where}: missing field {key!r}")
+        try:
+            if not isinstance(cfg["adapters"], list):
+                raise ValueError(f"adapters: expected a list of names, got {cfg['adapters']!r}")
+            adapters, r, alpha = check_lora_args(cfg["adapters"], cfg["r"], cfg["alpha"], reserved=(BASE,))
+        except ValueError as e:
+            raise ValueError(f"{where}: field {e}") from None
+        out = dict(cfg, adapters=list(adapters), r=r, alpha=alpha)
+        for key, required in (("modules", True), ("conv1d", False), ("merged_into_base", False)):
+            value = cfg.get(key) if required or cfg.get(key) is not None else []
+            if (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)
+                    or len(set(value)) != len(value)):
+                raise ValueError(f"{where}: field {key!r} must be a list of distinct non-empty names, got {value!r}")
+            out[key] = value
+        if not out["modules"]:
+            raise ValueError(f"{where}: field 'modules' is empty (a checkpoint patches at least one module)")
+        if not set(out["conv1d"]) <= set(out["modules"]):
+            raise ValueError(f"{where}: field 'conv1d' names modules that are not in 'modules'")
+        for key in ("hidden_size", "vocab_size"):
+            v = cfg.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{where}: field {key!r} must be a positive int, got {v!r}")
+        return out
 
     @classmethod
     def from_pretrained(cls, load_dir, base, dtype: torch.dtype | None = None, tokenizer=None,
                         disable_dropout: bool = True, allow_untested: bool = False, check_base: bool = True,
                         **load_kwargs) -> "HydraModel":
         """Rebuild a HydraModel saved by save_pretrained on `base` (a directory or model, as in
-        from_pretrained_base), patching exactly the saved modules, then load adapters and heads."""
+        from_pretrained_base), patching exactly the saved modules, then load adapters and heads (load_adapters:
+        everything read is checked, ValueError naming the file and field or tensor otherwise)."""
         cfg = cls.read_config(load_dir)
         hydra = cls.from_pretrained_base(base, adapters=cfg["adapters"], r=cfg["r"], alpha=cfg["alpha"],
                                          target_modules=cfg["modules"], dtype=dtype, tokenizer=tokenizer,
@@ -375,8 +419,11 @@ class HydraModel(nn.Module):
         return hydra
 
     def load_adapters(self, load_dir, check_base: bool = True) -> None:
-        """Load adapters and heads saved by save_pretrained into this model. Every tensor is checked first
-        (names, shapes, adapter set, rank/alpha, patched modules); on a mismatch nothing changes.
+        """Load adapters and heads saved by save_pretrained into this model. Everything is checked first, and on
+        a mismatch nothing changes: the config (read_config) against the model (adapter set, rank, alpha,
+        patched modules, hidden and vocabulary size) and against the tensors (their rank; adapters, r and alpha
+        as the safetensors header records them), the tensors' names, shapes and dtypes, and their values
+        (NaN or inf refused). Raises ValueError naming the file and the field or tensor.
 
         check_base: the adapters must have been trained on a base with the same adapters merged into it
         (merge_adapter_into_base, e.g. Hydra-SFT); otherwise "LoRA off" would be the wrong model.
@@ -385,7 +432,8 @@ class HydraModel(nn.Module):
         cfg = self.read_config(load_dir)
         info = self.patch
         where = str(load_dir / ckpt.WEIGHTS_NAME)
-        saved_merged = tuple(cfg.get("merged_into_base") or ())
+        cfg_where = str(load_dir / ckpt.CONFIG_NAME)
+        saved_merged = tuple(cfg["merged_into_base"])
         if check_base and saved_merged != info.merged:
             raise ValueError(f"load_dir: {str(load_dir)!r} was trained on a base with {list(saved_merged)} merged "
                              f"into it; this base has {list(info.merged)} (load the base written by "
@@ -393,9 +441,12 @@ class HydraModel(nn.Module):
         if set(cfg["adapters"]) != set(info.adapters):
             raise ValueError(f"adapters: checkpoint {str(load_dir)!r} has adapters {tuple(cfg['adapters'])}, "
                              f"the model has {info.adapters}")
-        if cfg["r"] != info.r or float(cfg["alpha"]) != info.alpha:
+        if cfg["r"] != info.r or cfg["alpha"] != info.alpha:
             raise ValueError(f"r: checkpoint has r={cfg['r']}, alpha={cfg['alpha']}; the model has r={info.r}, "
                              f"alpha={info.alpha}")
+        for key, have in (("hidden_size", self.hidden_size), ("vocab_size", self.lm_head_weight.shape[0])):
+            if cfg.get(key) is not None and cfg[key] != have:
+                raise ValueError(f"load_dir: {cfg_where!r}: field {key!r} is {cfg[key]}, the model's is {have}")
         saved, have = list(cfg["modules"]), set(info.modules)
         for path in saved:
             if path not in have:
@@ -404,7 +455,12 @@ class HydraModel(nn.Module):
         for path in info.modules:
             if path not in set(saved):
                 raise ValueError(f"{where}: missing tensors for patched module {path!r}")
-        tensors, _ = ckpt.load_safetensors(load_dir / ckpt.WEIGHTS_NAME)
+        tensors, meta = ckpt.load_safetensors(load_dir / ckpt.WEIGHTS_NAME, name="load_dir")
+        self._check_header(meta, cfg, cfg_where, where)
+        first = ckpt.adapter_key(info.adapters[0], info.modules[0], "lora_A")
+        if first in tensors and tensors[first].dim() == 2 and tensors[first].shape[0] != cfg["r"]:
+            raise ValueError(f"load_dir: {cfg_where!r}: field 'r' is {cfg['r']}, but the adapters in {where!r} "
+                             f"have rank {tensors[first].shape[0]}")
         heads = []
         for head in _HEAD_NAMES:
             for name, p in getattr(self, head).named_parameters():
@@ -414,6 +470,9 @@ class HydraModel(nn.Module):
                 if tuple(tensors[key].shape) != tuple(p.shape):
                     raise ValueError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model "
                                      f"expects {tuple(p.shape)} (hidden size {self.hidden_size})")
+                if not tensors[key].is_floating_point():
+                    raise ValueError(f"{where}: tensor {key!r} has dtype {tensors[key].dtype}; heads are floating "
+                                     "point")
                 heads.append((p, tensors[key]))
         ckpt.load_adapter_tensors(self.model, tensors, info.adapters, source=where,
                                   extra_ok=lambda k: k.split(".", 1)[0] in _HEAD_NAMES and
@@ -422,12 +481,28 @@ class HydraModel(nn.Module):
             for p, t in heads:
                 p.copy_(t.to(device=p.device, dtype=p.dtype))
 
+    @staticmethod
+    def _check_header(meta: dict, cfg: dict, cfg_where: str, where: str) -> None:
+        """The adapters, r and alpha save_pretrained recorded in the safetensors header equal the config's."""
+        if _META_LORA not in meta:                  # written before the header carried them: nothing to compare
+            return
+        try:
+            header = json.loads(meta[_META_LORA])
+            recorded = {"adapters": list(header["adapters"]), "r": int(header["r"]), "alpha": float(header["alpha"])}
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(f"load_dir: {where!r}: unreadable {_META_LORA!r} metadata in its header") from None
+        for key, value in recorded.items():
+            if cfg[key] != value:
+                raise ValueError(f"load_dir: {cfg_where!r}: field {key!r} is {cfg[key]!r}, but {where!r} was saved "
+                                 f"with {key}={value!r} (was the config edited?)")
+
     # ------------------------------------------------------------------------------------ merging and PEFT
     def merge(self, adapter: str | None, out_dir) -> Path:
         """Write a plain transformers directory with `adapter` folded into the weights (None or "base": the base
         as it is now), plus the tokenizer if one is attached. Loads with AutoModelForCausalLM.from_pretrained.
-        An existing out_dir is replaced only if it is an earlier model directory (config.json, no subdirectory,
-        not a Hydra-SFT / PPO / PEFT result); anything else raises ValueError and nothing is written."""
+        An existing out_dir is replaced only if it is an earlier merged model directory written by this library
+        (checkpoint.check_replaceable); anything else, the user's own pretrained model included, raises
+        ValueError naming out_dir and nothing is written. Returns out_dir as a Path."""
         return ckpt.save_merged(self.model, adapter, out_dir, tokenizer=self.tokenizer)
 
     def merge_adapter_into_base(self, adapter: str) -> None:
@@ -435,7 +510,8 @@ class HydraModel(nn.Module):
         ckpt.merge_adapter_into_base(self.model, adapter)
 
     def export_peft(self, adapter: str, out_dir) -> Path:
-        """Write `adapter` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)."""
+        """Write `adapter` as a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) that names
+        the directory holding this model's base as an absolute path; see peft_lora.export_peft."""
         from hydra_kernels.integrations.peft_lora import export_peft
         return export_peft(self.model, adapter, out_dir)
 

@@ -15,10 +15,12 @@ from torch import nn
 
 from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
+from hydra_kernels.ops import check_lora_args, plain_eager
 
 __all__ = ["patch_model", "unpatch_model", "PatchInfo", "patch_info", "merged_adapters", "hydra_modules",
            "repeat_for_streams", "decoder_forward", "validate_streams", "position_ids_from_attention_mask",
-           "disable_dropout", "DROPOUT_MODULES", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache"]
+           "disable_dropout", "DROPOUT_MODULES", "SUPPORTED_MODEL_TYPES", "cache_kwarg", "output_cache",
+           "check_token_ids"]
 
 # Architectures whose every patched projection sees the whole batch (a requirement of the stream layout) and
 # that the test suite covers. Others are refused unless the caller opts in with allow_untested=True.
@@ -170,8 +172,9 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
                 adapter_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the decoder's projections of `model` with HydraLinear layers, in place, and return the model.
 
-    adapters: LoRA adapter names (each a stream; "base" is the stream with LoRA off).
-    r, alpha: LoRA rank and alpha (scaling = alpha / r), the same for every layer and adapter.
+    adapters: LoRA adapter names (each a stream; "base" is the stream with LoRA off); a sequence, never one str.
+    r, alpha: LoRA rank (a positive int) and alpha (a finite positive number; scaling = alpha / r), the same for
+        every layer and adapter.
     target_modules: "all-linear" (every nn.Linear / GPT-2 Conv1D outside the output heads) or a list of names,
         each matched on the module path or a suffix of it at a module boundary (as peft does: "q_proj",
         "self_attn.q_proj" or "model.layers.0.self_attn.q_proj").
@@ -187,7 +190,7 @@ def patch_model(model: nn.Module, adapters: Sequence[str] = ("actor", "critic"),
         raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
     if isinstance(getattr(model, "hydra_patch", None), PatchInfo):
         raise ValueError(f"model: {type(model).__name__} is already patched (adapters {model.hydra_patch.adapters})")
-    adapters = tuple(adapters)
+    adapters, r, alpha = check_lora_args(adapters, r, alpha, reserved=(BASE,))
     _check_architecture(model, allow_untested)
     candidates, refused = _linear_candidates(model)
 
@@ -281,6 +284,29 @@ def repeat_for_streams(input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return ids, (attention_mask.repeat(n, 1) if attention_mask is not None else None)
 
 
+def check_token_ids(model: nn.Module, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+    """ValueError naming `name` unless input_ids is an int64 / int32 tensor of ids in [0, rows of the model's
+    input embedding). The range check reads values (one small reduction and a host sync); it is skipped where
+    values cannot be read or a sync is not allowed (torch.compile, make_fx, FakeTensorMode, CUDA graph capture).
+    An out-of-range id would otherwise fail inside the embedding, on CUDA as a device-side assert."""
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: dtype {input_ids.dtype}; token ids must be int64 or int32")
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, torch.Tensor) or input_ids.numel() == 0:
+        return
+    probe = input_ids.reshape(-1)            # made here: a FakeTensor under FakeTensorMode (see plain_eager)
+    if not plain_eager(probe) or (probe.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    V = weight.shape[0]
+    bad = (probe < 0) | (probe >= V)
+    if bool(bad.any()):
+        first = int(probe[bad][0])
+        raise ValueError(f"{name}: token id {first} is outside the model's vocabulary [0, {V}) "
+                         "(a tokenizer larger than the model's embedding?)")
+
+
 def position_ids_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids as `generate` builds them: count of real tokens so far minus one, 0 on padding.
 
@@ -321,9 +347,12 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     streams[s] ("base" = LoRA off); None runs the model as it is (S = 1; an unpatched model, or a patched one on
     its current layout). position_ids default to cumsum(mask) - 1 (left padding), the positions generate uses.
     With past_key_values, attention_mask spans the cached tokens and the new ones (as in transformers).
+    Raises ValueError naming input_ids for a float tensor or a token id outside the embedding (check_token_ids).
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a [batch, seq] tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    check_token_ids(model, input_ids)
     names = None if streams is None else validate_streams(model, streams)
     B, T = input_ids.shape
     S = 1 if names is None else len(names)

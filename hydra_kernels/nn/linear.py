@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.nn import context
-from hydra_kernels.ops import lora_linear
+from hydra_kernels.ops import check_lora_args, lora_linear
 
 BASE = "base"
 
@@ -52,13 +52,9 @@ class HydraLinear(nn.Module):
         return self
 
     def _setup(self, weight, bias, adapters, r, alpha, lora_dropout, adapter_dtype):
-        adapters = tuple(adapters)
         if lora_dropout:
             raise ValueError("lora_dropout: not supported; dropout makes PPO's old and new log-probs disagree")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r: LoRA rank must be a positive int, got {r!r}")
-        if len(set(adapters)) != len(adapters) or BASE in adapters or not all(isinstance(a, str) and a for a in adapters):
-            raise ValueError(f"adapters: need distinct non-empty names other than {BASE!r}, got {adapters!r}")
+        adapters, r, alpha = check_lora_args(adapters, r, alpha, reserved=(BASE,))
         weight.requires_grad_(False)
         if bias is not None:
             bias.requires_grad_(False)

@@ -1,5 +1,9 @@
-"""Argument checks shared by the ops (each raises ValueError naming the offending argument), and plain_eager."""
+"""Argument checks shared by the ops and the layers above them (each raises ValueError naming the offending
+argument), and plain_eager."""
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -30,19 +34,60 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name}: dtype {t.dtype} differs from {ref_name}'s {ref.dtype}")
 
 
+def check_real(name: str, value) -> float:
+    """value as a finite Python float. Only real numbers are accepted (int, float, numpy scalars): a str ("0.7"),
+    a bool (True is no scaling) or None is refused rather than converted."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {value!r}")
+    return v
+
+
 def check_positive_float(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
+    """value as a finite positive Python float (see check_real for what counts as a number)."""
+    v = check_real(name, value)
+    if not v > 0:
         raise ValueError(f"{name}: must be a finite positive number, got {value!r}")
     return v
 
 
+def check_positive_int(name: str, value) -> int:
+    """value as a positive Python int (int or numpy integer; bool and float refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_lora_args(adapters, r, alpha, *, reserved: tuple[str, ...] = ()) -> tuple[tuple[str, ...], int, float]:
+    """The LoRA settings of a layer or a model, checked: (adapters as a tuple, r, alpha as a float).
+
+    adapters: a sequence of distinct non-empty names, none of them in `reserved` (the base stream's name); a
+        single str is refused ("actor" would become five adapters 'a', 'c', ...).
+    r: a positive int (a bool is refused: True is no rank). alpha: a finite positive number (not a str).
+    Raises ValueError naming adapters, r or alpha.
+    """
+    if isinstance(adapters, (str, bytes)):
+        raise ValueError(f"adapters: expected a sequence of adapter names, got the string {adapters!r} "
+                         f"(write ({adapters!r},) for one adapter)")
+    try:
+        names = tuple(adapters)
+    except TypeError:
+        raise ValueError(f"adapters: expected a sequence of adapter names, got {adapters!r}") from None
+    if (len(set(names)) != len(names) or any(n in reserved for n in names)
+            or not all(isinstance(n, str) and n for n in names)):
+        raise ValueError(f"adapters: need distinct non-empty names" +
+                         (f" other than {', '.join(map(repr, reserved))}" if reserved else "") + f", got {names!r}")
+    return names, check_positive_int("r", r), check_positive_float("alpha", alpha)
+
+
 def check_temperature(temperature) -> float:
-    """temperature as a finite positive Python float. A tensor is refused: the kernels take it as a compile-time
-    constant, and reading a tensor's value would sync (or break a torch.compile graph)."""
+    """temperature as a finite positive Python float (int, float or numpy scalar; a str such as "0.7" or a bool
+    is refused). A tensor is refused: the kernels take it as a compile-time constant, and reading a tensor's
+    value would sync (or break a torch.compile graph)."""
     if isinstance(temperature, torch.Tensor):
         raise ValueError("temperature: pass a Python float, not a tensor (it is a compile-time kernel constant)")
     return check_positive_float("temperature", temperature)

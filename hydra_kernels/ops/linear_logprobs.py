@@ -450,6 +450,8 @@ def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch
         raise ValueError(f"targets: shape {tok} does not match hidden's token dimensions {tuple(lead)}")
     h0 = streams[0]
     D = h0.shape[-1]
+    if D == 0:
+        raise ValueError(f"hidden: shape {tuple(h0.shape)} has hidden size D = 0")
     check_tensor("weight", weight, ndim=2, dtypes=(h0.dtype,), device=h0.device)
     if weight.shape[1] != D:
         raise ValueError(f"weight: shape {tuple(weight.shape)} has D={weight.shape[1]}, hidden has D={D}")

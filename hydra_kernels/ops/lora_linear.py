@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from hydra_kernels.kernels.layout import rows_per_stream, split_streams
-from hydra_kernels.ops._checks import FLOAT_DTYPES, check_same_dtype, check_tensor, plain_eager
+from hydra_kernels.ops._checks import FLOAT_DTYPES, check_real, check_same_dtype, check_tensor, plain_eager
 from hydra_kernels.ops.backend import choose_backend
 
 __all__ = ["lora_linear"]
@@ -194,15 +194,19 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 backend: str | None = None) -> torch.Tensor:
     """Multi-stream LoRA linear. See the module docstring for the contract.
 
-    x: [..., K]; weight: [N, K] (frozen); bias: [N] or None; lora_A: [n, r, K]; lora_B: [n, N, r];
-    scaling: a float for all adapters or one per adapter; stream_adapters: adapter index per stream (−1 = base).
+    x: [..., K]; weight: [N, K] (frozen, N, K >= 1); bias: [N] or None; lora_A: [n, r, K] (r >= 1);
+    lora_B: [n, N, r]; scaling: a finite number for all adapters or one per adapter (a str or bool is refused);
+    stream_adapters: int adapter index per stream (−1 = base; a bool is refused).
     backend: "torch", "triton", "cuda" or None (HYDRA_KERNELS_BACKEND, else automatic).
+    Returns y [..., N] in x's dtype. Raises ValueError naming the argument for any of the above.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dimension, got shape {tuple(x.shape)}")
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
     N, K = weight.shape
+    if K == 0 or N == 0:
+        raise ValueError(f"weight: shape {tuple(weight.shape)}; in_features and out_features must be >= 1")
     if x.shape[-1] != K:
         raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's in_features {K}")
     if bias is not None:
@@ -219,6 +223,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     check_tensor("lora_B", lora_B, ndim=3, dtypes=adapter_dtypes, device=x.device)
     check_same_dtype("lora_A", lora_A, lora_B=lora_B)
     n, r = lora_A.shape[0], lora_A.shape[1]
+    if r == 0:
+        raise ValueError(f"lora_A: shape {tuple(lora_A.shape)} has rank 0 (expected [n, r >= 1, {K}])")
     if lora_A.shape[2] != K:
         raise ValueError(f"lora_A: shape {tuple(lora_A.shape)} does not match in_features {K} (expected [n, r, {K}])")
     if tuple(lora_B.shape) != (n, N, r):
@@ -226,16 +232,20 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if isinstance(scaling, torch.Tensor):
         scaling = scaling.tolist()
     try:
-        if isinstance(scaling, (str, bytes)):
+        if isinstance(scaling, (str, bytes, bool)):
             raise TypeError
-        # numbers.Real covers numpy scalars (np.float32 is no float subclass).
-        scales = [float(scaling)] * n if isinstance(scaling, numbers.Real) else [float(s) for s in scaling]
-    except (TypeError, ValueError):
+        # numbers.Real covers numpy scalars (np.float32 is no float subclass); a str or bool is no scaling.
+        scales = ([check_real("scaling", scaling)] * n if isinstance(scaling, numbers.Real)
+                  else [check_real("scaling", s) for s in scaling])
+    except TypeError:
         raise ValueError(f"scaling: expected a number or one number per adapter, got {scaling!r}") from None
     if len(scales) != n:
         raise ValueError(f"scaling: expected one value per adapter ({n}), got {len(scales)}")
     try:
-        adapters = [operator.index(a) for a in stream_adapters]      # ints only: 0.7 is no adapter index
+        # ints only: 0.7 is no adapter index, and True is no adapter index 1.
+        if isinstance(stream_adapters, (str, bytes)) or any(isinstance(a, bool) for a in stream_adapters):
+            raise TypeError
+        adapters = [operator.index(a) for a in stream_adapters]
     except TypeError:
         raise ValueError(f"stream_adapters: expected a sequence of int adapter indices, got {stream_adapters!r}") \
             from None

@@ -133,7 +133,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.
             json.dump(state, f, indent=1, sort_keys=True)
 
     root = Path(root)
-    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill)
+    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill, marker="state.json")
     found = list_checkpoints(root)
     mine = found.index(out)
     for old in found[:max(mine + 1 - keep, 0)] + found[mine + 1:]:

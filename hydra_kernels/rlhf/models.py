@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hydra_kernels.integrations import decoder_forward
+from hydra_kernels.integrations import decoder_forward, load_causal_lm
 from hydra_kernels.integrations.hydra_model import HydraModel
 from hydra_kernels.ops.matmul import mm_f32
 
@@ -127,18 +127,14 @@ def load_tokenizer(path: str, name: str = "model.tokenizer_path"):
 
 
 def load_model_and_tokenizer(model_cfg, device: str | torch.device = "cpu"):
-    """A local transformers causal LM and its tokenizer (never downloads: local_files_only)."""
-    from transformers import AutoModelForCausalLM
+    """A local transformers causal LM (safetensors weights only) and its tokenizer (never downloads)."""
     if not model_cfg.path:
         raise ValueError("model.path: a local model directory is required")
     dtype = getattr(torch, model_cfg.dtype)
     # The tokenizer first: it is quick, and a wrong model.tokenizer_path is reported before a model is loaded.
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path,
                                "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model.path: cannot load a model from {model_cfg.path!r}: {_one_line(e)}") from None
+    model = load_causal_lm(model_cfg.path, name="model.path", dtype=dtype)
     return model.to(device), tokenizer
 
 

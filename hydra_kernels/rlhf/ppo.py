@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
@@ -235,6 +236,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    check_tokenizer_fits(tokenizer, model)
     prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
     report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).

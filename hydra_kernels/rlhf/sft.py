@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_kernels import ops
-from hydra_kernels.integrations import decoder_forward, merge_adapter_into_base, patch_model, unpatch_model
+from hydra_kernels.integrations import (check_tokenizer_fits, decoder_forward, load_causal_lm, merge_adapter_into_base,
+                                        patch_model, unpatch_model)
+from hydra_kernels.integrations.checkpoint import load_safetensors
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_weight, new_reward_head
@@ -163,6 +165,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    check_tokenizer_fits(tokenizer, model)
     # output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
     run = Run(cfg, marker="sft.json", foreign=("policy.json",))
     demonstrations = as_sft_examples(demonstrations, tokenizer, name="demonstrations")
@@ -353,16 +356,11 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
 
 def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(model, reward_head) from a directory written by save_sft (local files only)."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
     path = Path(path)
     if not (path / "sft.json").is_file() or not (path / "reward_head.safetensors").is_file():
         raise ValueError(f"path: {str(path)!r} is not a Hydra-SFT directory (sft.json, reward_head.safetensors)")
-    kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device).eval()
-    state = load_file(str(path / "reward_head.safetensors"))
+    model = load_causal_lm(path, name="path", dtype=dtype).to(device).eval()
+    state, _ = load_safetensors(path / "reward_head.safetensors", name="path")
     d = hidden_size(model)
     if tuple(state.get("weight", torch.empty(0)).shape) != (1, d):
         raise ValueError(f"path: reward_head.safetensors does not hold a [1, {d}] weight for this model")

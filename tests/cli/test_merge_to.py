@@ -1,12 +1,9 @@
 """`hydra-rlhf ppo --merge-to DIR` (HydraModel.merge) and rlhf.save_sft / save_policy into an existing directory.
 
-These writers build the result next to DIR and then swap it in, deleting what DIR held. Before, any existing
-DIR was swapped out and deleted as a whole: `--merge-to runs` (a natural guess for "put it in runs/") deleted
-runs/ with everything under it, including the PPO run just trained into runs/ppo; `--merge-to data` deleted the
-user's JSONL files; `--merge-to <the SFT result>` replaced the SFT model and its reward head. Now an existing
-directory is only replaced when it is an earlier result of the same kind (no subdirectory; a model directory
-for merge, sft.json / policy.json for save_sft / save_policy); anything else is refused naming the argument,
-and the CLI refuses before training.
+These writers build the result next to DIR and then swap it in, deleting what DIR held. An existing directory
+is replaced only when this library wrote it as a result of the same kind (its marker file) and it holds nothing
+else: a parent such as runs/, a data directory, the SFT result or the user's own pretrained model is refused
+naming the argument, and the CLI refuses before training.
 """
 import json
 
@@ -49,6 +46,16 @@ def test_merge_to_a_directory_of_other_files_is_refused(local, tmp_path, what):
     proc = _ppo(paths, tmp_path / "ppo", target)
     assert_one_line_error(proc, "--merge-to", str(target))
     assert sorted(p.name for p in target.iterdir()) == before
+
+
+def test_merge_to_the_users_pretrained_model_is_refused_and_its_weights_kept(local, tmp_path):
+    _, paths = local
+    model_dir = paths["model"]                    # written by transformers' save_pretrained, not by hydra_kernels
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    proc = _ppo(paths, tmp_path / "ppo", model_dir)
+    assert_one_line_error(proc, "--merge-to", str(model_dir), "was not written by hydra_kernels")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert not (tmp_path / "ppo").exists()
 
 
 def test_merge_to_an_earlier_merged_policy_replaces_it(local, tmp_path):

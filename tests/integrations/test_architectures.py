@@ -134,6 +134,7 @@ def test_save_load_round_trip_is_exact(arch, tmp_path):
 def test_peft_export_loads_in_peft(arch, tmp_path):
     from peft import PeftModel
     ref, h = hydra(arch)
+    h.merge(None, tmp_path / "base")                          # an in-memory base is written first (export names it)
     h.export_peft("critic", tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "peft").eval()
     ids, mask = batch()

@@ -126,12 +126,11 @@ def test_merged_directory_sharded_and_overwritten(tmp_path):
     h = HydraModel.from_pretrained_base(copy.deepcopy(ref), r=R, alpha=ALPHA)
     randomize_adapters(h.model)
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "config.json").write_text("{}")                  # an earlier merged directory, with a stale file
-    (out / "stale.txt").write_text("old")
+    ckpt.save_merged(h.model, "actor", out)                  # an earlier merged directory, one file
+    assert (out / "model.safetensors").is_file()
     ckpt.save_merged(h.model, "critic", out, max_shard_size=20_000)
     files = sorted(os.listdir(out))
-    assert "stale.txt" not in files and "model.safetensors.index.json" in files
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
     assert not [f for f in os.listdir(tmp_path) if f != "merged"]          # temp dirs cleaned up
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -149,8 +148,10 @@ def test_merged_directory_sharded_and_overwritten(tmp_path):
 
 def test_peft_export_config_and_keys(tmp_path):
     h = HydraModel.from_pretrained_base(make_model("gpt2"), r=R, alpha=ALPHA, target_modules=["c_attn", "mlp.c_proj"])
+    h.merge(None, tmp_path / "base")                          # an in-memory base is written first (export names it)
     export_peft(h.model, "actor", tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == R and cfg["lora_alpha"] == ALPHA and cfg["fan_in_fan_out"]
     # "c_proj" would also select attn.c_proj, which is not patched: the exact paths are written instead.
     assert isinstance(cfg["target_modules"], str) and "transformer\\.h\\.0\\.mlp\\.c_proj" in cfg["target_modules"]
@@ -158,6 +159,7 @@ def test_peft_export_config_and_keys(tmp_path):
     assert t["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (R, 32)
     assert t["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, R)
     h2 = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA)
+    h2.merge(None, tmp_path / "base2")
     export_peft(h2.model, "critic", tmp_path / "q")
     cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
     assert cfg["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -166,6 +168,7 @@ def test_peft_export_config_and_keys(tmp_path):
 
 def test_peft_import_errors(tmp_path):
     h = HydraModel.from_pretrained_base(make_model("llama"), r=R, alpha=ALPHA)
+    h.merge(None, tmp_path / "base")
     export_peft(h.model, "actor", tmp_path / "p")
     snap = snapshot(h)
 
