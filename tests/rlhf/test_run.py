@@ -90,8 +90,8 @@ def test_resume_refusals(tmp_path):
 
 
 def test_final_of_another_kind_is_refused_before_any_work(tmp_path):
-    (tmp_path / "final").mkdir()
-    (tmp_path / "final" / "sft.json").write_text("{}")
+    from hydra_kernels.integrations.checkpoint import write_dir_atomically
+    write_dir_atomically(tmp_path / "final", lambda d: (d / "sft.json").write_text("{}"), marker="sft.json")
     with pytest.raises(ValueError, match="run.output_dir"):
         Run(_cfg(tmp_path), marker="policy.json", foreign=("sft.json",))
     Run(SFTConfig(run={"output_dir": str(tmp_path)}), marker="sft.json", foreign=("policy.json",))
