@@ -11,7 +11,7 @@ from torch import nn
 
 from hydra_kernels.integrations import decoder_forward
 from hydra_kernels.integrations.hydra_model import HydraModel
-from hydra_kernels.ops.matmul import mm_f32
+from hydra_kernels.ops.matmul import linear_f32
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
 # The variants whose models are one patched base (rlhf.variants.SharedPPO): the CLI's --merge-to needs one.
@@ -35,8 +35,9 @@ class PolicyHandle:
 
 
 def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [B, V] of the last position of hidden [B, T, D]: the head in fp32, so sampled as scored."""
-    return mm_f32(hidden[:, -1], lm_head.weight.T)
+    """fp32 logits [B, V] of the last position of hidden [B, T, D]: the head (and its bias, if any) in fp32, so
+    sampled as scored."""
+    return linear_f32(hidden[:, -1], lm_head.weight, getattr(lm_head, "bias", None))
 
 
 class PPOModels:
@@ -116,30 +117,41 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def load_tokenizer(path: str, name: str = "model.tokenizer_path"):
-    """AutoTokenizer from a local directory; errors are ValueErrors naming the setting `name`."""
+def load_tokenizer(path: str, name: str = "model.tokenizer_path", *, trust_remote_code: bool = False):
+    """AutoTokenizer from a local directory; errors are ValueErrors naming the setting `name`.
+    trust_remote_code: model.trust_remote_code (run tokenizer code shipped in the directory)."""
     from transformers import AutoTokenizer
     _local_dir(path, name)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name}: cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
 
 
 def load_model_and_tokenizer(model_cfg, device: str | torch.device = "cpu"):
-    """A local transformers causal LM and its tokenizer (never downloads: local_files_only)."""
-    from transformers import AutoModelForCausalLM
+    """A local transformers causal LM and its tokenizer (never downloads: local_files_only), with
+    model_cfg.dtype and model_cfg.trust_remote_code (a ModelConfig)."""
     if not model_cfg.path:
         raise ValueError("model.path: a local model directory is required")
-    dtype = getattr(torch, model_cfg.dtype)
     # The tokenizer first: it is quick, and a wrong model.tokenizer_path is reported before a model is loaded.
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path,
-                               "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path")
+                               "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path",
+                               trust_remote_code=model_cfg.trust_remote_code)
+    return load_causal_lm(model_cfg.path, model_cfg, device), tokenizer
+
+
+def load_causal_lm(path: str, model_cfg, device: str | torch.device = "cpu", name: str = "model.path") -> nn.Module:
+    """AutoModelForCausalLM from the local directory `path` with model_cfg's dtype and trust_remote_code (a
+    ModelConfig); errors are ValueErrors naming the setting `name`."""
+    from transformers import AutoModelForCausalLM
+    _local_dir(path, name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, model_cfg.dtype),
+                                                     local_files_only=True,
+                                                     trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model.path: cannot load a model from {model_cfg.path!r}: {_one_line(e)}") from None
-    return model.to(device), tokenizer
+        raise ValueError(f"{name}: cannot load a model from {path!r}: {_one_line(e)}") from None
+    return model.to(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,4 +164,5 @@ def resolve_device(name: str) -> torch.device:
 
 
 __all__ = ["PPOModels", "PolicyHandle", "Role", "last_logits", "load_model_and_tokenizer", "load_tokenizer",
+           "load_causal_lm",
            "resolve_device", "BASE", "ACTOR", "CRITIC", "SHARED_VARIANTS"]

@@ -35,6 +35,13 @@ from hydra_kernels.rlhf.variants import build_ppo_models
 
 RewardFn = Callable[[list, list, list], Sequence[float]]   # (prompts, completions, ended) -> one float each
 
+# The metrics of TRL's PPOTrainer that every PPO step logs under TRL's own names (README "Metrics" maps the
+# rest). eps is a float here (TRL rounds it down to an int).
+TRL_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+               "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
+               "val/num_eos_tokens", "lr", "episode")
+
 
 @dataclass
 class PPOResult:
@@ -83,6 +90,9 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.counters = {"skipped/nonfinite_reward": 0, "skipped/nonfinite_loss": 0}
         self.device = models.device
+        # For eps (episodes per second, as TRL's): this session's first step and how many steps it ran.
+        self._session_start: float | None = None
+        self._session_steps = 0
 
     def trainer_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "counters": dict(self.counters)}
@@ -111,6 +121,8 @@ class PPOTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        if self._session_start is None:
+            self._session_start = t0
         # 1. Rollout: sample a response to each prompt from the actor.
         prompts, ro = self.rollout(step)
         mask = ro.response_mask
@@ -152,14 +164,16 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, step, 3))
         params = list(self.params.values())
         sums: dict[str, float] = {}
+        ratios: list[float] = []                 # each applied minibatch's mean ratio, for val/ratio_var
         n = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
                 sub = ro.select(idx)
-                logp, ent, values = models.forward(sub, temperature=cfg.temperature,
-                                                   need_entropy=cfg.entropy_coef > 0)
+                # The entropy is always asked for: policy/entropy_avg is logged (TRL's), in the loss only with
+                # entropy_coef > 0.
+                logp, ent, values = models.forward(sub, temperature=cfg.temperature, need_entropy=True)
                 loss, st = ppo_loss(logp, scores.logprobs[idx], adv[idx], values, scores.values[idx], returns[idx],
                                     sub.response_mask, ent, cliprange=cfg.cliprange,
                                     cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
@@ -182,6 +196,7 @@ class PPOTrainer:
                 n += 1
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                ratios.append(float(st["val/ratio"]))
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
 
@@ -189,6 +204,10 @@ class PPOTrainer:
         # Ziegler et al.
         metrics.update(self._summary(ro, scores, r, skipped=False))
         metrics.update({k: v / n for k, v in sums.items()} if n else {})
+        if n:
+            # Over the minibatches, as TRL's (its var is torch's unbiased one, NaN with one minibatch; this is
+            # the population variance, 0 with one).
+            metrics["val/ratio_var"] = sum((x - metrics["val/ratio"]) ** 2 for x in ratios) / n
         metrics["time/update"] = t3 - t2
         self.kl_ctl.update(metrics["objective/kl"], B)
         return self._finish(metrics)
@@ -200,10 +219,16 @@ class PPOTrainer:
                 "objective/scores": r.mean().item(), "objective/non_score_reward": non_score,
                 "objective/rlhf_reward": r.mean().item() + non_score, "objective/kl_coef": self.kl_ctl.value,
                 "val/mean_value": masked_mean(scores.values, ro.response_mask).item(),
+                "val/num_eos_tokens": int(((ro.response_ids == self.tokenizer.eos_token_id)
+                                           & ro.response_mask.bool()).sum()),
                 "env/response_length": ro.lengths.float().mean().item(),
                 "env/ended": ro.ended.float().mean().item(), "skipped": skipped}
 
     def _finish(self, metrics: dict) -> dict:
+        self._session_steps += 1
+        elapsed = time.perf_counter() - self._session_start
+        metrics["eps"] = self._session_steps * self.cfg.batch_size / elapsed if elapsed > 0 else None
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]           # the actor's (TRL: the first group's)
         mib, what = peak_memory(self.device)
         metrics["memory/peak"] = mib
         metrics["memory/peak_source"] = what
@@ -269,4 +294,4 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     return PPOResult(models, run.history, dict(trainer.counters), run.out)
 
 
-__all__ = ["train_ppo", "PPOTrainer", "PPOResult", "save_policy", "load_policy", "batch_indices"]
+__all__ = ["train_ppo", "PPOTrainer", "PPOResult", "save_policy", "load_policy", "batch_indices", "TRL_METRICS"]

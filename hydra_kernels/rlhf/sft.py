@@ -27,7 +27,7 @@ from hydra_kernels import ops
 from hydra_kernels.integrations import decoder_forward, merge_adapter_into_base, patch_model, unpatch_model
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_weight, new_reward_head
+from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
 from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_preference_pairs, as_sft_examples,
@@ -80,8 +80,9 @@ def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Te
     """(Σ log π(response token), number of response tokens): position t predicts token t + 1."""
     targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, IGNORE_INDEX)
     x = h[:, :-1]
-    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model), targets.reshape(-1),
-                                     kl=None, ignore_index=IGNORE_INDEX)
+    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model, allow_bias=True),
+                                     targets.reshape(-1), kl=None, ignore_index=IGNORE_INDEX,
+                                     bias=lm_head_bias(model))
     return logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -185,7 +186,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     if cfg.mode == "lora":
         patch_model(model, adapters=(SFT_ADAPTER,), r=cfg.lora.r, alpha=cfg.lora.alpha,
-                    target_modules=cfg.lora.target_modules)
+                    target_modules=cfg.lora.target_modules, allow_untested=cfg.model.allow_untested)
         body = [p for p in model.parameters() if p.requires_grad]
     else:
         model.requires_grad_(True)
@@ -351,14 +352,16 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
     return write_dir_atomically(out_dir, fill, marker="sft.json")
 
 
-def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, reward_head) from a directory written by save_sft (local files only)."""
+def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+             trust_remote_code: bool = False):
+    """(model, reward_head) from a directory written by save_sft (local files only; trust_remote_code: run
+    modelling code shipped in it, model.trust_remote_code)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     path = Path(path)
     if not (path / "sft.json").is_file() or not (path / "reward_head.safetensors").is_file():
         raise ValueError(f"path: {str(path)!r} is not a Hydra-SFT directory (sft.json, reward_head.safetensors)")
-    kwargs = {"local_files_only": True}
+    kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device).eval()
