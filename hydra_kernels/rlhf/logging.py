@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -104,12 +105,15 @@ class _CsvWriter:
 
 
 class _TensorBoardWriter:
-    """Event files under <output_dir>/tensorboard, one scalar per number, at the record's step. A resumed run
-    purges the events after its checkpoint (purge_step), which it logs again."""
+    """Event files under <output_dir>/tensorboard, one scalar per number, at the record's step. Every session
+    purges the events after the step it starts from (purge_step): a resumed run those after its checkpoint,
+    which it logs again; a fresh start all of an earlier run's. Its file's name ends in the session's start time
+    in ns: the library names files by the second, and a second session within that second would truncate the
+    first one's file."""
 
     def __init__(self, log_dir: Path, initial_step: int):
         cls = _summary_writer_class()
-        self.writer = cls(str(log_dir), purge_step=initial_step + 1 if initial_step else None)
+        self.writer = cls(str(log_dir), purge_step=initial_step + 1, filename_suffix=f".{time.time_ns()}")
 
     def log(self, metrics: dict, step: int) -> None:
         for k, v in _scalars(metrics).items():
@@ -148,7 +152,7 @@ class MetricsLogger:
     def __init__(self, run_cfg, out_dir: str | os.PathLike, *, history: Sequence[dict] = (), initial_step: int = 0,
                  config: dict | None = None):
         out = Path(out_dir)
-        report_to = list(run_cfg.report_to)
+        report_to = [run_cfg.report_to] if isinstance(run_cfg.report_to, str) else list(run_cfg.report_to)
         check_reporters(report_to)
         self.count = len(history)
         self.csv = _CsvWriter(out / CSV_FILE, list(history)) if "csv" in report_to else None
