@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from hydra_kernels.integrations.hydra_model import HydraModel
 from hydra_kernels.ops.matmul import linear_f32
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
-# The variants whose models are one patched base (rlhf.variants.SharedPPO): the CLI's --merge-to needs one.
+# The variants whose models are one patched base (rlhf.variants.SharedPPO).
 SHARED_VARIANTS = ("hydra", "j-hydra")
 
 Role = list[tuple[torch.Tensor, "int | None"]]       # (parameter, index of its slice in a stack, or None)
@@ -104,6 +105,13 @@ class PPOModels:
     def forward(self, rollout, *, temperature: float, need_entropy: bool):
         """The update's forward, with grad: (new log-probs [B, R], entropy [B, R] or None, values [B, R] or None
         for a variant without a critic), fp32, 0 off the response mask."""
+        raise NotImplementedError
+
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """Write the trained policy as a plain transformers directory (AutoModelForCausalLM loads it; the
+        tokenizer too, when given): the actor adapter merged into its base (hydra, j-hydra, lora), or the
+        actor copy itself (full). An existing out_dir is replaced only if it is an earlier model directory
+        (ValueError naming out_dir otherwise, nothing written). Returns the directory."""
         raise NotImplementedError
 
 

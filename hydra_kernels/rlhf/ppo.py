@@ -25,6 +25,8 @@ from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_t
 from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
+from hydra_kernels.integrations.hydra_model import new_reward_head
+from hydra_kernels.rlhf.logging import notice
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
@@ -71,7 +73,8 @@ class PPOTrainer:
     """The models, optimizer and KL controller of a PPO run; `step(s)` runs PPO step s. `train_ppo` drives it."""
 
     def __init__(self, models: PPOModels, tokenizer, prompts: Sequence[str], cfg: PPOConfig, *,
-                 reward_fn: RewardFn | None = None, gold_reward_fn: RewardFn | None = None):
+                 reward_fn: RewardFn | None = None, gold_reward_fn: RewardFn | None = None,
+                 reward_head_trained: bool = True):
         check_tokenizer(tokenizer)
         if not prompts:
             raise ValueError("prompts: need at least one prompt")
@@ -79,6 +82,7 @@ class PPOTrainer:
             raise ValueError("reward_fn: required when reward_source == 'function'")
         self.models, self.tokenizer, self.prompts, self.cfg = models, tokenizer, list(prompts), cfg
         self.reward_fn, self.gold_reward_fn = reward_fn, gold_reward_fn
+        self.reward_head_trained = reward_head_trained         # False: a fresh head, its scores are not logged
         self.prompt_tokens = [encode_prompt(tokenizer, p, cfg.data.max_prompt_len) for p in self.prompts]
         if any(not t for t in self.prompt_tokens):
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
@@ -136,7 +140,8 @@ class PPOTrainer:
                                 device=self.device)
             if r.shape != (len(prompts),):
                 raise ValueError(f"reward_fn: returned {r.numel()} rewards for {len(prompts)} completions")
-            extra["objective/reward_head"] = scores.scores.mean().item()
+            if self.reward_head_trained:
+                extra["objective/reward_head"] = scores.scores.mean().item()
         else:
             r = scores.scores
         r = shape_scores(r, ro.ended, cfg.reward_clip, cfg.missing_eos_penalty)
@@ -247,6 +252,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
               callback: Callable[[int, dict], None] | None = None) -> PPOResult:
     """Run PPO on the SFT result (`model` + `reward_head`) over `prompts` (strings).
 
+    reward_head None: `model` is a plain causal LM (no Hydra-SFT), trained on reward_fn (reward_source must be
+    "function", ValueError otherwise); the value head then starts from a fresh head (drawn from run.seed), as
+    a notice on stderr says, and objective/reward_head is not logged.
+
     hydra / j-hydra patch `model` in place; lora / full keep it as the frozen reference and copy it three
     times. reward_fn(prompts, completions, ended) -> floats is used when cfg.reward_source == "function";
     gold_reward_fn (same signature) is only logged as objective/gold_reward. callback(step, metrics) runs after
@@ -260,6 +269,9 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if not isinstance(cfg, PPOConfig):
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
+    if reward_head is None and cfg.reward_source != "function":
+        raise ValueError("reward_head: None (a plain model, no Hydra-SFT reward head) needs reward_source="
+                         "'function' and a reward_fn")
     prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
     report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
@@ -267,11 +279,18 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    fresh_head = reward_head is None
+    if fresh_head:
+        reward_head = new_reward_head(model, torch.Generator(device=device).manual_seed(
+            derived_seed(cfg.run.seed, 0, 6)))
+        notice("model: no reward head (a plain model): the value head starts from a fresh head; the reward is "
+               "reward_fn's")
     reward_head = reward_head.to(device)
     run.inputs = inputs_digest(modules={"model.path": torch.nn.ModuleList([model, reward_head])},
                                data={"data.prompt_path": list(prompts)})
     models = build_ppo_models(model, reward_head, cfg)
-    trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn)
+    trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn,
+                         reward_head_trained=not fresh_head)
 
     def check_length(ck) -> None:
         if ck.step > cfg.steps:

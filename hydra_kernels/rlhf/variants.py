@@ -13,6 +13,7 @@ the same function. With model.activation_checkpointing the trained models recomp
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from hydra_kernels import ops
 from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
+from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
 from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
 from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
@@ -78,6 +80,10 @@ class SharedPPO(PPOModels):
 
     def policies(self) -> dict[str, PolicyHandle]:
         return {"actor": PolicyHandle(self.model, ACTOR), "reference": PolicyHandle(self.model, BASE)}
+
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """The actor adapter folded into the shared base (HydraModel.merge); see PPOModels.export_policy."""
+        return save_merged(self.model, ACTOR, out_dir, tokenizer=tokenizer or self.hydra.tokenizer)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         out = {"model": self.model}
@@ -171,6 +177,17 @@ class SeparatePPO(PPOModels):
 
     def policies(self) -> dict[str, PolicyHandle]:
         return {"actor": PolicyHandle(self.actor, self.actor_stream), "reference": PolicyHandle(self.reference, None)}
+
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """The actor copy, its adapter (actor_stream) folded in where it has one; see PPOModels.export_policy."""
+        if self.actor_stream is not None:
+            return save_merged(self.actor, self.actor_stream, out_dir, tokenizer=tokenizer)
+
+        def fill(tmp: Path) -> None:
+            self.actor.save_pretrained(str(tmp))          # safetensors, the config and generation config
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return write_dir_atomically(out_dir, fill, marker="config.json", foreign=MERGE_FOREIGN)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "critic": self.critic, "value_head": self.value_head}
