@@ -33,6 +33,11 @@ def _prepare(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _writable(tokenizer):
+    """The tokenizer if it can write itself (save_pretrained), else None (as save_sft treats one)."""
+    return tokenizer if hasattr(tokenizer, "save_pretrained") else None
+
+
 def _lora(cfg) -> dict:
     return dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                 allow_untested=cfg.model.allow_untested)
@@ -83,7 +88,7 @@ class SharedPPO(PPOModels):
 
     def export_policy(self, out_dir, tokenizer=None) -> Path:
         """The actor adapter folded into the shared base (HydraModel.merge); see PPOModels.export_policy."""
-        return save_merged(self.model, ACTOR, out_dir, tokenizer=tokenizer or self.hydra.tokenizer)
+        return save_merged(self.model, ACTOR, out_dir, tokenizer=_writable(tokenizer or self.hydra.tokenizer))
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         out = {"model": self.model}
@@ -180,6 +185,7 @@ class SeparatePPO(PPOModels):
 
     def export_policy(self, out_dir, tokenizer=None) -> Path:
         """The actor copy, its adapter (actor_stream) folded in where it has one; see PPOModels.export_policy."""
+        tokenizer = _writable(tokenizer)
         if self.actor_stream is not None:
             return save_merged(self.actor, self.actor_stream, out_dir, tokenizer=tokenizer)
 
