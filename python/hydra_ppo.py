@@ -67,8 +67,10 @@ def main(argv=None) -> int:
             ap.error("give --sft and --prompts (or model.path and data.prompt_path)")
         reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
-        model, reward_head = rlhf.load_sft(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        model, reward_head = rlhf.load_sft(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         prompts = rlhf.load_prompt_jsonl(cfg.data.prompt_path)
 
         result = rlhf.train_ppo(model, reward_head, tokenizer, prompts, cfg, reward_fn=reward_fn)
