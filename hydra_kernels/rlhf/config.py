@@ -524,7 +524,8 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS", "REPORTERS",
+__all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS",
+           "REPORTERS",
            "KL_ESTIMATORS", "setting", "settings", "settings_help", "load_config", "apply_overrides",
            "parse_overrides", "config_from_dict", "config_to_dict", "read_config_file", "save_config",
            "recipe_overrides"]

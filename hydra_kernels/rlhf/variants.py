@@ -279,7 +279,7 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     if reward_head.in_features != hidden_size(model):
         raise ValueError(f"reward_head: in_features {reward_head.in_features} does not match the model's hidden "
                          f"size {hidden_size(model)}")
-    check_plain_logits(model)                   # refuse logits transformed after the head (sampled, scored: h·Wᵀ + b)
+    check_plain_logits(model)              # refuse logits transformed after the head (sampled, scored: h·Wᵀ + b)
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant: unknown PPO variant {cfg.variant!r}")
     return VARIANTS[cfg.variant].build(model, copy.deepcopy(reward_head).float().requires_grad_(False), cfg)

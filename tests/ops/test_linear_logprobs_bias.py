@@ -55,7 +55,8 @@ def test_bias_forward_and_gradients_match_float64(backend, kl, D):
     S, T, V, tau = 2, 37, 257, 0.7
     h, w, b, tg = make(S, T, D, V)
     gen = torch.Generator().manual_seed(1)
-    g_lp, g_ent, g_kl = torch.randn(S, T, generator=gen), torch.randn(S, T, generator=gen), torch.randn(T, generator=gen)
+    g_lp, g_ent = torch.randn(S, T, generator=gen), torch.randn(S, T, generator=gen)
+    g_kl = torch.randn(T, generator=gen)
 
     hd = [h[s].double().requires_grad_() for s in range(S)]
     wd, bd = w.double().requires_grad_(), b.double().requires_grad_()

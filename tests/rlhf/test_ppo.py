@@ -29,7 +29,8 @@ def _lora_slices(model, adapter):
 
 def _comparable(history):
     # Timings (eps: episodes per second) differ from run to run.
-    return [{k: v for k, v in h.items() if not k.startswith(("time/", "memory/")) and k != "eps"} for h in history]
+    return [{k: v for k, v in h.items() if not k.startswith(("time/", "memory/")) and k != "eps"}
+            for h in history]
 
 
 @pytest.mark.parametrize("variant", ("hydra", "j-hydra", "lora", "full"))
