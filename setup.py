@@ -48,7 +48,8 @@ setup(
         # dependencies) reads parquet. JSONL, JSON and CSV are read without it.
         "datasets>=2.19",
     ],
-    extras_require={"test": ["pytest>=7", "peft>=0.13"]},
+    # tensorboardX: TensorBoard event files (run.report_to) without tensorboard's server and its dependencies.
+    extras_require={"test": ["pytest>=7", "peft>=0.13", "tensorboardX"]},
     entry_points={"console_scripts": ["hydra-rlhf=hydra_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,17 +1,21 @@
 """`hydra-rlhf`: the command line.
 
-    hydra-rlhf demo [--out DIR] [--quick] [--seed N] [key=value ...]   Hydra-RLHF end to end on a synthetic task
-    hydra-rlhf sft  [--config FILE] [key=value ...]                    Hydra-SFT on your JSONL and local model
-    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [--export-peft DIR] [key=value ...]
-                                                                       PPO on a Hydra-SFT result
+    hydra-rlhf --version
+    hydra-rlhf demo [--out DIR] [--quick] [--seed N] [--no-progress] [key=value ...]
+                                                                       Hydra-RLHF end to end on a synthetic task
+    hydra-rlhf sft  [--config FILE] [--no-progress] [key=value ...]    Hydra-SFT on your data and local model
+    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [--export-peft DIR] [--samples N]
+                    [--no-progress] [key=value ...]                                    PPO on a Hydra-SFT result, or on a plain
+                                                                       causal LM with --reward-fn
     hydra-rlhf selfcheck                                               ops against the float64 reference
     hydra-rlhf bench NAME [options]                                    a benchmark of bench/ (source checkout):
                                                                        lora, logprobs, linear-logprobs, ppo,
                                                                        decode, tune-cuda-lora (NAME --help)
 
 Configs are JSON or YAML; `key=value` pairs override any setting, dotted into sections (`lora.r=8 run.seed=3
-data.sft_path=train.jsonl`); `hydra-rlhf sft --help` / `ppo --help` list them all. Results go to run.output_dir
-(default runs/hydra-sft and runs/hydra-ppo). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
+data.sft_path=train.jsonl`); `hydra-rlhf COMMAND --help` lists them all with their defaults. Results go to
+run.output_dir (default runs/hydra-sft and runs/hydra-ppo). `--no-progress` turns the progress bars off on every
+command that shows them (run.progress=false). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -107,11 +111,16 @@ def _require(value, name: str, what: str) -> str:
     return value
 
 
+def _progress_overrides(args, overrides) -> list[str]:
+    """The key=value pairs with --no-progress applied (it wins over run.progress given as a pair)."""
+    return list(overrides) + (["run.progress=false"] if args.no_progress else [])
+
+
 def _sft(args) -> int:
     from hydra_kernels import rlhf
     from hydra_kernels.rlhf.data import load_preference_data, load_sft_data
 
-    cfg = rlhf.load_config(rlhf.SFTConfig, args.config, args.overrides)
+    cfg = rlhf.load_config(rlhf.SFTConfig, args.config, _progress_overrides(args, args.overrides))
     args.run_cfg = cfg.run
     _require(cfg.model.path, "model.path", "a local model directory")
     if not cfg.data.sft_path and not cfg.data.preference_path:
@@ -131,6 +140,8 @@ def _ppo(args) -> int:
     from hydra_kernels.rlhf.rewards import load_reward_fn
     from hydra_kernels.rlhf.data import check_source, load_prompt_data
 
+    if args.samples < 0:
+        raise ValueError(f"--samples: must be >= 0, got {args.samples}")
     overrides = list(args.overrides)
     if args.reward_fn:
         # --reward-fn selects the function (as python/hydra_ppo.py does); an explicit contradiction is refused.
@@ -139,12 +150,8 @@ def _ppo(args) -> int:
             raise ValueError(f"reward_source: {given!r} contradicts --reward-fn (which uses the function); "
                              f"drop one of them")
         overrides.insert(0, "reward_source=function")
-    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, overrides)
+    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, _progress_overrides(args, overrides))
     args.run_cfg = cfg.run
-    from hydra_kernels.rlhf.models import SHARED_VARIANTS
-    if args.merge_to and cfg.variant not in SHARED_VARIANTS:
-        raise ValueError(f"--merge-to: variant {cfg.variant!r} has no shared base to merge into "
-                         f"(only {' and '.join(SHARED_VARIANTS)})")
     if args.merge_to:
         from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
@@ -155,7 +162,8 @@ def _ppo(args) -> int:
         from hydra_kernels.integrations.checkpoint import check_replaceable
         from hydra_kernels.integrations.peft_lora import PEFT_CONFIG_NAME, PEFT_FOREIGN
         check_replaceable(args.export_peft, name="--export-peft", marker=PEFT_CONFIG_NAME, foreign=PEFT_FOREIGN)
-    path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final)")
+    path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory (<sft output_dir>/final), or a "
+                                                  "plain model directory with --reward-fn")
     prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
     check_source(prompt_path)           # read below, with the tokenizer; a missing path is reported first
     reward_fn = load_reward_fn(args.reward_fn, name="--reward-fn") if args.reward_fn else None
@@ -165,29 +173,57 @@ def _ppo(args) -> int:
 
     import torch
 
-    from hydra_kernels.rlhf.models import load_tokenizer
+    from hydra_kernels.rlhf.models import load_causal_lm, load_tokenizer
     if not os.path.isdir(path):
         raise ValueError(f"model.path: no such directory: {path!r}")
-    if not os.path.isfile(os.path.join(path, "sft.json")):
-        raise ValueError(f"model.path: {path!r} is not a Hydra-SFT output (no sft.json); give the final/ "
-                         f"directory that `hydra-rlhf sft` wrote under its run.output_dir")
+    from_sft = os.path.isfile(os.path.join(path, "sft.json"))
+    if not from_sft and cfg.reward_source == "head":
+        raise ValueError(f"model.path: {path!r} is not a Hydra-SFT output (no sft.json), so it has no reward head "
+                         f"(reward_source=head): give the final/ directory that `hydra-rlhf sft` wrote under its "
+                         f"run.output_dir, or train this model on a reward function with --reward-fn")
     tok = load_tokenizer(cfg.model.tokenizer_path or path,
-                         "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path")
+                         "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
+                         trust_remote_code=cfg.model.trust_remote_code)
     # After the tokenizer (conversational prompts are rendered with its chat template), before the model.
     # .records holds each row's other columns, for reward functions that take them.
     prompts = load_prompt_data(prompt_path, tok).prompts
-    model, head = rlhf.load_sft(path, dtype=getattr(torch, cfg.model.dtype))
+    if from_sft:
+        model, head = rlhf.load_sft(path, dtype=getattr(torch, cfg.model.dtype),
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        # A plain causal LM: train_ppo starts the value head from a fresh head (and says so).
+        model, head = load_causal_lm(path, name="model.path", dtype=getattr(torch, cfg.model.dtype),
+                                     trust_remote_code=cfg.model.trust_remote_code), None
+        rlhf.add_pad_token(tok, model)
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
-        result.models.hydra.tokenizer = tok
-        info["merged_policy"] = str(result.models.hydra.merge("actor", args.merge_to))
+        info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
     if args.export_peft:
+        result.models.hydra.tokenizer = tok
         info["peft_adapter"] = str(result.models.hydra.export_peft("actor", args.export_peft))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
+    if args.samples:
+        info["samples"] = _samples(result.models, tok, prompts[:args.samples], cfg)
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _samples(models, tok, prompts, cfg) -> list[dict]:
+    """Greedy completions of `prompts` by the reference (the SFT model) and the trained policy, printed on
+    stderr as a few readable lines and returned as [{"prompt", "reference", "policy"}]."""
+    from hydra_kernels import rlhf
+    kw = dict(temperature=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed,
+              max_prompt_len=cfg.data.max_prompt_len)
+    ref, _ = rlhf.sample_completions(models, tok, prompts, policy="reference", **kw)
+    pol, _ = rlhf.sample_completions(models, tok, prompts, policy="actor", **kw)
+    out = [{"prompt": p, "reference": r, "policy": a} for p, r, a in zip(prompts, ref, pol)]
+    lines = [f"sample completions (greedy, the first {len(out)} prompts):"]
+    for s in out:
+        lines += [f"  prompt:    {s['prompt']!r}", f"  reference: {s['reference']!r}", f"  policy:    {s['policy']!r}"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return out
 
 
 # `hydra-rlhf bench NAME` -> bench/<script>. The scripts are not part of the installed package: they live next
@@ -206,23 +242,60 @@ def _bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.bench_args])
 
 
+def _version() -> str:
+    """The installed distribution's version, else the package's (a source tree on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("hydra_kernels")
+    except PackageNotFoundError:
+        import hydra_kernels
+        return hydra_kernels.__version__
+
+
+def _demo_settings() -> str:
+    """The demo's own settings (top level, task.*, model.*) as `name=default`, for `demo --help`."""
+    import dataclasses
+
+    from hydra_kernels.rlhf.demo.run import DemoConfig
+
+    def rows(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in ("sft", "ppo"):
+                continue
+            if dataclasses.is_dataclass(value):
+                yield from rows(value, f"{prefix}{f.name}.")
+            else:
+                yield f"  {prefix}{f.name}={json.dumps(value) if not isinstance(value, str) else value}"
+    return "\n".join(["settings (key=value; shown with their defaults, --quick lowers the sizes):",
+                      *rows(DemoConfig(), ""),
+                      "  sft.*, ppo.*: every setting of `hydra-rlhf sft --help` / `ppo --help`, over the demo's "
+                      "own defaults"])
+
+
+def _add_progress_switch(p: argparse.ArgumentParser) -> None:
+    """--no-progress: the one progress switch of every command that shows progress bars."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (run.progress=false)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hydra_kernels.rlhf.config import PPOConfig, SFTConfig, settings_help
 
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description="Hydra-RLHF on fused kernels")
+    parser.add_argument("--version", action="version", version=f"hydra-rlhf {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("selfcheck", help="check the ops against the float64 reference on CPU")
     p.set_defaults(func=_selfcheck)
 
     p = sub.add_parser("demo", help="Hydra-SFT + Hydra-PPO end to end on a synthetic arithmetic task (CPU, minutes)",
-                       description="Builds a tiny decoder, a char tokenizer and an addition task with a gold reward, "
-                                   "then runs Hydra-SFT and Hydra-PPO; writes metrics, a PNG plot and a summary. "
-                                   "Overrides: top-level fields (pretrain_steps=...), task.*, model.*, sft.*, ppo.*")
+                       description="Builds a tiny decoder, a char tokenizer and an addition task with a gold reward,\n"
+                                   "then runs Hydra-SFT and Hydra-PPO; writes metrics, a PNG plot and a summary.",
+                       epilog=_demo_settings(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a reduced run (CI-sized; the numbers are not meaningful)")
     p.add_argument("--seed", type=int, default=None, help="seed for data, model, SFT and PPO (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_progress_switch(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below)")
     p.set_defaults(func=_demo)
 
     # The settings listed under --help come from the config dataclasses, so a new field appears there by itself.
@@ -231,19 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "data.preference_path; writes <run.output_dir>/final (load it with `ppo`).",
                        epilog=settings_help(SFTConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON or YAML SFTConfig")
+    _add_progress_switch(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
     p.set_defaults(func=_sft)
 
     p = sub.add_parser("ppo", help="PPO (variant hydra, j-hydra, lora or full) on a Hydra-SFT result",
                        description="Needs model.path (a Hydra-SFT output directory, i.e. <sft output>/final) and\n"
                                    "data.prompt_path; the reward is the SFT reward head, or your function given\n"
-                                   "with --reward-fn (which sets reward_source=function).",
+                                   "with --reward-fn (which sets reward_source=function). With --reward-fn,\n"
+                                   "model.path may also be a plain causal LM: the value head then starts fresh.",
                        epilog=settings_help(PPOConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="JSON or YAML PPOConfig")
+    _add_progress_switch(p)
+    p.add_argument("--samples", type=int, default=3, metavar="N",
+                   help="at the end, print greedy completions of the first N prompts by the reference and the "
+                        "policy (stderr; also in the JSON); 0: none (default 3)")
     p.add_argument("--reward-fn", default=None, metavar="MOD:FN",
                    help="reward function (prompts, completions, ended) -> floats, as module:function or file.py:function")
     p.add_argument("--merge-to", default=None, metavar="DIR",
-                   help="also write the trained policy (actor merged into the base) as a plain HF model directory")
+                   help="also write the trained policy as a plain HF model directory (lora: the actor adapter "
+                        "merged into its copy; hydra / j-hydra: into the base; full: the actor)")
     p.add_argument("--export-peft", default=None, metavar="DIR",
                    help="also write the actor adapter as a PEFT LoRA directory on the SFT model (hydra, j-hydra)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")

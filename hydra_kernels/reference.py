@@ -99,12 +99,15 @@ def logprobs_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor, targets: tor
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                    kl: str | None = None, ignore_index: int = -100):
+                    kl: str | None = None, ignore_index: int = -100, bias: torch.Tensor | None = None):
     """The LM head fused with the log-probs: hidden [S, T, D] (S streams of the same tokens), weight [V, D],
-    targets [T]. Returns (logp [S, T], entropy [S, T], kl [T] between stream 0 (π) and stream 1 (π_ref) or None).
-    Stream 1 is a constant in the KL (as in ops.linear_logprobs): KL's gradient reaches stream 0 only.
+    bias [V] or None (logits h·Wᵀ + b), targets [T]. Returns (logp [S, T], entropy [S, T], kl [T] between
+    stream 0 (π) and stream 1 (π_ref) or None). Stream 1 is a constant in the KL (as in ops.linear_logprobs):
+    KL's gradient reaches stream 0 only.
     """
     logits = hidden @ weight.T                                   # [S, T, V]
+    if bias is not None:
+        logits = logits + bias
     logp_all, p, entropy = _log_softmax_stats(logits, temperature)
     t = targets.unsqueeze(0).expand(hidden.shape[0], -1)
     logp, valid = _gather(logp_all, t, ignore_index)

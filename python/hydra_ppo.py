@@ -15,7 +15,8 @@ short answers that end properly; it only shows the shape of such a function.
 
 variant: hydra (one base; actor and critic adapters), j-hydra (one shared adapter), lora (4 models), full.
 Writes <out>/metrics.jsonl (TRL metric names), <out>/final (adapters + heads) and, for hydra / j-hydra,
-<out>/merged: the trained policy as a plain HF model directory (actor adapter folded into the weights).
+<out>/merged: the trained policy as a plain HF model directory (actor adapter folded into the weights; full: the
+actor itself).
 Any PPOConfig field can be set as key=value (e.g. kl_coef=0.1 lora.r=8 max_new_tokens=64).
 """
 from __future__ import annotations
@@ -66,8 +67,10 @@ def main(argv=None) -> int:
             ap.error("give --sft and --prompts (or model.path and data.prompt_path)")
         reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
 
-        model, reward_head = rlhf.load_sft(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        model, reward_head = rlhf.load_sft(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+                                           trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path,
+                                   trust_remote_code=cfg.model.trust_remote_code)
         prompts = rlhf.load_prompt_jsonl(cfg.data.prompt_path)
 
         result = rlhf.train_ppo(model, reward_head, tokenizer, prompts, cfg, reward_fn=reward_fn)
@@ -85,9 +88,7 @@ def main(argv=None) -> int:
         print(f"{p!r}\n  SFT: {b!r}\n  PPO: {a!r}")
 
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
-    if result.models.hydra is not None:
-        result.models.hydra.tokenizer = tokenizer
-        info["merged_policy"] = str(result.models.hydra.merge("actor", Path(cfg.run.output_dir) / "merged"))
+    info["merged_policy"] = str(result.models.export_policy(Path(cfg.run.output_dir) / "merged", tokenizer))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
     print(json.dumps(info, indent=2))

@@ -33,8 +33,8 @@ from hydra_kernels.nn.streams import streams as hydra_streams
 from hydra_kernels.ops import check_lora_args
 from hydra_kernels.ops.matmul import linear_f32
 
-__all__ = ["HydraModel", "last_token_index", "check_plain_logits", "lm_head", "lm_head_weight", "hidden_size",
-           "init_reward_head_", "new_reward_head"]
+__all__ = ["HydraModel", "last_token_index", "check_plain_logits", "lm_head", "lm_head_weight", "lm_head_bias",
+           "hidden_size", "init_reward_head_", "new_reward_head"]
 
 _HEAD_NAMES = ("reward_head", "value_head")
 # Key of save_pretrained's safetensors metadata that records the LoRA settings the tensors were trained with.
@@ -91,12 +91,17 @@ def lm_head(model: nn.Module) -> nn.Module:
 def lm_head_weight(model: nn.Module, allow_bias: bool = False) -> torch.Tensor:
     """The LM head's weight [V, D] (tied to the input embedding where the model ties it), the weight
     ops.linear_logprobs takes. Raises ValueError if the model has no LM head, or (unless allow_bias) a biased
-    one, which the fused log-prob op cannot apply."""
+    one: a caller that passes allow_bias=True passes lm_head_bias(model) along (ops.linear_logprobs(bias=...))."""
     head = lm_head(model)
     if not allow_bias and getattr(head, "bias", None) is not None:
-        raise ValueError(f"model: the LM head of {type(model).__name__} has a bias, which ops.linear_logprobs does "
-                         "not take; score it with materialised logits (HydraModel.lm_logits)")
+        raise ValueError(f"model: the LM head of {type(model).__name__} has a bias; pass it on "
+                         "(ops.linear_logprobs(..., bias=lm_head_bias(model))) with allow_bias=True")
     return head.weight
+
+
+def lm_head_bias(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's bias [V] (Phi has one), or None: what ops.linear_logprobs takes as `bias`."""
+    return getattr(lm_head(model), "bias", None)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -268,12 +273,12 @@ class HydraModel(nn.Module):
                  ignore_index: int = -100):
         """ops.linear_logprobs through this model's LM head: hidden [S, B, T, D] (or a list of S [B, T, D]),
         targets [B, T] → (logp [S, B, T], entropy [S, B, T], kl [B, T] between streams 0 and 1, or None), fp32,
-        logits never stored. Align them yourself: hidden[..., :-1, :] predicts targets = input_ids[:, 1:].
-        Raises ValueError for a biased LM head (lm_logits applies the bias).
+        logits never stored; a biased LM head's bias is applied. Align them yourself: hidden[..., :-1, :]
+        predicts targets = input_ids[:, 1:].
         """
         from hydra_kernels.ops import linear_logprobs
-        return linear_logprobs(hidden, lm_head_weight(self.model), targets, temperature=temperature, kl=kl,
-                               ignore_index=ignore_index)
+        return linear_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature, kl=kl,
+                               ignore_index=ignore_index, bias=self.lm_head_bias)
 
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]

@@ -53,26 +53,26 @@ def check_safetensors_dir(path, name: str = "path") -> Path:
     raise ValueError(f"{name}: {str(path)!r} has no model.safetensors (nor a sharded model.safetensors.index.json)")
 
 
-def load_causal_lm(path, *, name: str = "path", dtype: torch.dtype | None = None, **load_kwargs) -> nn.Module:
+def load_causal_lm(path, *, name: str = "path", dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                   **load_kwargs) -> nn.Module:
     """AutoModelForCausalLM from a local directory, from its safetensors weights only (use_safetensors=True,
-    local_files_only=True; never trust_remote_code).
+    local_files_only=True). Modelling code shipped in the directory runs only with trust_remote_code=True (the
+    model.trust_remote_code setting); pickle weights never load.
 
     path: the model directory (check_safetensors_dir). name: the argument or setting named in errors.
     dtype: the load dtype (None: transformers' default). load_kwargs: passed to from_pretrained.
     Returns the model with config.name_or_path set to the directory's absolute path (so what names the model's
     base later, e.g. export_peft, does not depend on the working directory).
     Raises ValueError naming `name` and the path: not a model directory, pickle weights only, unreadable or
-    truncated weights, a bad config.json, or trust_remote_code asked for.
+    truncated weights, or a bad config.json.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    if load_kwargs.pop("trust_remote_code", False):
-        raise ValueError(f"{name}: trust_remote_code is not supported (code in a model directory is never run)")
     if load_kwargs.get("use_safetensors", True) is not True:
         raise ValueError(f"{name}: use_safetensors must stay True (pickle weights are never loaded)")
     p = check_safetensors_dir(path, name)
-    load_kwargs.update(use_safetensors=True, local_files_only=True)
+    load_kwargs.update(use_safetensors=True, local_files_only=True, trust_remote_code=bool(trust_remote_code))
     if dtype is not None:
         load_kwargs[dtype_kwarg()] = dtype
     try:

@@ -1,21 +1,22 @@
 """ops.linear_logprobs: the LM head fused with per-token log-probs, entropy and KL; logits never stored.
 
-    linear_logprobs(hidden, weight, targets, temperature=1.0, kl=None, ignore_index=-100, *, backend=None)
-        -> (logp, entropy, kl_or_None)
+    linear_logprobs(hidden, weight, targets, temperature=1.0, kl=None, ignore_index=-100, *, bias=None,
+                    backend=None) -> (logp, entropy, kl_or_None)
 
 hidden: [S, *tok, D] (S streams of the same tokens, e.g. stream 0 = actor, stream 1 = reference), or
 [*tok, D] (one stream, no stream dimension), or a list/tuple of S tensors [*tok, D]. Which form is meant is
 read from targets: [*tok] integer (a leading stream dimension is there when hidden has two more dims than
-targets). weight: [V, D], same dtype (float32, bfloat16, float16) and device as hidden.
-Returns float32: logp [S, *tok] = log softmax(h·Wᵀ / temperature)[target], entropy [S, *tok] (of each stream's
+targets). weight: [V, D], same dtype (float32, bfloat16, float16) and device as hidden; bias: [V] of that dtype
+or None (a biased LM head, e.g. Phi's: the logits are h·Wᵀ + b, the bias added in fp32).
+Returns float32: logp [S, *tok] = log softmax((h·Wᵀ + b) / temperature)[target], entropy [S, *tok] (of each stream's
 distribution), and kl [*tok] = KL(π_0 ‖ π_1) between streams 0 and 1 when kl is "k1" | "k2" | "k3" (sampled-token
 estimators, kernels/kl.py) or "full" (exact, summed over the vocabulary, same sweep), else None.
 With a hidden of no stream dimension the stream dimension is dropped from logp/entropy too.
 All outputs are 0 where target == ignore_index, and those tokens receive no gradient.
 Semantics are reference.linear_logprobs (float64 ground truth).
 
-Gradients: to every hidden stream that requires grad and to weight when it requires grad (accumulated in
-fp32, cast once), for any combination of upstream gradients on logp, entropy and kl, token by token.
+Gradients: to every hidden stream that requires grad, to weight and to bias when they require grad (accumulated
+in fp32, cast once; the bias's is the sum of dz over every token of every stream), for any combination of upstream gradients on logp, entropy and kl, token by token.
 KL's gradient flows to stream 0 only: stream 1 is the reference policy and is treated as a constant in the
 KL (a gradient on a stream-1 hidden comes from its own logp/entropy only). With kl="full" the backward
 recomputes stream 1's logits next to stream 0's (one extra GEMM); use a sampled estimator or kl=None if the
@@ -44,7 +45,7 @@ as a one-element fp32 tensor (never an fp64 scalar argument).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -133,7 +134,8 @@ def _coefficients(g_logp, g_ent, g_kl, logp, entropy, klv, lse, targets, kl, ign
 
 
 def _dz_streams(S, need_h, need_w, kl):
-    """Streams whose dlogits are formed, and whether stream 0's carry the full-KL term (needs stream 1's z)."""
+    """Streams whose dlogits are formed, and whether stream 0's carry the full-KL term (needs stream 1's z).
+    need_w: a gradient of weight or bias is needed (both sum over every stream)."""
     streams = list(range(S)) if need_w else [s for s in range(S) if need_h[s]]
     return streams, (kl == "full" and 0 in streams)
 
@@ -151,13 +153,14 @@ def _torch_chunk_sizes(S, T, V):
     return ct, cv
 
 
-def _torch_forward(hidden, weight, targets, temperature, kl, ignore_index):
+def _torch_forward(hidden, weight, bias, targets, temperature, kl, ignore_index):
     S = len(hidden)
     T = hidden[0].shape[0]
     V = weight.shape[0]
     inv_t = 1.0 / temperature
     h32 = [h.float() for h in hidden]
     w32 = weight.float()
+    b32 = None if bias is None else bias.float()
     ct, cv = _torch_chunk_sizes(S, T, V)
     kl_full = kl == "full"
     outs = []
@@ -166,7 +169,10 @@ def _torch_forward(hidden, weight, targets, temperature, kl, ignore_index):
         parts, klparts = [], []
         for v0, v1 in _chunks(V, cv):
             wc = w32[v0:v1]
-            z = torch.stack([h[t0:t1] @ wc.T for h in h32]).mul_(inv_t)       # [S, t, c] fp32
+            z = torch.stack([h[t0:t1] @ wc.T for h in h32])                   # [S, t, c] fp32
+            if b32 is not None:
+                z.add_(b32[v0:v1])
+            z.mul_(inv_t)
             m = z.amax(-1)
             in_chunk = (tg >= v0) & (tg < v1)
             idx = torch.where(in_chunk, tg - v0, torch.zeros_like(tg)).expand(S, -1).unsqueeze(-1)
@@ -186,24 +192,31 @@ def _torch_forward(hidden, weight, targets, temperature, kl, ignore_index):
     return _finish(lse, entropy, logp, kl_f, targets, kl, ignore_index)
 
 
-def _torch_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, need_h, need_w):
+def _torch_backward(rowdata, klrow, hidden, weight, bias, targets, temperature, kl, need_h, need_w, need_b):
     S = len(hidden)
     T, D = hidden[0].shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
-    streams, kl_grad = _dz_streams(S, need_h, need_w, kl)
+    streams, kl_grad = _dz_streams(S, need_h, need_w or need_b, kl)
     compute = sorted(set(streams) | ({1} if kl_grad else set()))
     h32 = {s: hidden[s].float() for s in compute}
     w32 = weight.float()
+    b32 = None if bias is None else bias.float()
     dH = {s: torch.zeros(T, D, dtype=torch.float32, device=weight.device) for s in range(S) if need_h[s]}
     dW = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if need_w else None
+    dB = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
     ct, cv = _torch_chunk_sizes(len(compute), T, V)
     for t0, t1 in _chunks(T, ct):
         tg = targets[t0:t1]
         rd = rowdata[:, :, t0:t1]
         for v0, v1 in _chunks(V, cv):
             wc = w32[v0:v1]
-            u = {s: (h32[s][t0:t1] @ wc.T).mul_(inv_t).sub_(rd[s, 0].unsqueeze(-1)) for s in compute}   # log p
+            u = {}
+            for s in compute:                                                   # log p
+                z = h32[s][t0:t1] @ wc.T
+                if b32 is not None:
+                    z.add_(b32[v0:v1])
+                u[s] = z.mul_(inv_t).sub_(rd[s, 0].unsqueeze(-1))
             in_chunk = (tg >= v0) & (tg < v1)
             idx = torch.where(in_chunk, tg - v0, torch.zeros_like(tg)).unsqueeze(-1)
             for s in streams:
@@ -218,14 +231,16 @@ def _torch_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, ne
                     dH[s][t0:t1] += dz @ wc
                 if dW is not None:
                     dW[v0:v1] += dz.T @ h32[s][t0:t1]
+                if dB is not None:
+                    dB[v0:v1] += dz.sum(0)
     dh = [dH[s].to(hidden[s].dtype) for s in range(S) if need_h[s]]
-    return dh, (dW.to(weight.dtype) if dW is not None else None)
+    return dh, (dW.to(weight.dtype) if dW is not None else None), (dB.to(bias.dtype) if dB is not None else None)
 
 
 # ---------------------------------------------------------------------------------------- triton backend
-def _triton_forward(hidden, weight, targets, temperature, kl, ignore_index):
+def _triton_forward(hidden, weight, bias, targets, temperature, kl, ignore_index):
     from hydra_kernels.kernels.triton.linear_logprobs import forward_partials
-    part, klpart = forward_partials(hidden, weight, targets, temperature, kl == "full", FWD_SPLITS)
+    part, klpart = forward_partials(hidden, weight, targets, temperature, kl == "full", FWD_SPLITS, bias=bias)
     lse, entropy, logp, kl_f = _combine(part, klpart)
     return _finish(lse, entropy, logp, kl_f, targets, kl, ignore_index)
 
@@ -245,24 +260,26 @@ def _pairs(streams, kl_grad):
     return plan
 
 
-def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, need_h, need_w):
+def _triton_backward(rowdata, klrow, hidden, weight, bias, targets, temperature, kl, need_h, need_w, need_b):
     from hydra_kernels.kernels.triton.linear_logprobs import dz_chunk
     S = len(hidden)
     T, D = hidden[0].shape
     V = weight.shape[0]
     dtype = hidden[0].dtype
     elt = hidden[0].element_size()
-    streams, kl_grad = _dz_streams(S, need_h, need_w, kl)
+    streams, kl_grad = _dz_streams(S, need_h, need_w or need_b, kl)
     plan = _pairs(streams, kl_grad)
     slot = {s: i for i, s in enumerate(streams)}
     budget = DZ_BUDGET_FRACTION * S * T * V * 4
     dH = {s: torch.empty(T, D, dtype=dtype, device=weight.device) for s in range(S) if need_h[s]}
     dW = None
+    # The bias's gradient Σ dz over every token of every stream, summed in fp32 from the staged dz chunks.
+    dB = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
 
     def launch(bufs, t_begin, v_begin):
         for a, b, klg, wb in plan:
             dz_chunk(hidden, weight, targets, temperature, rowdata, klrow, (a, b), klg, wb,
-                     bufs[slot[a]], bufs[slot[b]] if wb else None, t_begin, v_begin)
+                     bufs[slot[a]], bufs[slot[b]] if wb else None, t_begin, v_begin, bias=bias)
 
     n_g = len(streams)
     if not need_w and DZ_LAYOUT == "tokens":
@@ -276,6 +293,8 @@ def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, n
             launch(bufs, t0, 0)
             for s in dH:
                 torch.mm(bufs[slot[s]], weight, out=dH[s][t0:t1])
+            if dB is not None:
+                dB += buf[:, :n].sum((0, 1), dtype=torch.float32)
     else:
         # All tokens × a vocabulary slice: dW[slice] = dzᵀ·h in one GEMM over every token of every stream
         # (fp32 accumulation inside, one rounding); dH sums the slices in fp32.
@@ -292,11 +311,13 @@ def _triton_backward(rowdata, klrow, hidden, weight, targets, temperature, kl, n
             launch([dz[i] for i in range(n_g)], 0, v0)
             if need_w:
                 torch.mm(dz.view(n_g * T, n).T, h_cat, out=dW[v0:v1])
+            if dB is not None:
+                dB[v0:v1] = dz.sum((0, 1), dtype=torch.float32)
             for s in acc:
                 acc[s] += mm_f32(dz[slot[s]], weight[v0:v1])
         for s in acc:
             dH[s].copy_(acc[s])
-    return [dH[s] for s in range(S) if need_h[s]], dW
+    return [dH[s] for s in range(S) if need_h[s]], dW, (dB.to(bias.dtype) if dB is not None else None)
 
 
 # ------------------------------------------------------------------------------------ backend dispatch
@@ -318,8 +339,8 @@ def _backward_impl(backend):
 
 # ------------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("hydra_kernels::linear_logprobs", mutates_args=())
-def _linear_logprobs_op(hidden: List[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
-                        temperature: float, kl: str, ignore_index: int, backend: str
+def _linear_logprobs_op(hidden: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        targets: torch.Tensor, temperature: float, kl: str, ignore_index: int, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns logp [S, T], entropy [S, T], kl [T] ([0] when kl == "none"), lse [S, T] (for the backward)."""
     S, (T, _) = len(hidden), hidden[0].shape
@@ -327,11 +348,11 @@ def _linear_logprobs_op(hidden: List[torch.Tensor], weight: torch.Tensor, target
     if T == 0:
         z = weight.new_zeros(S, 0, dtype=torch.float32)
         return z, z.clone(), weight.new_zeros(0, dtype=torch.float32), z.clone()
-    return _forward_impl(backend)(list(hidden), weight, targets, temperature, kl, ignore_index)
+    return _forward_impl(backend)(list(hidden), weight, bias, targets, temperature, kl, ignore_index)
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, targets, temperature, kl, ignore_index, backend):
+def _(hidden, weight, bias, targets, temperature, kl, ignore_index, backend):
     S, T = len(hidden), hidden[0].shape[0]
     f = dict(dtype=torch.float32)
     return (weight.new_empty(S, T, **f), weight.new_empty(S, T, **f),
@@ -340,70 +361,81 @@ def _(hidden, weight, targets, temperature, kl, ignore_index, backend):
 
 @torch.library.custom_op("hydra_kernels::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward_op(g_logp: torch.Tensor, g_entropy: torch.Tensor, g_kl: torch.Tensor,
-                                 hidden: List[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
-                                 logp: torch.Tensor, entropy: torch.Tensor, klv: torch.Tensor, lse: torch.Tensor,
-                                 temperature: float, kl: str, ignore_index: int, need_hidden: List[bool],
-                                 need_weight: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns dH [n, T, D] for the n streams with need_hidden (in order) and dW [V, D] ([0] if not needed)."""
+                                 hidden: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 targets: torch.Tensor, logp: torch.Tensor, entropy: torch.Tensor,
+                                 klv: torch.Tensor, lse: torch.Tensor, temperature: float, kl: str,
+                                 ignore_index: int, need_hidden: List[bool], need_weight: bool, need_bias: bool,
+                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dH [n, T, D] for the n streams with need_hidden (in order), dW [V, D] and dB [V] ([0] where not
+    needed)."""
     hidden = list(hidden)
     T, D = hidden[0].shape
     n = sum(bool(x) for x in need_hidden)
+    need_bias = bool(need_bias) and bias is not None
     if T == 0:
         dw = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
-        return hidden[0].new_zeros(n, 0, D), dw
+        db = torch.zeros_like(bias) if need_bias else weight.new_empty(0)
+        return hidden[0].new_zeros(n, 0, D), dw, db
     rowdata, klrow = _coefficients(g_logp, g_entropy, g_kl if kl != "none" else None, logp, entropy, klv, lse,
                                    targets, kl, ignore_index)
-    dh, dw = _backward_impl(backend)(rowdata, klrow, hidden, weight, targets, temperature, kl,
-                                     [bool(x) for x in need_hidden], bool(need_weight))
+    dh, dw, db = _backward_impl(backend)(rowdata, klrow, hidden, weight, bias, targets, temperature, kl,
+                                         [bool(x) for x in need_hidden], bool(need_weight), need_bias)
     dh = torch.stack(dh) if dh else hidden[0].new_empty(0, T, D)
-    return dh, (dw if dw is not None else weight.new_empty(0))
+    return dh, (dw if dw is not None else weight.new_empty(0)), (db if db is not None else weight.new_empty(0))
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(g_logp, g_entropy, g_kl, hidden, weight, targets, logp, entropy, klv, lse, temperature, kl, ignore_index,
-      need_hidden, need_weight, backend):
+def _(g_logp, g_entropy, g_kl, hidden, weight, bias, targets, logp, entropy, klv, lse, temperature, kl,
+      ignore_index, need_hidden, need_weight, need_bias, backend):
     T, D = hidden[0].shape
     n = sum(bool(x) for x in need_hidden)
-    return hidden[0].new_empty(n, T, D), (weight.new_empty(weight.shape) if need_weight else weight.new_empty(0))
+    db = bias.new_empty(bias.shape) if (need_bias and bias is not None) else weight.new_empty(0)
+    return (hidden[0].new_empty(n, T, D), (weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)),
+            db)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, temperature, kl, ignore_index, backend = inputs
+    hidden, weight, bias, targets, temperature, kl, ignore_index, backend = inputs
     logp, entropy, klv, lse = output
-    ctx.save_for_backward(*hidden, weight, targets, logp, entropy, klv, lse)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(*hidden, weight, targets, logp, entropy, klv, lse, *([bias] if ctx.has_bias else []))
     ctx.n_streams = len(hidden)
     ctx.temperature, ctx.kl, ctx.ignore_index, ctx.backend = temperature, kl, ignore_index, backend
 
 
 def _needs(ctx):
+    """(need_hidden per stream, need_weight, need_bias)."""
     flags = ctx.needs_input_grad
     S = ctx.n_streams
     if isinstance(flags[0], (list, tuple)):          # list inputs come back unflattened (torch ≥ 2.4)
-        return [bool(f) for f in flags[0]], bool(flags[1])
-    return [bool(f) for f in flags[:S]], bool(flags[S])
+        return [bool(f) for f in flags[0]], bool(flags[1]), bool(flags[2])
+    return [bool(f) for f in flags[:S]], bool(flags[S]), bool(flags[S + 1])
 
 
 def _backward(ctx, g_logp, g_entropy, g_kl, _g_lse):
     saved = ctx.saved_tensors
     S = ctx.n_streams
-    hidden, (weight, targets, logp, entropy, klv, lse) = list(saved[:S]), saved[S:]
-    need_h, need_w = _needs(ctx)
+    hidden, (weight, targets, logp, entropy, klv, lse) = list(saved[:S]), saved[S:S + 6]
+    bias = saved[S + 6] if ctx.has_bias else None
+    need_h, need_w, need_b = _needs(ctx)
+    need_b = need_b and bias is not None
     grads_h = [None] * S
-    if not (any(need_h) or need_w):
-        return grads_h, None, None, None, None, None, None
+    if not (any(need_h) or need_w or need_b):
+        return grads_h, None, None, None, None, None, None, None
     zeros = lse.new_zeros
     g_logp = g_logp if g_logp is not None else zeros(lse.shape)
     g_entropy = g_entropy if g_entropy is not None else zeros(lse.shape)
     g_kl = g_kl if g_kl is not None else zeros(klv.shape)
-    dh, dw = _linear_logprobs_backward_op(g_logp.contiguous(), g_entropy.contiguous(), g_kl.contiguous(), hidden,
-                                          weight, targets, logp, entropy, klv, lse, ctx.temperature, ctx.kl,
-                                          ctx.ignore_index, need_h, need_w, ctx.backend)
+    dh, dw, db = _linear_logprobs_backward_op(g_logp.contiguous(), g_entropy.contiguous(), g_kl.contiguous(),
+                                              hidden, weight, bias, targets, logp, entropy, klv, lse,
+                                              ctx.temperature, ctx.kl, ctx.ignore_index, need_h, need_w, need_b,
+                                              ctx.backend)
     i = 0
     for s in range(S):
         if need_h[s]:
             grads_h[s] = dh[i]
             i += 1
-    return grads_h, (dw if need_w else None), None, None, None, None, None
+    return grads_h, (dw if need_w else None), (db if need_b else None), None, None, None, None, None
 
 
 _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -412,10 +444,11 @@ _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------- public op
 def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor,
                     temperature: float = 1.0, kl: str | None = None, ignore_index: int = -100, *,
-                    backend: str | None = None):
+                    bias: torch.Tensor | None = None, backend: str | None = None):
     """LM head + per-token log-probs, entropy and KL in one sweep over `weight`; see the module docstring.
 
-    hidden: [S, *tok, D], [*tok, D] (S = 1) or a list of S tensors [*tok, D]; weight: [V, D]; targets: [*tok].
+    hidden: [S, *tok, D], [*tok, D] (S = 1) or a list of S tensors [*tok, D]; weight: [V, D]; targets: [*tok];
+    bias: [V] (same dtype and device as weight) or None.
     kl: None, "k1", "k2", "k3" or "full" (between stream 0 = policy and stream 1 = reference; needs S ≥ 2).
     backend: "torch", "triton" or None (HYDRA_KERNELS_BACKEND, else automatic).
     Returns (logp [S, *tok] fp32, entropy [S, *tok] fp32, kl [*tok] fp32 or None).
@@ -457,6 +490,11 @@ def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch
         raise ValueError(f"weight: shape {tuple(weight.shape)} has D={weight.shape[1]}, hidden has D={D}")
     if weight.shape[0] == 0:
         raise ValueError("weight: empty vocabulary")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(h0.dtype,), device=h0.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: shape {tuple(bias.shape)} does not match weight's vocabulary {weight.shape[0]}")
+        bias = bias.contiguous()
     check_tensor("targets", targets, device=h0.device)
     S = len(streams)
     check_kl(kl, allow_none=True)
@@ -472,7 +510,7 @@ def linear_logprobs(hidden: torch.Tensor | Sequence[torch.Tensor], weight: torch
     flat = [h if h.stride() == (D, 1) else h.contiguous() for h in flat]
     tg = targets.reshape(-1)
     tg = (tg if tg.dtype == torch.int64 else tg.long()).contiguous()
-    logp, entropy, k, _ = _linear_logprobs_op(flat, weight.contiguous(), tg, temperature,
+    logp, entropy, k, _ = _linear_logprobs_op(flat, weight.contiguous(), bias, tg, temperature,
                                               "none" if kl is None else kl, int(ignore_index), chosen)
     if squeeze:
         logp, entropy = logp.reshape(tok), entropy.reshape(tok)

@@ -9,22 +9,25 @@ data       load_sft_data / load_preference_data / load_prompt_data: TRL's standa
            JSONL/JSON/parquet/CSV files, save_to_disk directories, datasets.Dataset or lists of dicts (ValueError
            "<file>:<row>: field ..."); load_*_jsonl are the same readers,
            SFTExample, PreferencePair, check_tokenizer, add_pad_token, tokenize_* and collate helpers.
-sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs=None, callback=None)
-               -> SFTResult(model, reward_head, metrics, history, output_dir)
+sft        hydra_sft(model, tokenizer, demonstrations, pairs, cfg, *, eval_pairs=None, eval_demonstrations=None,
+                     callback=None) -> SFTResult(model, reward_head, metrics, history, output_dir)
            `model` is a plain transformers causal LM; the result's model holds the SFT weights in its base
            (mode "lora" merges the adapter and returns an unpatched model), reward_head is nn.Linear(hidden, 1).
            evaluate_pairs(model, reward_head, tokenizer, pairs, cfg) -> {"lm_loss", "reward_accuracy",
-           "reward_margin"}; save_sft(out_dir, result, tokenizer=None, cfg=None) / load_sft(dir) ->
+           "reward_margin"}; evaluate_demonstrations(model, tokenizer, demos, cfg) -> {"lm_loss"};
+           save_sft(out_dir, result, tokenizer=None, cfg=None) / load_sft(dir) ->
            (model, reward_head). With run.output_dir set, hydra_sft writes <output_dir>/final itself.
 ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=None, gold_reward_fn=None,
                      callback=None) -> PPOResult(models, history, counters, output_dir)
-           model/reward_head: the SFT result. hydra / j-hydra patch `model` IN PLACE (LoRA off = the SFT model);
+           model/reward_head: the SFT result (reward_head None: a plain causal LM trained on reward_fn, the value
+           head starting fresh). hydra / j-hydra patch `model` IN PLACE (LoRA off = the SFT model);
            lora / full keep it as the frozen reference + 3 copies. reward_fn(prompts, completions, ended) -> floats (ended:
            the completion stopped at EOS) drives PPO when cfg.reward_source == "function"; gold_reward_fn (same
            signature) is only logged (objective/gold_reward). callback(step, metrics) after every step.
-           Writes <output_dir>/<metrics_file> (JSONL, one line per step), checkpoints/ (resume), final/
-           (save_policy; load_policy(dir, models)). For shared variants result.models.hydra is an
-           integrations.HydraModel: hydra.merge("actor", dir) exports the policy as a plain HF directory.
+           Writes <output_dir>/<metrics_file> (JSONL, one line per step; TRL's metric names, ppo.TRL_METRICS),
+           checkpoints/ (resume), final/ (save_policy; load_policy(dir, models)).
+           result.models.export_policy(dir, tokenizer) writes the policy of any variant as a plain HF directory;
+           for shared variants result.models.hydra is an integrations.HydraModel.
 variants   build_ppo_models(model, reward_head, cfg) -> models.PPOModels, one small object per variant
            (HydraPPO, JHydraPPO, LoRAPPO, FullPPO): .policy("actor"|"reference"), .named_trainable(),
            .roles(), .score(rollout, *, temperature, kl_estimator) -> scoring.Scores (old/ref log-probs, KL,
@@ -38,6 +41,7 @@ rollout    generate(models.policy(...), prompt_ids, prompt_mask, *, max_new_toke
 advantages shape_scores, per_token_rewards, gae, whiten, masked_mean, FixedKLController, AdaptiveKLController.
 losses     policy_loss, value_loss, entropy_bonus, ppo_loss.
 run        Run: the run scaffold hydra_sft and train_ppo share (output dir, resume, metrics, progress, final).
+logging    MetricsLogger: run.report_to's reporters besides the JSONL (csv, tensorboard, wandb), used by Run.
 checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + JSON, atomic);
            save_policy(dir, models, cfg) / load_policy(dir, models): PPO's result.
 """
@@ -57,14 +61,14 @@ from hydra_kernels.rlhf.ppo import PPOResult, train_ppo
 from hydra_kernels.rlhf.rollout import Rollout, generate, sample_completions
 from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import VARIANTS, build_ppo_models
-from hydra_kernels.rlhf.sft import SFTResult, evaluate_pairs, hydra_sft, load_sft, save_sft
+from hydra_kernels.rlhf.sft import SFTResult, evaluate_demonstrations, evaluate_pairs, hydra_sft, load_sft, save_sft
 
 __all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
            "apply_overrides", "parse_overrides", "config_from_dict", "config_to_dict", "save_config",
            "SFTExample", "PreferencePair", "PromptData", "load_sft_data", "load_preference_data", "load_prompt_data",
            "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "check_tokenizer", "add_pad_token",
-           "hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft",
+           "hydra_sft", "SFTResult", "evaluate_pairs", "evaluate_demonstrations", "save_sft", "load_sft",
            "train_ppo", "PPOResult", "save_policy", "load_policy",
            "PPOModels", "build_ppo_models", "VARIANTS", "new_reward_head", "load_model_and_tokenizer",
            "Rollout", "generate", "sample_completions", "Scores",

@@ -35,6 +35,8 @@ from hydra_kernels.ops import KL_ESTIMATORS
 PPO_VARIANTS = ("hydra", "j-hydra", "lora", "full")
 SFT_MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
+# Where metrics are reported (rlhf.logging): as transformers' TrainingArguments.report_to.
+REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
 INT_MAX = 2 ** 31 - 1        # int settings lie within ±INT_MAX unless they say otherwise: a larger count is a typo
 SEED_MAX = 2 ** 64 - 1       # torch.manual_seed's upper limit
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
@@ -46,7 +48,10 @@ def setting(default, help: str, *, ge=None, gt=None, le=None, lt=None, pattern: 
     finite), a regex `pattern` the whole string must match, and `syntax`: the accepted values in words, shown by
     --help and in errors where the type does not say it (needed with `pattern`)."""
     meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, syntax=syntax)
-    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if isinstance(default, list):             # a fresh list per instance (dataclasses refuse a shared one)
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _fail(name: str, msg: str) -> typing.NoReturn:
@@ -169,6 +174,11 @@ class ModelConfig(_Section):
     tokenizer_path: str | None = setting(None, "tokenizer directory; null = model.path")
     dtype: Literal[DTYPES] = setting("float32", "dtype of the parameters")
     activation_checkpointing: bool = setting(False, "recompute decoder-layer activations in backward (trained passes)")
+    trust_remote_code: bool = setting(False, "run modelling code shipped in the model directory (transformers' "
+                                             "trust_remote_code; still local files only)")
+    allow_untested: bool = setting(False, "patch an architecture outside the tested list (integrations."
+                                          "SUPPORTED_MODEL_TYPES: e.g. gemma, phi); correct when every linear "
+                                          "layer is nn.Linear or Conv1D")
 
 
 @dataclass
@@ -190,6 +200,8 @@ class DataConfig(_Section):
                                                 "{chosen, rejected} (implicit prompt)")
     prompt_path: str | None = setting(None, "PPO prompts: rows of {prompt} (other columns are kept)")
     eval_fraction: float = setting(0.1, "share of preference pairs held out for reward accuracy / margin", ge=0, lt=1)
+    sft_eval_fraction: float = setting(0.0, "share of demonstrations held out for the SFT eval LM loss "
+                                            "(eval/demo_lm_loss)", ge=0, lt=1)
     max_prompt_len: int = setting(128, "longer prompts are cut from the left (the end is kept)", ge=1)
     max_len: int = setting(256, "prompt + completion in SFT; longer ones are cut at the right", ge=1)
 
@@ -211,8 +223,16 @@ class RunConfig(_Section):
     keep_checkpoints: int = setting(2, "older checkpoints are deleted", ge=1)
     resume: bool = setting(True, "continue from the last checkpoint in output_dir; false: start over, and this "
                                  "run's checkpoints replace the old ones")
-    progress: bool = setting(True, "tqdm progress bars")
+    progress: bool = setting(True, "tqdm progress bars (the CLI's --no-progress sets false)")
     metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir")
+    report_to: Literal[REPORTERS] | list[Literal[REPORTERS]] = setting(
+        ["jsonl"], "where metrics go, one or several: jsonl (metrics_file, always written: resume reads it), csv "
+                   "(metrics.csv), tensorboard (event files in tensorboard/), wandb (offline unless WANDB_MODE "
+                   "says otherwise)", syntax="a name or a list of jsonl, csv, tensorboard, wandb")
+
+    def _relations(self, prefix: str) -> None:
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        self.report_to = list(dict.fromkeys(names))          # a list, in order, each name once
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -230,6 +250,10 @@ class SFTConfig(_Stage):
     max_grad_norm: float = setting(1.0, "gradients are clipped to this global norm", gt=0)
     reward_coef: float = setting(1.0, "λ in L = L_lm + λ · L_BT", ge=0)
     lm_on_chosen: bool = setting(True, "also apply the LM loss to the chosen response of each pair")
+    logging_steps: int = setting(0, "also log the training losses and lr every N optimizer steps; 0 = once per "
+                                    "epoch", ge=0)
+    eval_steps: int = setting(0, "also evaluate on the held-out pairs and demonstrations every N steps; 0 = at "
+                                 "the end of each epoch only", ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,8 +275,8 @@ class PPOConfig(_Stage):
     critic_lr: float | None = setting(None, "critic and value head's learning rate; null = lr, 0 freezes them", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
-    clip_grad_per_role: bool = setting(False, "clip the actor's and the critic's gradients apart (default: jointly, "
-                                              "as TRL)")
+    clip_grad_per_role: bool = setting(False, "clip the actor's and the critic's gradients apart (default: one "
+                                              "joint norm)")
     max_new_tokens: int = setting(32, "tokens sampled per response", ge=1)
     temperature: float = setting(1.0, "sampling temperature, also used for the log-probs of scoring and update",
                                  gt=0)
@@ -501,6 +525,7 @@ def save_config(cfg, path: str | os.PathLike) -> None:
 
 
 __all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS",
+           "REPORTERS",
            "KL_ESTIMATORS", "setting", "settings", "settings_help", "load_config", "apply_overrides",
            "parse_overrides", "config_from_dict", "config_to_dict", "read_config_file", "save_config",
            "recipe_overrides"]

@@ -48,18 +48,23 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, entropy=None, *,
              cliprange: float, cliprange_value: float, vf_coef: float, entropy_coef: float = 0.0):
-    """policy loss + vf_coef·value loss − entropy_coef·entropy; returns (loss, stats of detached tensors)."""
+    """policy loss + vf_coef·value loss − entropy_coef·entropy; returns (loss, stats of detached tensors).
+
+    The stats are one minibatch's, under the names TRL's PPOTrainer logs their minibatch means with
+    (loss/policy_avg, loss/value_avg, policy/approxkl_avg, policy/clipfrac_avg, val/clipfrac_avg, val/ratio,
+    policy/entropy_avg when `entropy` is given), plus loss/total (TRL has none): the PPO step averages them
+    over its minibatches."""
     pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
     vf, vf_stats = value_loss(values, old_values, returns, mask, cliprange_value)
     loss = pg + vf_coef * vf
-    stats = {"policy/approxkl": pg_stats["approxkl"], "policy/clipfrac": pg_stats["clipfrac"],
-             "policy/ratio": pg_stats["ratio"], "loss/policy": pg.detach(), "val/vf_loss": vf.detach(),
-             "val/clipfrac": vf_stats["clipfrac"]}
+    stats = {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+             "val/ratio": pg_stats["ratio"], "loss/policy_avg": pg.detach(), "loss/value_avg": vf.detach(),
+             "val/clipfrac_avg": vf_stats["clipfrac"]}
     if entropy is not None:
         ent = entropy_bonus(entropy, mask)
         if entropy_coef:
             loss = loss - entropy_coef * ent
-        stats["policy/entropy"] = ent.detach()
+        stats["policy/entropy_avg"] = ent.detach()
     stats["loss/total"] = loss.detach()
     return loss, stats
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from hydra_kernels.integrations import decoder_forward, load_causal_lm
 from hydra_kernels.integrations.hydra_model import HydraModel
-from hydra_kernels.ops.matmul import mm_f32
+from hydra_kernels.ops.matmul import linear_f32
 
 BASE, ACTOR, CRITIC = "base", "actor", "critic"
-# The variants whose models are one patched base (rlhf.variants.SharedPPO): the CLI's --merge-to needs one.
+# The variants whose models are one patched base (rlhf.variants.SharedPPO).
 SHARED_VARIANTS = ("hydra", "j-hydra")
 
 Role = list[tuple[torch.Tensor, "int | None"]]       # (parameter, index of its slice in a stack, or None)
@@ -35,8 +36,9 @@ class PolicyHandle:
 
 
 def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits [B, V] of the last position of hidden [B, T, D]: the head in fp32, so sampled as scored."""
-    return mm_f32(hidden[:, -1], lm_head.weight.T)
+    """fp32 logits [B, V] of the last position of hidden [B, T, D]: the head (and its bias, if any) in fp32, so
+    sampled as scored."""
+    return linear_f32(hidden[:, -1], lm_head.weight, getattr(lm_head, "bias", None))
 
 
 class PPOModels:
@@ -105,6 +107,13 @@ class PPOModels:
         for a variant without a critic), fp32, 0 off the response mask."""
         raise NotImplementedError
 
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """Write the trained policy as a plain transformers directory (AutoModelForCausalLM loads it; the
+        tokenizer too, when given): the actor adapter merged into its base (hydra, j-hydra, lora), or the
+        actor copy itself (full). An existing out_dir is replaced only if it is an earlier model directory
+        (ValueError naming out_dir otherwise, nothing written). Returns the directory."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------------ loading
 def _local_dir(path: str, name: str) -> None:
@@ -116,25 +125,28 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def load_tokenizer(path: str, name: str = "model.tokenizer_path"):
-    """AutoTokenizer from a local directory; errors are ValueErrors naming the setting `name`."""
+def load_tokenizer(path: str, name: str = "model.tokenizer_path", *, trust_remote_code: bool = False):
+    """AutoTokenizer from a local directory; errors are ValueErrors naming the setting `name`.
+    trust_remote_code: model.trust_remote_code (run tokenizer code shipped in the directory)."""
     from transformers import AutoTokenizer
     _local_dir(path, name)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name}: cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
 
 
 def load_model_and_tokenizer(model_cfg, device: str | torch.device = "cpu"):
-    """A local transformers causal LM (safetensors weights only) and its tokenizer (never downloads)."""
+    """A local transformers causal LM (safetensors weights only) and its tokenizer (never downloads), with
+    model_cfg.dtype and model_cfg.trust_remote_code (a ModelConfig)."""
     if not model_cfg.path:
         raise ValueError("model.path: a local model directory is required")
-    dtype = getattr(torch, model_cfg.dtype)
     # The tokenizer first: it is quick, and a wrong model.tokenizer_path is reported before a model is loaded.
     tokenizer = load_tokenizer(model_cfg.tokenizer_path or model_cfg.path,
-                               "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path")
-    model = load_causal_lm(model_cfg.path, name="model.path", dtype=dtype)
+                               "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path",
+                               trust_remote_code=model_cfg.trust_remote_code)
+    model = load_causal_lm(model_cfg.path, name="model.path", dtype=getattr(torch, model_cfg.dtype),
+                           trust_remote_code=model_cfg.trust_remote_code)
     return model.to(device), tokenizer
 
 
@@ -148,4 +160,5 @@ def resolve_device(name: str) -> torch.device:
 
 
 __all__ = ["PPOModels", "PolicyHandle", "Role", "last_logits", "load_model_and_tokenizer", "load_tokenizer",
+           "load_causal_lm",
            "resolve_device", "BASE", "ACTOR", "CRITIC", "SHARED_VARIANTS"]

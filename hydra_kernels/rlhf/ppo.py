@@ -22,10 +22,12 @@ from typing import Callable, Sequence
 import torch
 
 from hydra_kernels.integrations import check_tokenizer_fits
+from hydra_kernels.integrations.hydra_model import new_reward_head
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
+from hydra_kernels.rlhf.logging import notice
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
@@ -35,6 +37,13 @@ from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import build_ppo_models
 
 RewardFn = Callable[[list, list, list], Sequence[float]]   # (prompts, completions, ended) -> one float each
+
+# The metrics of TRL's PPOTrainer that every PPO step logs under TRL's own names (README "Metrics" maps the
+# rest). eps is a float here (TRL rounds it down to an int).
+TRL_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+               "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+               "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
+               "val/num_eos_tokens", "lr", "episode")
 
 
 @dataclass
@@ -65,7 +74,8 @@ class PPOTrainer:
     """The models, optimizer and KL controller of a PPO run; `step(s)` runs PPO step s. `train_ppo` drives it."""
 
     def __init__(self, models: PPOModels, tokenizer, prompts: Sequence[str], cfg: PPOConfig, *,
-                 reward_fn: RewardFn | None = None, gold_reward_fn: RewardFn | None = None):
+                 reward_fn: RewardFn | None = None, gold_reward_fn: RewardFn | None = None,
+                 reward_head_trained: bool = True):
         check_tokenizer(tokenizer)
         if not prompts:
             raise ValueError("prompts: need at least one prompt")
@@ -73,6 +83,7 @@ class PPOTrainer:
             raise ValueError("reward_fn: required when reward_source == 'function'")
         self.models, self.tokenizer, self.prompts, self.cfg = models, tokenizer, list(prompts), cfg
         self.reward_fn, self.gold_reward_fn = reward_fn, gold_reward_fn
+        self.reward_head_trained = reward_head_trained         # False: a fresh head, its scores are not logged
         self.prompt_tokens = [encode_prompt(tokenizer, p, cfg.data.max_prompt_len) for p in self.prompts]
         if any(not t for t in self.prompt_tokens):
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
@@ -84,6 +95,9 @@ class PPOTrainer:
         self.kl_ctl = kl_controller(cfg)
         self.counters = {"skipped/nonfinite_reward": 0, "skipped/nonfinite_loss": 0}
         self.device = models.device
+        # For eps (episodes per second, as TRL's): this session's first step and how many steps it ran.
+        self._session_start: float | None = None
+        self._session_steps = 0
 
     def trainer_state(self) -> dict:
         return {"kl_ctl": self.kl_ctl.state_dict(), "counters": dict(self.counters)}
@@ -112,6 +126,8 @@ class PPOTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        if self._session_start is None:
+            self._session_start = t0
         # 1. Rollout: sample a response to each prompt from the actor.
         prompts, ro = self.rollout(step)
         mask = ro.response_mask
@@ -125,7 +141,8 @@ class PPOTrainer:
                                 device=self.device)
             if r.shape != (len(prompts),):
                 raise ValueError(f"reward_fn: returned {r.numel()} rewards for {len(prompts)} completions")
-            extra["objective/reward_head"] = scores.scores.mean().item()
+            if self.reward_head_trained:
+                extra["objective/reward_head"] = scores.scores.mean().item()
         else:
             r = scores.scores
         r = shape_scores(r, ro.ended, cfg.reward_clip, cfg.missing_eos_penalty)
@@ -153,14 +170,16 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(derived_seed(cfg.run.seed, step, 3))
         params = list(self.params.values())
         sums: dict[str, float] = {}
+        ratios: list[float] = []                 # each applied minibatch's mean ratio, for val/ratio_var
         n = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
                 sub = ro.select(idx)
-                logp, ent, values = models.forward(sub, temperature=cfg.temperature,
-                                                   need_entropy=cfg.entropy_coef > 0)
+                # The entropy is always asked for: policy/entropy_avg is logged (TRL's), in the loss only with
+                # entropy_coef > 0.
+                logp, ent, values = models.forward(sub, temperature=cfg.temperature, need_entropy=True)
                 loss, st = ppo_loss(logp, scores.logprobs[idx], adv[idx], values, scores.values[idx], returns[idx],
                                     sub.response_mask, ent, cliprange=cfg.cliprange,
                                     cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
@@ -183,6 +202,7 @@ class PPOTrainer:
                 n += 1
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                ratios.append(float(st["val/ratio"]))
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
 
@@ -190,6 +210,10 @@ class PPOTrainer:
         # Ziegler et al.
         metrics.update(self._summary(ro, scores, r, skipped=False))
         metrics.update({k: v / n for k, v in sums.items()} if n else {})
+        if n:
+            # Over the minibatches, as TRL's (its var is torch's unbiased one, NaN with one minibatch; this is
+            # the population variance, 0 with one).
+            metrics["val/ratio_var"] = sum((x - metrics["val/ratio"]) ** 2 for x in ratios) / n
         metrics["time/update"] = t3 - t2
         self.kl_ctl.update(metrics["objective/kl"], B)
         return self._finish(metrics)
@@ -201,10 +225,16 @@ class PPOTrainer:
                 "objective/scores": r.mean().item(), "objective/non_score_reward": non_score,
                 "objective/rlhf_reward": r.mean().item() + non_score, "objective/kl_coef": self.kl_ctl.value,
                 "val/mean_value": masked_mean(scores.values, ro.response_mask).item(),
+                "val/num_eos_tokens": int(((ro.response_ids == self.tokenizer.eos_token_id)
+                                           & ro.response_mask.bool()).sum()),
                 "env/response_length": ro.lengths.float().mean().item(),
                 "env/ended": ro.ended.float().mean().item(), "skipped": skipped}
 
     def _finish(self, metrics: dict) -> dict:
+        self._session_steps += 1
+        elapsed = time.perf_counter() - self._session_start
+        metrics["eps"] = self._session_steps * self.cfg.batch_size / elapsed if elapsed > 0 else None
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]           # the actor's (TRL: the first group's)
         mib, what = peak_memory(self.device)
         metrics["memory/peak"] = mib
         metrics["memory/peak_source"] = what
@@ -223,6 +253,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
               callback: Callable[[int, dict], None] | None = None) -> PPOResult:
     """Run PPO on the SFT result (`model` + `reward_head`) over `prompts` (strings).
 
+    reward_head None: `model` is a plain causal LM (no Hydra-SFT), trained on reward_fn (reward_source must be
+    "function", ValueError otherwise); the value head then starts from a fresh head (drawn from run.seed), as
+    a notice on stderr says, and objective/reward_head is not logged.
+
     hydra / j-hydra patch `model` in place; lora / full keep it as the frozen reference and copy it three
     times. reward_fn(prompts, completions, ended) -> floats is used when cfg.reward_source == "function";
     gold_reward_fn (same signature) is only logged as objective/gold_reward. callback(step, metrics) runs after
@@ -237,6 +271,9 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
         raise ValueError(f"cfg: expected a PPOConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
     check_tokenizer_fits(tokenizer, model)
+    if reward_head is None and cfg.reward_source != "function":
+        raise ValueError("reward_head: None (a plain model, no Hydra-SFT reward head) needs reward_source="
+                         "'function' and a reward_fn")
     prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
     report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
@@ -244,11 +281,18 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    fresh_head = reward_head is None
+    if fresh_head:
+        reward_head = new_reward_head(model, torch.Generator(device=device).manual_seed(
+            derived_seed(cfg.run.seed, 0, 6)))
+        notice("model: no reward head (a plain model): the value head starts from a fresh head; the reward is "
+               "reward_fn's")
     reward_head = reward_head.to(device)
     run.inputs = inputs_digest(modules={"model.path": torch.nn.ModuleList([model, reward_head])},
                                data={"data.prompt_path": list(prompts)})
     models = build_ppo_models(model, reward_head, cfg)
-    trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn)
+    trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn,
+                         reward_head_trained=not fresh_head)
 
     def check_length(ck) -> None:
         if ck.step > cfg.steps:
@@ -271,4 +315,4 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     return PPOResult(models, run.history, dict(trainer.counters), run.out)
 
 
-__all__ = ["train_ppo", "PPOTrainer", "PPOResult", "save_policy", "load_policy", "batch_indices"]
+__all__ = ["train_ppo", "PPOTrainer", "PPOResult", "save_policy", "load_policy", "batch_indices", "TRL_METRICS"]

@@ -3,7 +3,7 @@
     run = Run(cfg, marker="policy.json", foreign=("sft.json",))      # output_dir/final checked up front
     run.inputs = inputs_digest(...)                                  # what the run starts from
     start, state = run.start(params, optimizer, check=...)          # resumes the latest checkpoint, if any
-    with run.logging(history, total, start, desc):                  # metrics JSONL and the progress bar
+    with run.logging(history, total, start, desc):                  # metrics (run.report_to), progress bar
         ... run.log(metrics); run.checkpoint(done, params, optimizer, state) when run.due(done); run.tick()
     run.save_final(save_fn, ...)
 """
@@ -25,6 +25,7 @@ from hydra_kernels.rlhf.checkpoint import (Checkpoint, CheckpointSchedule, check
                                            copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
                                            save_checkpoint)
 from hydra_kernels.rlhf.config import config_to_dict
+from hydra_kernels.rlhf.logging import MetricsLogger, check_reporters, notice
 
 
 def derived_seed(seed: int, step: int, salt: int) -> int:
@@ -68,10 +69,11 @@ class Run:
         self.checkpoints = self.out / "checkpoints"
         self.metrics_path = self.out / cfg.run.metrics_file
         check_replaceable(self.final, name="run.output_dir", marker=marker, foreign=foreign)
+        check_reporters(cfg.run.report_to)
         self.inputs: dict[str, str] = {}
         self.history: list[dict] = []
         self.schedule: CheckpointSchedule | None = None
-        self._log = self._bar = None
+        self._log = self._bar = self._logger = None
 
     def start(self, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, *,
               check: Callable[[Checkpoint], None] | None = None) -> tuple[int, dict | None]:
@@ -92,6 +94,7 @@ class Run:
             optimizer.load_state_dict(ck.optimizer_state)
             restore_rng(ck.rng_meta, ck.rng_tensors)
             start, state = ck.step, ck.trainer_state
+            notice(f"resuming from step {start} ({last})")
         self.schedule = CheckpointSchedule(self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes)
         return start, state
 
@@ -106,8 +109,9 @@ class Run:
 
     @contextlib.contextmanager
     def logging(self, history: list[dict], total: int, initial: int, desc: str):
-        """Within: the metrics file holds exactly `history` (rewritten atomically), then one line per `log`;
-        with run.progress, a progress bar of `total` steps from `initial`. Both are closed on exit."""
+        """Within: the metrics file holds exactly `history` (rewritten atomically), then one line per `log`, and
+        the other reporters of run.report_to get the same (rlhf.logging.MetricsLogger); with run.progress, a
+        progress bar of `total` steps from `initial`. All are closed on exit."""
         self.history = list(history)
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
         with open(tmp, "w") as f:
@@ -116,6 +120,8 @@ class Run:
         os.replace(tmp, self.metrics_path)
         try:
             with open(self.metrics_path, "a") as self._log:
+                self._logger = MetricsLogger(self.cfg.run, self.out, history=self.history, initial_step=initial,
+                                             config=config_to_dict(self.cfg))
                 if self.cfg.run.progress:
                     from tqdm.auto import tqdm
                     self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
@@ -123,13 +129,16 @@ class Run:
         finally:
             if self._bar is not None:
                 self._bar.close()
-            self._log = self._bar = None
+            if self._logger is not None:
+                self._logger.close()
+            self._log = self._bar = self._logger = None
 
     def log(self, metrics: dict) -> None:
-        """Append one metrics record to the file (flushed) and to `history`."""
+        """Append one metrics record to the file (flushed) and to `history`, and report it (run.report_to)."""
         self._log.write(json.dumps(metrics) + "\n")
         self._log.flush()
         self.history.append(metrics)
+        self._logger.log(metrics)
 
     def tick(self, **postfix) -> None:
         """One step of the progress bar; postfix: values to show next to it (floats with 3 decimals)."""

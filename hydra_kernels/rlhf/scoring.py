@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_kernels.integrations.hydra_model import lm_head_weight
+from hydra_kernels.integrations.hydra_model import lm_head_bias, lm_head_weight
 from hydra_kernels.ops.matmul import linear_f32
 from hydra_kernels.rlhf.rollout import Rollout
 
@@ -54,32 +54,35 @@ def apply_head(head: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
 
 
 class _LogitsF32(torch.autograd.Function):
-    """h·Wᵀ as fp32 logits (ops.matmul.linear_f32: fp32 accumulation, no fp32 copy of W on CUDA), the same
+    """h·Wᵀ + b as fp32 logits (ops.matmul.linear_f32: fp32 accumulation, no fp32 copy of W on CUDA), the same
     function generation samples from (models.PolicyHandle). The backward is a plain linear's in the operands'
     dtype (what the model's own head would give), so nothing but the logits' rounding changes."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(h, weight)
-        return linear_f32(h, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return linear_f32(h, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         h, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        gh = gw = None
+        gh = gw = gb = None
         if ctx.needs_input_grad[0]:
             gh = (g.to(weight.dtype) @ weight).reshape(h.shape).to(h.dtype)
         if ctx.needs_input_grad[1]:
             gw = (g.to(h.dtype).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
-        return gh, gw
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(0).to(ctx.bias_dtype)
+        return gh, gw, gb
 
 
 def logits_f32(model, h: torch.Tensor) -> torch.Tensor:
     """fp32 logits [..., V] of the model's LM head on hidden states h [..., D]. Not the head's own output: in a
     bf16 model that is rounded to bf16, which makes the old log-probs (and the reference's, and the KL) those
     of another distribution than the one the rollout sampled from (DESIGN.md pitfall)."""
-    return _LogitsF32.apply(h, lm_head_weight(model))
+    return _LogitsF32.apply(h, lm_head_weight(model, allow_bias=True), lm_head_bias(model))
 
 
 __all__ = ["Scores", "response_targets", "response_hidden", "apply_head", "logits_f32", "IGNORE_INDEX"]

@@ -29,7 +29,7 @@ from hydra_kernels.integrations import (check_tokenizer_fits, decoder_forward, l
 from hydra_kernels.integrations.checkpoint import load_safetensors
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
-from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_weight, new_reward_head
+from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
 from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_preference_pairs, as_sft_examples,
@@ -45,7 +45,8 @@ SFT_ADAPTER = "sft"
 @dataclass
 class SFTResult:
     """model: the causal LM with the SFT result in its base weights (unpatched, eval mode, frozen);
-    reward_head: nn.Linear(hidden, 1) in fp32; metrics: the final held-out evaluation; history: per epoch."""
+    reward_head: nn.Linear(hidden, 1) in fp32; metrics: the final held-out evaluation; history: the metrics
+    records (one per epoch, and those of logging_steps / eval_steps)."""
     model: nn.Module
     reward_head: nn.Linear
     metrics: dict = field(default_factory=dict)
@@ -82,8 +83,9 @@ def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Te
     """(Σ log π(response token), number of response tokens): position t predicts token t + 1."""
     targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, IGNORE_INDEX)
     x = h[:, :-1]
-    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model), targets.reshape(-1),
-                                     kl=None, ignore_index=IGNORE_INDEX)
+    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model, allow_bias=True),
+                                     targets.reshape(-1), kl=None, ignore_index=IGNORE_INDEX,
+                                     bias=lm_head_bias(model))
     return logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -132,11 +134,36 @@ def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[Pre
             "reward_margin": margin / len(pairs)}
 
 
+@torch.no_grad()
+def evaluate_demonstrations(model, tokenizer, demonstrations: Sequence[SFTExample], cfg: SFTConfig,
+                            batch_size: int | None = None) -> dict:
+    """On demonstrations: {"lm_loss": mean −log π over their completion tokens (EOS included), nats/token},
+    in eval mode (the model's mode is restored). batch_size: default cfg.batch_size. ValueError for none."""
+    if not demonstrations:
+        raise ValueError("demonstrations: need at least one demonstration to evaluate")
+    check_tokenizer(tokenizer)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    bs = batch_size or cfg.batch_size
+    lp_sum, n_tok = 0.0, 0
+    try:
+        for i in range(0, len(demonstrations), bs):
+            batch = _demo_batch(tokenizer, demonstrations[i:i + bs], cfg).to(device)
+            s, n = _lm_logprob_sum(model, _forward(model, batch), batch)
+            lp_sum += float(s)
+            n_tok += n
+    finally:
+        model.train(was_training)
+    return {"lm_loss": -lp_sum / max(n_tok, 1)}
+
+
 # ------------------------------------------------------------------------------------------- training
-def _split_eval(pairs: list, fraction: float, seed: int) -> tuple[list, list]:
+def _split_eval(pairs: list, fraction: float, seed: int, salt: int = 5) -> tuple[list, list]:
+    """(train, held out): a share `fraction` of the records drawn with (seed, salt), at least one left to train."""
     if fraction <= 0 or len(pairs) < 2:
         return pairs, []
-    g = torch.Generator().manual_seed(derived_seed(seed, 0, 5))
+    g = torch.Generator().manual_seed(derived_seed(seed, 0, salt))
     order = torch.randperm(len(pairs), generator=g).tolist()
     n_eval = min(max(1, int(round(fraction * len(pairs)))), len(pairs) - 1)   # at least one pair left to train on
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
@@ -149,12 +176,17 @@ def _epoch_order(n: int, seed: int, epoch: int, salt: int) -> list[int]:
 
 def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Sequence[PreferencePair],
               cfg: SFTConfig, *, eval_pairs: Sequence[PreferencePair] | None = None,
+              eval_demonstrations: Sequence[SFTExample] | None = None,
               callback: Callable[[int, dict], None] | None = None) -> SFTResult:
     """Train `model` (a plain transformers causal LM) with Hydra-SFT; see the module docstring.
 
     eval_pairs: held-out pairs for reward accuracy / margin / LM loss; None = hold out data.eval_fraction of
-    `pairs`. callback(epoch, metrics) after every epoch. Writes per-epoch metrics to
-    <output_dir>/<metrics_file>, a checkpoint to <output_dir>/checkpoints every run.checkpoint_every
+    `pairs`. eval_demonstrations: held-out demonstrations for eval/demo_lm_loss; None = hold out
+    data.sft_eval_fraction of `demonstrations` (default none). callback(epoch, metrics) after every epoch.
+    Writes to <output_dir>/<metrics_file> (and run.report_to) a record per epoch ({"epoch", "step", "lr",
+    train/* epoch means, eval/*}), one every `logging_steps` steps ({"step", "epoch" (fractional), "lr",
+    train/* means since the last such record}) and one every `eval_steps` steps ({"step", "epoch", eval/*});
+    a checkpoint to <output_dir>/checkpoints every run.checkpoint_every
     optimizer-loop STEPS (global over all epochs, skipped non-finite steps included) and every
     run.checkpoint_minutes (none after the last step, whose result goes to final), and the result to
     <output_dir>/final (HF model dir + reward_head.safetensors +
@@ -176,11 +208,16 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         pairs, eval_pairs = _split_eval(pairs, cfg.data.eval_fraction, cfg.run.seed)
     else:
         eval_pairs = as_preference_pairs(eval_pairs, tokenizer, name="eval_pairs")
+    if eval_demonstrations is None:
+        demonstrations, eval_demos = _split_eval(demonstrations, cfg.data.sft_eval_fraction, cfg.run.seed, salt=9)
+    else:
+        eval_demos = as_sft_examples(eval_demonstrations, tokenizer, name="eval_demonstrations")
     d = cfg.data
-    report_truncation(tokenizer, demonstrations, d.max_prompt_len, d.max_len, name="demonstrations")
+    report_truncation(tokenizer, demonstrations + eval_demos, d.max_prompt_len, d.max_len, name="demonstrations")
     report_truncation(tokenizer, pairs + eval_pairs, d.max_prompt_len, d.max_len, name="pairs")
     run.inputs = inputs_digest(modules={"model.path": model},
-                               data={"data.sft_path": demonstrations, "data.preference_path": pairs + eval_pairs})
+                               data={"data.sft_path": demonstrations + eval_demos,
+                                     "data.preference_path": pairs + eval_pairs})
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
@@ -188,7 +225,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
 
     if cfg.mode == "lora":
         patch_model(model, adapters=(SFT_ADAPTER,), r=cfg.lora.r, alpha=cfg.lora.alpha,
-                    target_modules=cfg.lora.target_modules)
+                    target_modules=cfg.lora.target_modules, allow_untested=cfg.model.allow_untested)
         body = [p for p in model.parameters() if p.requires_grad]
     else:
         model.requires_grad_(True)
@@ -224,9 +261,12 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     # continues as if never stopped.
     start, state = run.start(named, optimizer, check=check_length)
     history, skipped, partial = [], 0, None
+    # The running sums since the last logging_steps record (they may span epochs).
+    window = {"sums": {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}, "counted": 0}
     if state is not None:
         scheduler.load_state_dict(state["scheduler"])
         history, skipped, partial = state["history"], state["skipped"], state["epoch_partial"]
+        window = state.get("log_window", window)
     start_epoch, start_s = divmod(start, steps_per_epoch)
 
     def checkpoint(done: int, epoch_partial: dict | None) -> None:
@@ -235,7 +275,36 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         if done < total and run.due(done):
             run.checkpoint(done, named, optimizer, {"scheduler": scheduler.state_dict(), "history": run.history,
                                                     "skipped": skipped, "steps_per_epoch": steps_per_epoch,
-                                                    "epoch_partial": epoch_partial})
+                                                    "epoch_partial": epoch_partial, "log_window": window})
+
+    def means(sums: dict, counted: int) -> dict:
+        out = {k: v / max(counted, 1) for k, v in sums.items()}
+        if not pairs:
+            out.pop("train/reward_accuracy")
+        return out
+
+    def evaluation() -> dict:
+        """eval/* on the held-out pairs and demonstrations (no RNG drawn: resume stays bitwise)."""
+        out = {}
+        if eval_pairs:
+            out.update({f"eval/{k}": v for k, v in evaluate_pairs(model, head, tokenizer, eval_pairs, cfg).items()})
+        if eval_demos:
+            out["eval/demo_lm_loss"] = evaluate_demonstrations(model, tokenizer, eval_demos, cfg)["lm_loss"]
+        return out
+
+    def step_records(done: int) -> None:
+        """The logging_steps / eval_steps records due after `done` loop steps (not at an epoch's end, whose
+        record holds both)."""
+        rec = {"step": done, "epoch": round(done / steps_per_epoch, 4)}
+        if cfg.logging_steps and done % cfg.logging_steps == 0:
+            rec.update({"lr": scheduler.get_last_lr()[0], **means(window["sums"], window["counted"]),
+                        "skipped/nonfinite_loss": skipped})
+            window["sums"] = dict.fromkeys(window["sums"], 0.0)
+            window["counted"] = 0
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done % steps_per_epoch:
+            rec.update(evaluation())
+        if len(rec) > 2:
+            run.log(rec)
 
     def train_step(epoch: int, s: int, demo_order: list[int], pair_order: list[int]):
         """One optimizer step on batch s of the epoch: (lm, bt, acc), or None when it was skipped."""
@@ -299,19 +368,19 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                 else:
                     lm, bt, acc = stepped
                     counted += 1
-                    sums["train/lm_loss"] += lm
-                    sums["train/bt_loss"] += bt
-                    sums["train/reward_accuracy"] += acc if pairs else 0.0
+                    window["counted"] += 1
+                    for acc_sums in (sums, window["sums"]):
+                        acc_sums["train/lm_loss"] += lm
+                        acc_sums["train/bt_loss"] += bt
+                        acc_sums["train/reward_accuracy"] += acc if pairs else 0.0
                     run.tick(lm=lm, bt=bt)
+                done = epoch * steps_per_epoch + s + 1
+                step_records(done)
                 if s + 1 < steps_per_epoch:
-                    checkpoint(epoch * steps_per_epoch + s + 1, {"sums": sums, "counted": counted})
-            metrics = {"epoch": epoch + 1, **{k: v / max(counted, 1) for k, v in sums.items()},
-                       "skipped/nonfinite_loss": skipped}
-            if not pairs:
-                metrics.pop("train/reward_accuracy")
-            if eval_pairs:
-                metrics.update({f"eval/{k}": v for k, v in evaluate_pairs(model, head, tokenizer, eval_pairs,
-                                                                          cfg).items()})
+                    checkpoint(done, {"sums": sums, "counted": counted})
+            done = (epoch + 1) * steps_per_epoch
+            metrics = {"epoch": epoch + 1, "step": done, "lr": scheduler.get_last_lr()[0], **means(sums, counted),
+                       "skipped/nonfinite_loss": skipped, **evaluation()}
             run.log(metrics)
             checkpoint((epoch + 1) * steps_per_epoch, None)
             if callback is not None:
@@ -354,12 +423,14 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
     return write_dir_atomically(out_dir, fill, marker="sft.json")
 
 
-def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """(model, reward_head) from a directory written by save_sft (local files only)."""
+def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+             trust_remote_code: bool = False):
+    """(model, reward_head) from a directory written by save_sft (local files, safetensors only; trust_remote_code:
+    run modelling code shipped in it, model.trust_remote_code)."""
     path = Path(path)
     if not (path / "sft.json").is_file() or not (path / "reward_head.safetensors").is_file():
         raise ValueError(f"path: {str(path)!r} is not a Hydra-SFT directory (sft.json, reward_head.safetensors)")
-    model = load_causal_lm(path, name="path", dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, name="path", dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
     state, _ = load_safetensors(path / "reward_head.safetensors", name="path")
     d = hidden_size(model)
     if tuple(state.get("weight", torch.empty(0)).shape) != (1, d):
@@ -369,4 +440,5 @@ def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     return model, head.requires_grad_(False)
 
 
-__all__ = ["hydra_sft", "SFTResult", "evaluate_pairs", "save_sft", "load_sft", "SFT_ADAPTER"]
+__all__ = ["hydra_sft", "SFTResult", "evaluate_pairs", "evaluate_demonstrations", "save_sft", "load_sft",
+           "SFT_ADAPTER"]

@@ -13,6 +13,7 @@ the same function. With model.activation_checkpointing the trained models recomp
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from torch import nn
 from hydra_kernels import ops
 from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
-from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, lm_head_weight
+from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
+from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
 from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
                                         response_targets)
@@ -31,8 +33,14 @@ def _prepare(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _writable(tokenizer):
+    """The tokenizer if it can write itself (save_pretrained), else None (as save_sft treats one)."""
+    return tokenizer if hasattr(tokenizer, "save_pretrained") else None
+
+
 def _lora(cfg) -> dict:
-    return dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules)
+    return dict(r=cfg.lora.r, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                allow_untested=cfg.model.allow_untested)
 
 
 # ------------------------------------------------------------------------------------------ one base
@@ -78,6 +86,10 @@ class SharedPPO(PPOModels):
     def policies(self) -> dict[str, PolicyHandle]:
         return {"actor": PolicyHandle(self.model, ACTOR), "reference": PolicyHandle(self.model, BASE)}
 
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """The actor adapter folded into the shared base (HydraModel.merge); see PPOModels.export_policy."""
+        return save_merged(self.model, ACTOR, out_dir, tokenizer=_writable(tokenizer or self.hydra.tokenizer))
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         out = {"model": self.model}
         if self.value_head is not None:
@@ -94,18 +106,16 @@ class SharedPPO(PPOModels):
         h = self.hydra.forward_streams(rollout.input_ids, mask, streams, rollout.position_ids)   # [S, B, L, D]
         hr = response_hidden(h, rollout)
         # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
-        logp, ent, kl = ops.linear_logprobs([hr[streams.index(ACTOR)], hr[0]], lm_head_weight(self.model),
-                                            response_targets(rollout), temperature=temperature, kl=kl_estimator,
-                                            ignore_index=IGNORE_INDEX)
+        logp, ent, kl = self.hydra.logprobs([hr[streams.index(ACTOR)], hr[0]], response_targets(rollout),
+                                            temperature=temperature, kl=kl_estimator, ignore_index=IGNORE_INDEX)
         scores = self.hydra.reward(h[0], mask)                 # reward model = LoRA off + reward head
         return Scores.masked(rollout, logp[0], logp[1], kl, ent[0], self._values(hr, streams), scores)
 
     def forward(self, rollout, *, temperature: float, need_entropy: bool):
         h = self.hydra.forward_streams(rollout.input_ids, rollout.attention_mask, self.adapters, rollout.position_ids)
         hr = response_hidden(h, rollout)
-        logp, ent, _ = ops.linear_logprobs([hr[self.adapters.index(ACTOR)]], lm_head_weight(self.model),
-                                           response_targets(rollout), temperature=temperature, kl=None,
-                                           ignore_index=IGNORE_INDEX)
+        logp, ent, _ = self.hydra.logprobs([hr[self.adapters.index(ACTOR)]], response_targets(rollout),
+                                           temperature=temperature, kl=None, ignore_index=IGNORE_INDEX)
         values = self._values(hr, self.adapters)
         m = rollout.response_mask.float()
         return logp[0] * m, (ent[0] * m if need_entropy else None), (None if values is None else values * m)
@@ -172,6 +182,18 @@ class SeparatePPO(PPOModels):
 
     def policies(self) -> dict[str, PolicyHandle]:
         return {"actor": PolicyHandle(self.actor, self.actor_stream), "reference": PolicyHandle(self.reference, None)}
+
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """The actor copy, its adapter (actor_stream) folded in where it has one; see PPOModels.export_policy."""
+        tokenizer = _writable(tokenizer)
+        if self.actor_stream is not None:
+            return save_merged(self.actor, self.actor_stream, out_dir, tokenizer=tokenizer)
+
+        def fill(tmp: Path) -> None:
+            self.actor.save_pretrained(str(tmp))          # safetensors, the config and generation config
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return write_dir_atomically(out_dir, fill, marker="config.json", foreign=MERGE_FOREIGN)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "critic": self.critic, "value_head": self.value_head}
@@ -248,16 +270,16 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
     so "LoRA off" is the SFT model); lora / full keep it as the frozen reference and add 3 deep copies. Every
     variant switches dropout off in `model` and freezes its base.
 
-    Raises ValueError for a reward head of the wrong shape, an unknown variant, a biased LM head, logits the
-    model transforms after its head, or a model patched with other adapters than the variant needs.
+    Raises ValueError for a reward head of the wrong shape, an unknown variant, logits the model transforms
+    after its head, or a model patched with other adapters than the variant needs. A biased LM head (Phi) is
+    applied everywhere: sampling, the fused log-probs and the materialised logits.
     """
     if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
         raise ValueError("reward_head: expected nn.Linear(hidden, 1)")
     if reward_head.in_features != hidden_size(model):
         raise ValueError(f"reward_head: in_features {reward_head.in_features} does not match the model's hidden "
                          f"size {hidden_size(model)}")
-    lm_head_weight(model)                       # refuse a biased LM head before anything is patched,
-    check_plain_logits(model)                   # and logits transformed after it (sampled and scored from h·Wᵀ)
+    check_plain_logits(model)              # refuse logits transformed after the head (sampled, scored: h·Wᵀ + b)
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant: unknown PPO variant {cfg.variant!r}")
     return VARIANTS[cfg.variant].build(model, copy.deepcopy(reward_head).float().requires_grad_(False), cfg)

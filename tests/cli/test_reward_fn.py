@@ -95,8 +95,12 @@ def test_reward_fn_that_cannot_be_loaded_is_one_line(local, tmp_path, spec, need
     assert not (tmp_path / "ppo").exists()
 
 
-def test_merge_to_with_a_variant_that_cannot_merge_is_refused_before_training(local, tmp_path):
+def test_merge_to_with_the_lora_variant_writes_the_merged_actor(local, tmp_path):
+    """Every variant exports its policy (the 4-model lora variant: the actor copy with its adapter merged)."""
+    from transformers import AutoModelForCausalLM
     _, paths = local
     proc = _ppo(paths, tmp_path / "ppo", "variant=lora", "--merge-to", tmp_path / "merged")
-    assert_one_line_error(proc, "--merge-to", "lora")
-    assert not (tmp_path / "ppo").exists()        # refused up front: nothing trained, nothing written
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["merged_policy"] == str(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
+    assert not any("lora" in k for k in model.state_dict())

@@ -46,10 +46,13 @@ def test_safetensors_are_loaded_when_both_are_there(tmp_path, loader, no_unpickl
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
 
 
-def test_remote_code_is_refused(tmp_path):
-    make_model("llama").save_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match=r"base: trust_remote_code is not supported"):
+def test_remote_code_is_opt_in_and_still_safetensors_only(tmp_path, no_unpickling):
+    model = make_model("llama")
+    _pickle_dir(tmp_path / "m", model)
+    with pytest.raises(ValueError, match=r"base: .*pickle"):
         HydraModel.from_pretrained_base(tmp_path / "m", r=R, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "s")
+    assert HydraModel.from_pretrained_base(tmp_path / "s", r=R, trust_remote_code=True).model is not None
 
 
 def test_a_truncated_weights_file_is_a_value_error_naming_the_directory(tmp_path):

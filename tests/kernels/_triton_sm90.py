@@ -111,22 +111,23 @@ def _largest_tile(configs):
 
 def linear_logprob_cases(full: bool):
     fwd, dz = llp._fwd_kernel, llp._dz_kernel
-    t = dict(w_ptr="*bf16", tgt_ptr="*i64", inv_t_ptr="*fp32", part_ptr="*fp32", klpart_ptr="*fp32",
-             **{f"h{i}_ptr": "*bf16" for i in range(4)})
+    t = dict(w_ptr="*bf16", b_ptr="*bf16", tgt_ptr="*i64", inv_t_ptr="*fp32", part_ptr="*fp32",
+             klpart_ptr="*fp32", **{f"h{i}_ptr": "*bf16" for i in range(4)})
     div = _ptrs_and(fwd, "D", "stride_ht", "stride_wv", "split_cols")
     for S, kl_full in ((1, False), (2, True)) if full else ((2, True),):
         configs = llp._prune_fwd(llp._FWD_CONFIGS, {}, S=S)
         for c in (configs if full else [_largest_tile(configs)]):
-            yield build("linear_logprobs_fwd", fwd, t, dict(S=S, KL_FULL=kl_full, FP32=False, EVEN_D=True, **c.kwargs),
+            consts = dict(S=S, KL_FULL=kl_full, FP32=False, EVEN_D=True, HAS_BIAS=False, **c.kwargs)
+            yield build("linear_logprobs_fwd", fwd, t, consts,
                         div, c.num_warps, c.num_stages, streams=S, **c.kwargs)
-    t = dict(ha_ptr="*bf16", hb_ptr="*bf16", w_ptr="*bf16", tgt_ptr="*i64", inv_t_ptr="*fp32", rowa_ptr="*fp32",
-             rowb_ptr="*fp32", klrow_ptr="*fp32", dza_ptr="*bf16", dzb_ptr="*bf16")
+    t = dict(ha_ptr="*bf16", hb_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", tgt_ptr="*i64", inv_t_ptr="*fp32",
+             rowa_ptr="*fp32", rowb_ptr="*fp32", klrow_ptr="*fp32", dza_ptr="*bf16", dzb_ptr="*bf16")
     div = _ptrs_and(dz, "D", "stride_ht", "stride_wv", "stride_dz", "v_begin", "n_cols")
     for NS, kl in ((1, False), (2, True)) if full else ((2, True),):
         configs = llp._prune_dz(llp._DZ_CONFIGS, {}, NS=NS)
         for c in (configs if full else [_largest_tile(configs)]):
             yield build("linear_logprobs_dz", dz, t, dict(NS=NS, KL_GRAD=kl, WRITE_B=NS == 2, FP32=False,
-                                                          EVEN_D=True, **c.kwargs),
+                                                          EVEN_D=True, HAS_BIAS=False, **c.kwargs),
                         div, c.num_warps, c.num_stages, streams=NS, **c.kwargs)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels for ops.linear_logprobs: the LM head fused with per-token log-probs, entropy and KL.
 
-No autograd here (hydra_kernels.ops.linear_logprobs wraps these). Logits z = (h · Wᵀ) / temperature are built
-tile by tile in an fp32 accumulator and never stored, never rounded to a 16-bit type.
+No autograd here (hydra_kernels.ops.linear_logprobs wraps these). Logits z = (h · Wᵀ + b) / temperature are
+built tile by tile in an fp32 accumulator and never stored, never rounded to a 16-bit type; the bias b (a biased
+LM head, HAS_BIAS) is added to the accumulator in fp32, tile by tile, and to the target logit.
 
 Forward (`_fwd_kernel`), split-vocab. Grid (axis 0 only) = token blocks × vocab splits, split index fastest.
 A program owns BT tokens of ALL streams (up to 4 per launch) and one contiguous vocabulary range. For each
@@ -146,13 +147,13 @@ def _prune_dz(configs, named_args, **kwargs):
                        fp32=bool(kwargs.get("FP32", named_args.get("FP32", False))))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["D", "S", "KL_FULL", "FP32"],
+@triton.autotune(configs=_FWD_CONFIGS, key=["D", "S", "KL_FULL", "FP32", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
-def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, tgt_ptr, inv_t_ptr, part_ptr, klpart_ptr,
+def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, b_ptr, tgt_ptr, inv_t_ptr, part_ptr, klpart_ptr,
                 T, V, D, stride_ht, stride_wv, n_splits, split_cols,
                 S: tl.constexpr, KL_FULL: tl.constexpr, FP32: tl.constexpr, EVEN_D: tl.constexpr,
-                BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     split = pid % n_splits
     tb = pid // n_splits
@@ -210,6 +211,16 @@ def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, tgt_ptr, inv_t_ptr, part_
                 acc3 = _dot_stream(h3_ptr + h_off, hp, w, offs_k, row_ok, k0, D, acc3, EVEN_D, FP32)
 
         valid = col_ok[None, :]
+        if HAS_BIAS:
+            # The same bias row serves every stream; masked columns become −inf in _logits all the same.
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc0 += bias
+            if S > 1:
+                acc1 += bias
+            if S > 2:
+                acc2 += bias
+            if S > 3:
+                acc3 += bias
         z0 = _logits(acc0, inv_t, valid)
         m0n = tl.maximum(m0, tl.max(z0, 1))
         e0, ez0, alpha0, shift0, l0n, b0 = _fold(z0, m0n, valid, m0, l0, b0)
@@ -253,6 +264,12 @@ def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, tgt_ptr, inv_t_ptr, part_
                 t2 = _target_dot(h2_ptr + h_off, hp, wt, k_ok, row_ok, k0, t2)
             if S > 3:
                 t3 = _target_dot(h3_ptr + h_off, hp, wt, k_ok, row_ok, k0, t3)
+        if HAS_BIAS:
+            bt = tl.load(b_ptr + tl.where(tgt_ok, tgt, 0), mask=tgt_ok, other=0.0).to(tl.float32)
+            t0 += bt
+            t1 += bt
+            t2 += bt
+            t3 += bt
         t0 = t0 * inv_t
         t1 = t1 * inv_t
         t2 = t2 * inv_t
@@ -269,13 +286,14 @@ def _fwd_kernel(h0_ptr, h1_ptr, h2_ptr, h3_ptr, w_ptr, tgt_ptr, inv_t_ptr, part_
         tl.store(klpart_ptr + split.to(tl.int64) * T + rows, a01, mask=row_ok)
 
 
-@triton.autotune(configs=_DZ_CONFIGS, key=["D", "NS", "KL_GRAD", "WRITE_B", "FP32"],
+@triton.autotune(configs=_DZ_CONFIGS, key=["D", "NS", "KL_GRAD", "WRITE_B", "FP32", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _prune_dz})
 @triton.jit
-def _dz_kernel(ha_ptr, hb_ptr, w_ptr, tgt_ptr, inv_t_ptr, rowa_ptr, rowb_ptr, klrow_ptr, dza_ptr, dzb_ptr,
+def _dz_kernel(ha_ptr, hb_ptr, w_ptr, b_ptr, tgt_ptr, inv_t_ptr, rowa_ptr, rowb_ptr, klrow_ptr, dza_ptr, dzb_ptr,
                T, t_begin, n_rows, v_begin, n_cols, D, stride_ht, stride_wv, stride_dz,
                NS: tl.constexpr, KL_GRAD: tl.constexpr, WRITE_B: tl.constexpr, FP32: tl.constexpr,
-               EVEN_D: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+               EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+               GROUP: tl.constexpr):
     """dz for the chunk tokens [t_begin, t_begin+n_rows) × vocab [v_begin, v_begin+n_cols) of stream a
     (and b when NS == 2). Per-row inputs rowX = [4, T] fp32: (lse, entropy, c_lp, c_H); klrow = [2, T]
     (KL, c_K). dz buffers are [n_rows, n_cols] with row stride stride_dz, indexed from the chunk origin."""
@@ -310,6 +328,11 @@ def _dz_kernel(ha_ptr, hb_ptr, w_ptr, tgt_ptr, inv_t_ptr, rowa_ptr, rowb_ptr, kl
         acc_a = _dot_stream(ha_ptr + h_off, hp, w, offs_k, row_ok, k0, D, acc_a, EVEN_D, FP32)
         if NS > 1:
             acc_b = _dot_stream(hb_ptr + h_off, hp, w, offs_k, row_ok, k0, D, acc_b, EVEN_D, FP32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_a += bias
+        if NS > 1:
+            acc_b += bias
 
     inv_t = tl.load(inv_t_ptr)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -359,10 +382,11 @@ def _inv_t(temperature: float, device) -> torch.Tensor:
 
 
 def forward_partials(hidden: list[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                     kl_full: bool, n_splits: int | None = None):
+                     kl_full: bool, n_splits: int | None = None, *, bias: torch.Tensor | None = None):
     """Partial statistics of every (vocab split, stream, token).
 
-    hidden: S tensors [T, D] (rows contiguous), weight [V, D] contiguous, targets [T] int64.
+    hidden: S tensors [T, D] (rows contiguous), weight [V, D] contiguous, targets [T] int64, bias [V] contiguous
+    or None.
     Returns part [n_splits, S, 4, T] fp32 = (max, Σe^{z−max}, Σe^{z−max}(z−max), target logit or 0) and
     klpart [n_splits, T] (the stream-0/1 cross term) or None. Streams beyond MAX_STREAMS go in further
     launches; the KL pair (0, 1) is always in the first.
@@ -390,9 +414,11 @@ def forward_partials(hidden: list[torch.Tensor], weight: torch.Tensor, targets: 
             return (triton.cdiv(T, meta["BT"]) * n_splits,)
 
         with device_guard(weight):
-            _fwd_kernel[grid](*ptrs, weight, targets, inv_t, out, klpart if (kl_full and g0 == 0) else part,
+            _fwd_kernel[grid](*ptrs, weight, weight if bias is None else bias, targets, inv_t, out,
+                              klpart if (kl_full and g0 == 0) else part,
                               T, V, D, stride_ht, weight.stride(0), n_splits, split_cols,
-                              S=len(group), KL_FULL=bool(kl_full and g0 == 0), FP32=fp32, EVEN_D=(D % 64 == 0))
+                              S=len(group), KL_FULL=bool(kl_full and g0 == 0), FP32=fp32, EVEN_D=(D % 64 == 0),
+                              HAS_BIAS=bias is not None)
         if out is not sub:
             sub.copy_(out)
     return part, klpart
@@ -408,9 +434,11 @@ def default_splits(V: int) -> int:
 
 def dz_chunk(hidden: list[torch.Tensor], weight: torch.Tensor, targets: torch.Tensor, temperature: float,
              rowdata: torch.Tensor, klrow: torch.Tensor | None, pair: tuple[int, int | None], kl_grad: bool,
-             write_b: bool, dz_a: torch.Tensor, dz_b: torch.Tensor | None, t_begin: int, v_begin: int) -> None:
+             write_b: bool, dz_a: torch.Tensor, dz_b: torch.Tensor | None, t_begin: int, v_begin: int, *,
+             bias: torch.Tensor | None = None) -> None:
     """Fill dz_a (and dz_b) [n_rows, n_cols] for stream pair[0] (and pair[1]) over the chunk whose origin is
-    (t_begin, v_begin). rowdata: [S, 4, T] fp32 per-row inputs; klrow: [2, T] fp32 (KL, c_K) or None."""
+    (t_begin, v_begin). rowdata: [S, 4, T] fp32 per-row inputs; klrow: [2, T] fp32 (KL, c_K) or None; bias: the
+    LM head's [V] (contiguous) or None."""
     a, b = pair
     n_rows, n_cols = dz_a.shape
     T, D = hidden[0].shape
@@ -427,8 +455,9 @@ def dz_chunk(hidden: list[torch.Tensor], weight: torch.Tensor, targets: torch.Te
         return (triton.cdiv(n_rows, meta["BT"]) * triton.cdiv(n_cols, meta["BV"]),)
 
     with device_guard(weight):
-        _dz_kernel[grid](hidden[a], hb, weight, targets, _inv_t(temperature, weight.device), rowdata[a], rowb,
+        _dz_kernel[grid](hidden[a], hb, weight, weight if bias is None else bias, targets,
+                         _inv_t(temperature, weight.device), rowdata[a], rowb,
                          klrow if kl_grad else rowdata[a], dz_a, dzb,
                          T, t_begin, n_rows, v_begin, n_cols, D, hidden[0].stride(0), weight.stride(0),
                          dz_a.stride(0), NS=ns, KL_GRAD=bool(kl_grad), WRITE_B=bool(write_b),
-                         FP32=_ieee_dot(hidden[0].dtype), EVEN_D=(D % 64 == 0))
+                         FP32=_ieee_dot(hidden[0].dtype), EVEN_D=(D % 64 == 0), HAS_BIAS=bias is not None)
