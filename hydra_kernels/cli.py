@@ -156,6 +156,7 @@ def _ppo(args) -> int:
         from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
         check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
     if args.export_peft:
+        from hydra_kernels.rlhf.models import SHARED_VARIANTS
         if cfg.variant not in SHARED_VARIANTS:
             raise ValueError(f"--export-peft: variant {cfg.variant!r} has no actor adapter on a shared base "
                              f"(only {' and '.join(SHARED_VARIANTS)})")
