@@ -111,6 +111,11 @@ def load_prompt_jsonl(path: str | os.PathLike) -> list[str]:
     return [r["prompt"] for r in _read_jsonl(path, ("prompt",))]
 
 
+def load_prompt_records(path: str | os.PathLike) -> list[dict]:
+    """Prompt rows {"prompt", ...} with their other fields (the columns TRL-style reward functions receive)."""
+    return _read_jsonl(path, ("prompt",))
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable) -> None:
     """Write dicts or the record dataclasses above as JSONL (atomically)."""
     path = os.fspath(path)
@@ -252,6 +257,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_prompt_len: int) -> 
 
 
 __all__ = ["SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
+           "load_prompt_records",
            "write_jsonl", "check_tokenizer", "add_pad_token", "encode_prompt", "encode_response",
            "left_pad", "TokenBatch", "collate_sequences", "tokenize_sft",
            "tokenize_pairs", "tokenize_prompts"]

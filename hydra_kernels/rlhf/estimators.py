@@ -15,6 +15,8 @@ Rows are grouped as the GRPO step lays them out: rows g·G … g·G + G − 1 ar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hydra_kernels.rlhf.advantages import gae, per_token_rewards, whiten
@@ -78,7 +80,8 @@ def group_stats(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, t
     """Per-row mean and unbiased std of its group's rewards ([B] each; std NaN for groups of one), as TRL's
     rewards.view(-1, G).mean(1) / .std(1), repeated to the rows. Distributed: groups are kept whole per rank."""
     g = _groups(rewards, group_size)
-    return (g.mean(1).repeat_interleave(group_size), g.std(1).repeat_interleave(group_size))
+    std = g.std(1) if group_size > 1 else torch.full_like(g[:, 0], math.nan)
+    return g.mean(1).repeat_interleave(group_size), std.repeat_interleave(group_size)
 
 
 def batch_std(x: torch.Tensor) -> torch.Tensor:
