@@ -66,6 +66,11 @@ def prompt_records(prompts: Sequence) -> tuple[list[str], dict[str, list]]:
     return [p["prompt"] for p in prompts], {k: [p[k] for p in prompts] for k in sorted(keys - {"prompt"})}
 
 
+# The minibatch statistics of a step (TRL's names); "kl" too when the KL is in the loss.
+LOSS_METRICS = ("loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "grad_norm")
+
+
 def _finite(*tensors) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -222,8 +227,9 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
 
-        # 6. Metrics: the minibatch statistics averaged over the optimizer steps taken.
-        metrics.update({k: v / n for k, v in sums.items()} if n else {})
+        # 6. Metrics: the minibatch statistics averaged over the optimizer steps taken (null without any).
+        keys = LOSS_METRICS + (("kl",) if s.beta > 0 and s.kl_in == "loss" else ())
+        metrics.update({k: sums[k] / n if n else None for k in keys})
         metrics.update({"optimizer_steps": n, "learning_rate": cfg.lr, "skipped": False, "time/update": t3 - t2})
         return self._finish(metrics)
 
