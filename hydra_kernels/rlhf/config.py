@@ -270,7 +270,7 @@ class PPOConfig(_Stage):
     reward_weights: list[float] | None = setting(None, "weight of each reward function, in the order given (TRL's "
                                                        "reward_weights); null = 1 each")
     reward_model: str | None = setting(None, "a local AutoModelForSequenceClassification directory (scored with its "
-                                             "own tokenizer); sets reward_source=model")
+                                             "own tokenizer), for reward_source=model (which the CLI then sets)")
     kl_coef: float = setting(0.05, "β of the KL penalty (initial value when adaptive)", ge=0)
     kl_estimator: Literal[KL_ESTIMATORS] = setting("k1", "per-token KL in the reward (full: exact over the "
                                                          "vocabulary)")

@@ -143,7 +143,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, scale: str = "none")
 
 
 def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
-                            gamma: float = 1.0, group_size: int | None = None) -> torch.Tensor:
+                            gamma: float = 1.0, group_size: int | None = None,
+                            loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE++ (Hu et al. 2025, "REINFORCE++: an efficient RLHF algorithm with robustness to both prompt and
     reward models"; OpenRLHF's advantage_estimator "reinforce" / "reinforce_baseline"): per-token rewards
     r_t = −β·KL_t on every response token plus the score at the last one (advantages.per_token_rewards), the
@@ -151,13 +152,14 @@ def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.
     over every response token of the batch (advantages.whiten). With group_size (the "_baseline" variant) the
     group's mean score is subtracted from each score first.
 
-    scores: [B]; kl, mask: [B, R] (kl 0 off the mask). Returns [B, R] float32, 0 off the mask."""
+    scores: [B]; kl, mask: [B, R] (kl 0 off the mask); loss_mask: the tokens that carry a loss, over which the
+    whitening's statistics run (default mask). Returns [B, R] float32, 0 off loss_mask."""
     s = scores.float()
     if group_size is not None:
         s = s - group_stats(s, group_size)[0]
     rewards = per_token_rewards(s, kl.float(), mask, beta)
     returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
-    return whiten(returns, mask)
+    return whiten(returns, mask if loss_mask is None else loss_mask)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:

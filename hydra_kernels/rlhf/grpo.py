@@ -25,9 +25,9 @@ from hydra_kernels.kernels.kl import sampled_kl
 from hydra_kernels.rlhf.checkpoint import inputs_digest, save_policy
 from hydra_kernels.rlhf.config import GRPOConfig
 from hydra_kernels.rlhf.data import check_tokenizer, encode_prompt, left_pad
-from hydra_kernels.rlhf.estimators import (aggregate_loss, clipped_token_loss, grpo_advantages, overlong_penalty,
-                                           reinforce_pp_advantages, rloo_advantages, sequence_clipped_loss,
-                                           token_count, zero_std_groups)
+from hydra_kernels.rlhf.estimators import (SEQUENCE_LEVEL, aggregate_loss, clipped_token_loss, grpo_advantages,
+                                           overlong_penalty, reinforce_pp_advantages, rloo_advantages,
+                                           sequence_clipped_loss, token_count, zero_std_groups)
 from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.ppo import batch_indices
 from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn
@@ -164,8 +164,7 @@ class GRPOTrainer:
         r_src, per_source, inputs = self._rewards(idx, ro, scores)
         r = r_src + overlong_penalty(lengths, cfg.max_new_tokens, s.overlong_buffer, s.overlong_penalty).to(r_src)
         kl_in_reward = s.beta > 0 and s.kl_in == "reward"
-        seq_r = r - s.beta * scores.kl.sum(1) if kl_in_reward and cfg.estimator != "reinforce_pp" and \
-            cfg.estimator != "reinforce_pp_baseline" else r
+        seq_r = r - s.beta * scores.kl.sum(1) if kl_in_reward and cfg.estimator in SEQUENCE_LEVEL else r
         t2 = time.perf_counter()
         self.num_tokens += int(ro.attention_mask.sum())
         metrics = {"step": step + 1, "episode": (step + 1) * B, "time/rollout": t1 - t0, "time/score": t2 - t1,
@@ -191,8 +190,8 @@ class GRPOTrainer:
             adv = rloo_advantages(seq_r, G, s.scale_rewards)
         else:
             kl = scores.kl if kl_in_reward else torch.zeros_like(mask, dtype=torch.float32)
-            adv = reinforce_pp_advantages(r, kl, loss_mask, s.beta if kl_in_reward else 0.0, s.gamma,
-                                          G if cfg.estimator == "reinforce_pp_baseline" else None)
+            adv = reinforce_pp_advantages(r, kl, mask, s.beta if kl_in_reward else 0.0, s.gamma,
+                                          G if cfg.estimator == "reinforce_pp_baseline" else None, loss_mask)
         metrics["frac_reward_zero_std"] = zero_std.float().view(-1, G)[:, 0].mean().item()
         if kl_in_reward:
             metrics["kl"] = _mean(scores.kl, mask).item()

@@ -122,3 +122,24 @@ def test_ppo_with_two_weighted_reward_functions(local, tmp_path):
     proc = cli("ppo", f"model.path={paths['sft']}", f"data.prompt_path={paths['prompts']}",
                f"run.output_dir={tmp_path / 'x'}", *PPO_SMALL, "reward_weights=[1,0.5]")
     assert_one_line_error(proc, "reward_weights")
+
+
+def test_grpo_recipe(local, tmp_path):
+    """python/hydra_grpo.py as a user runs it: a plain causal LM, the example reward, the merged policy."""
+    import subprocess
+    import sys
+
+    from tests.cli._local import ROOT, env
+    _, paths = local
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "hydra_grpo.py"), "--model", str(paths["model"]),
+                           "--prompts", str(paths["rows"]), "--out", str(tmp_path / "out"), "--estimator", "dr_grpo",
+                           "--reward-fn", "example", *GRPO_SMALL], cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert info["steps"] == 2 and (tmp_path / "out" / "merged" / "config.json").is_file()
+    assert "before:" in proc.stdout and "after:" in proc.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "python" / "hydra_grpo.py"), "--model", str(paths["model"]),
+                          "--prompts", str(paths["rows"]), "--out", str(tmp_path / "bad"), "batch_size=3",
+                          *GRPO_SMALL[2:]], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert_one_line_error(bad, "batch_size", "num_generations")

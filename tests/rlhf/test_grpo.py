@@ -243,8 +243,9 @@ def test_groups_of_equal_rewards_are_dropped(tmp_path):
     assert all(torch.equal(B, torch.zeros_like(B)) for B in _lora_B(res.models.model).values())
 
 
-def test_truncated_completions_are_masked(tmp_path, monkeypatch):
-    trainer, _ = _trainer(["mask_truncated=true"], eos_logit=0.5, tmp=tmp_path)
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_truncated_completions_are_masked(tmp_path, monkeypatch, estimator):
+    trainer, _ = _trainer(["mask_truncated=true", f"estimator={estimator}"], eos_logit=0.5, tmp=tmp_path)
     masks = []
     real = grpo_mod.aggregate_loss
     monkeypatch.setattr(grpo_mod, "aggregate_loss", lambda per, mask, *a, **k: masks.append(mask) or real(per, mask,
