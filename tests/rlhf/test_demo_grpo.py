@@ -10,7 +10,7 @@ from hydra_kernels.rlhf.demo import plot
 from hydra_kernels.rlhf.demo.run import DemoConfig, apply_demo_overrides, default_config, quick_config
 
 GRPO_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio/region_mean",
-              "completions/mean_length", "objective/gold_reward")
+              "completions/mean_length", "rewards/gold/mean")
 
 
 def test_quick_grpo_demo(tmp_path):
@@ -20,7 +20,7 @@ def test_quick_grpo_demo(tmp_path):
     for r in rows:
         assert all(k in r for k in GRPO_NAMES), [k for k in GRPO_NAMES if k not in r]
         # The gold reward is the verifiable reward: what the step trained on is what it logs as gold.
-        assert r["reward"] == pytest.approx(r["objective/gold_reward"])
+        assert r["reward"] == pytest.approx(r["rewards/gold/mean"])
     assert (tmp_path / "grpo" / "final" / "policy.json").is_file() and not (tmp_path / "ppo").exists()
     img = plot.read_png(tmp_path / "grpo_curves.png")
     assert img.ndim == 3 and img.shape[1] == 900

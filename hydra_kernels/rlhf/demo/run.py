@@ -428,19 +428,19 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     # 4. Hydra-PPO on the learned reward, or critic-free RL (GRPO, ...) on the gold reward ----------------------
     t = time.perf_counter()
 
-    def gold_fn(ps, completions, ended):
+    def gold(ps, completions, ended):
         return [gold_reward(p, c, e) for p, c, e in zip(ps, completions, ended)]
 
     label = cfg.algo
     if label == "ppo":
         rl_cfg = rlhf.apply_overrides(cfg.ppo, [f"run.progress={str(progress).lower()}"])
-        rl = rlhf.train_ppo(sft.model, sft.reward_head, tok, prompts, rl_cfg, gold_reward_fn=gold_fn)
+        rl = rlhf.train_ppo(sft.model, sft.reward_head, tok, prompts, rl_cfg, gold_reward_fn=gold)
         say(f"[4/5] Hydra-PPO ({rl_cfg.variant}): {rl_cfg.steps} steps x {rl_cfg.batch_size} prompts -> "
             f"{out / 'ppo'} (metrics.jsonl, final/)")
     else:
         # The gold reward is the verifiable reward here: what GRPO-style training on a checkable task uses.
         rl_cfg = rlhf.apply_overrides(cfg.grpo, [f"run.progress={str(progress).lower()}"])
-        rl = rlhf.train_grpo(sft.model, tok, prompts, rl_cfg, reward_fn=gold_fn, reward_head=sft.reward_head)
+        rl = rlhf.train_grpo(sft.model, tok, prompts, rl_cfg, reward_fn=gold, reward_head=sft.reward_head)
         say(f"[4/5] {rl_cfg.estimator} (critic-free, one base, gold reward): {rl_cfg.steps} steps x "
             f"{rl_cfg.batch_size // rl_cfg.num_generations} prompts x {rl_cfg.num_generations} completions -> "
             f"{out / 'grpo'} (metrics.jsonl, final/)")
