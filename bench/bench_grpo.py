@@ -239,6 +239,16 @@ def main(argv=None) -> int:
             "device": torch.cuda.get_device_name(device) if gpu else "cpu", "versions": versions,
             "commit": _git_commit(), "torch_threads": torch.get_num_threads()}
     t_start, rows = time.perf_counter(), []
+    result = {"meta": meta, "settings": s, "rows": rows, "targets": []}
+
+    def save() -> None:
+        # After every row: a step killed at its time limit keeps the rows it measured.
+        add_ratios(rows)
+        result["wall_s"] = time.perf_counter() - t_start
+        if args.out:
+            js, md = write_outputs(result, args.out, args.tag)
+            print(f"wrote {js} and {md}", flush=True)
+
     import tempfile
     with tempfile.TemporaryDirectory() as work:
         for setting in args.settings:
@@ -250,12 +260,8 @@ def main(argv=None) -> int:
                 rows.append(measure_row(impl, setting, s, device, dtype, work))
                 print(f"{impl:9s} {setting}: {rows[-1]['status']} "
                       f"{_fmt(rows[-1].get('last', {}).get('time_step_s'))} s", flush=True)
-    add_ratios(rows)
-    result = {"meta": meta, "settings": s, "rows": rows, "targets": [],
-              "wall_s": time.perf_counter() - t_start}
-    if args.out:
-        js, md = write_outputs(result, args.out, args.tag)
-        print(f"wrote {js} and {md}")
+                save()
+    save()
     print("\n".join(short_table(result)))
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 

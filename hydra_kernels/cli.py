@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:
+        from hydra_kernels.rlhf.rewards import raised_by_reward_fn
+        if raised_by_reward_fn(e):
+            raise                    # a bug in the user's reward function: its own traceback, not a settings error
         # Configuration and data errors are the user's to fix: one line, no traceback.
         print(f"hydra-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2

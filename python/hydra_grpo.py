@@ -77,6 +77,8 @@ def main(argv=None) -> int:
             rlhf.add_pad_token(tokenizer, model)
         result = rlhf.train_grpo(model, tokenizer, prompts, cfg, reward_fn=fns or None, reward_head=head)
     except ValueError as e:                     # settings, data, reward function: one line, no traceback
+        if rewards.raised_by_reward_fn(e):
+            raise                               # a bug inside the reward function: its own traceback
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
 

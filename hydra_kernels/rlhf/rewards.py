@@ -9,7 +9,8 @@ A reward function is called one of two ways, chosen from its signature:
 It returns one real number per completion (a list, tuple, 1-d tensor or numpy array); NaN means "not applicable"
 (TRL's None), and the weighted sum over functions skips it (a row where every function gave NaN stays NaN, and the
 step then skips the batch). Anything else raises ValueError naming the function; an exception raised inside the
-user's function propagates unchanged.
+user's function propagates unchanged (with a note naming the function, so the CLI shows its traceback rather
+than a one-line settings error).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["load_reward_fn", "RewardInputs", "Rewards", "RewardModel", "call_reward_fn", "reward_values",
-           "build_rewards", "reward_fn_name"]
+           "build_rewards", "reward_fn_name", "raised_by_reward_fn"]
 
 KNOWN_ARGS = ("prompts", "completions", "completion_ids", "ended")
 
@@ -109,9 +110,9 @@ def call_reward_fn(fn: Callable, inputs: RewardInputs) -> torch.Tensor:
                  "completion_ids": inputs.completion_ids, "ended": inputs.ended, **inputs.columns}
     style = _call_style(fn)
     if style == "trl":
-        out = fn(**available)
+        args, kwargs = (), available
     elif style == "ppo":
-        out = fn(inputs.prompts, inputs.completions, inputs.ended)
+        args, kwargs = (inputs.prompts, inputs.completions, inputs.ended), {}
     else:
         params = inspect.signature(fn).parameters
         wanted = [p for p in params.values() if p.kind not in (inspect.Parameter.VAR_POSITIONAL,)]
@@ -119,8 +120,23 @@ def call_reward_fn(fn: Callable, inputs: RewardInputs) -> torch.Tensor:
         if missing or any(p.kind is inspect.Parameter.POSITIONAL_ONLY for p in wanted):
             raise ValueError(f"reward_fn: {name} takes {list(params)}; a reward function takes (prompts, "
                              f"completions, ended), or keywords among {sorted(available)} (or **kwargs)")
-        out = fn(**{p.name: available[p.name] for p in wanted if p.name in available})
+        args, kwargs = (), {p.name: available[p.name] for p in wanted if p.name in available}
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:
+        # The same exception, its own traceback; the note tells the CLI it is the user's code, not a setting.
+        if hasattr(e, "add_note"):
+            e.add_note(f"{NOTE} {name}")
+        raise
     return reward_values(out, len(inputs.prompts), name)
+
+
+NOTE = "raised inside the reward function"
+
+
+def raised_by_reward_fn(e: BaseException) -> bool:
+    """Whether `e` came out of a user's reward function (call_reward_fn marks it), not out of this library."""
+    return any(str(n).startswith(NOTE) for n in getattr(e, "__notes__", ()))
 
 
 def _describe(value) -> str:

@@ -17,6 +17,10 @@ REWARDS = '''def digits(prompts, completions, ended):
 
 def matches(completions, answer, **kwargs):
     return [float(c == a) for c, a in zip(completions, answer)]
+
+
+def buggy(prompts, completions, **kwargs):
+    raise ValueError("a bug in my reward")
 '''
 
 
@@ -84,6 +88,14 @@ def test_grpo_errors_are_one_line_before_any_work(local, tmp_path, extra, needle
     proc = _grpo(paths, tmp_path / "run", *[e.format(root=root) for e in extra])
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_inside_the_reward_function_shows_its_traceback(local, tmp_path):
+    """Not a one-line settings error: the user's own code failed, with its own traceback."""
+    root, paths = local
+    proc = _grpo(paths, tmp_path / "run", "--reward-fn", f"{root / 'rewards.py'}:buggy", "steps=1")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "a bug in my reward" in proc.stderr
+    assert "rewards.py" in proc.stderr and "raised inside the reward function buggy" in proc.stderr
 
 
 def test_grpo_from_a_plain_model_without_a_reward_is_refused(local, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hydra_kernels.rlhf.rewards import (RewardInputs, RewardModel, Rewards, build_rewards, call_reward_fn,
-                                        reward_values)
+                                        raised_by_reward_fn, reward_values)
 from tests.rlhf._ppo_job import digit_reward, run as run_ppo
 
 INPUTS = RewardInputs(["1+1=", "2+2="], ["2", "5"], [[5, 1], [8]], [True, False], {"answer": ["2", "4"]})
@@ -54,8 +54,9 @@ def test_an_exception_in_the_users_function_propagates_unchanged():
 
     with pytest.raises(Mine) as e:
         call_reward_fn(broken, INPUTS)
-    assert e.value is err
+    assert e.value is err and raised_by_reward_fn(e.value)
     assert "broken" in "".join(traceback.format_tb(e.value.__traceback__))     # its own frame is in the traceback
+    assert not raised_by_reward_fn(ValueError("reward_fn: a setting"))
     with pytest.raises(KeyError):
         call_reward_fn(lambda p, c, e: {}["x"], INPUTS)
 
