@@ -68,7 +68,8 @@ from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import VARIANTS, CriticFree, build_critic_free, build_ppo_models
 from hydra_kernels.rlhf.sft import SFTResult, evaluate_pairs, hydra_sft, load_sft, save_sft
 
-__all__ = ["SFTConfig", "PPOConfig", "GRPOConfig", "ESTIMATORS", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
+__all__ = ["SFTConfig", "PPOConfig", "GRPOConfig", "ESTIMATORS", "ModelConfig", "LoRAConfig", "DataConfig",
+           "RunConfig", "load_config",
            "apply_overrides", "parse_overrides", "config_from_dict", "config_to_dict", "save_config",
            "SFTExample", "PreferencePair", "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "check_tokenizer", "add_pad_token",

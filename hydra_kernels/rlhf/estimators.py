@@ -237,6 +237,7 @@ def sequence_clipped_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ad
 
 
 __all__ = ["ESTIMATORS", "LOSS_AGGREGATIONS", "SCALE_REWARDS", "KL_PLACEMENTS", "SEQUENCE_LEVEL", "GROUPED",
-           "SCALINGS", "PRESETS", "preset_settings", "STD_EPS", "group_stats", "batch_std", "token_count", "zero_std_groups",
+           "SCALINGS", "PRESETS", "preset_settings", "STD_EPS", "group_stats", "batch_std", "token_count",
+           "zero_std_groups",
            "grpo_advantages", "rloo_advantages", "reinforce_pp_advantages", "overlong_penalty",
            "clipped_token_loss", "aggregate_loss", "sequence_clipped_loss"]

@@ -9,7 +9,8 @@
 Each also trains a value head. The reward head is frozen; the value head starts as a copy of it (the paper's
 critic initialisation). CriticFree (GRPO and the other critic-free estimators) is one base with one adapter and
 no value head; its scoring forward runs only the streams a step needs. Dropout is off and every model is in
-eval() mode: old and new log-probs must come from the same function. With model.activation_checkpointing the trained models recompute decoder layers in backward.
+eval() mode: old and new log-probs must come from the same function. With model.activation_checkpointing the
+trained models recompute decoder layers in backward.
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def test_grpo_from_a_hydra_sft_output_with_weighted_functions_and_dataset_column
     root, paths = local
     out = tmp_path / "run"
     proc = _grpo(paths, out, "estimator=dapo", "overlong_buffer=0", "mask_truncated=false", "--reward-fn",
-                 f"{root / 'rewards.py'}:digits", "--reward-fn", f"{root / 'rewards.py'}:matches", "reward_weights=[1.0,2.0]", "--merge-to", tmp_path / "merged",
+                 f"{root / 'rewards.py'}:digits", "--reward-fn", f"{root / 'rewards.py'}:matches",
+                 "reward_weights=[1.0,2.0]", "--merge-to", tmp_path / "merged",
                  prompts="rows")
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout[proc.stdout.index("{"):])
