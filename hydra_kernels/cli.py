@@ -1,21 +1,24 @@
 """`hydra-rlhf`: the command line.
 
     hydra-rlhf --version
-    hydra-rlhf demo [--out DIR] [--quick] [--seed N] [--no-progress] [key=value ...]
+    hydra-rlhf demo [--out DIR] [--quick] [--seed N] [--algo ppo|grpo] [--no-progress] [key=value ...]
                                                                        Hydra-RLHF end to end on a synthetic task
     hydra-rlhf sft  [--config FILE] [--no-progress] [key=value ...]    Hydra-SFT on your data and local model
-    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN] [--merge-to DIR] [--export-peft DIR] [--samples N]
-                    [--no-progress] [key=value ...]                                    PPO on a Hydra-SFT result, or on a plain
+    hydra-rlhf ppo  [--config FILE] [--reward-fn MOD:FN ...] [--merge-to DIR] [--export-peft DIR] [--samples N]
+                    [--no-progress] [key=value ...]                    PPO on a Hydra-SFT result, or on a plain
                                                                        causal LM with --reward-fn
+    hydra-rlhf grpo [--config FILE] [--reward-fn MOD:FN ...] [--merge-to DIR] [--no-progress] [estimator=dapo]
+                    [key=value ...]                                    critic-free RL (GRPO, DAPO, RLOO, ...)
     hydra-rlhf selfcheck                                               ops against the float64 reference
     hydra-rlhf bench NAME [options]                                    a benchmark of bench/ (source checkout):
                                                                        lora, logprobs, linear-logprobs, ppo,
-                                                                       decode, tune-cuda-lora (NAME --help)
+                                                                       decode, tune-cuda-lora, grpo (NAME --help)
 
 Configs are JSON or YAML; `key=value` pairs override any setting, dotted into sections (`lora.r=8 run.seed=3
 data.sft_path=train.jsonl`); `hydra-rlhf COMMAND --help` lists them all with their defaults. Results go to
-run.output_dir (default runs/hydra-sft and runs/hydra-ppo). `--no-progress` turns the progress bars off on every
-command that shows them (run.progress=false). Settings and data errors print one line and exit 2; Ctrl-C exits 130.
+run.output_dir (default runs/hydra-sft, runs/hydra-ppo, runs/hydra-grpo). `--no-progress` turns the progress bars
+off on every command that shows them (run.progress=false). Settings and data errors print one line and exit 2;
+Ctrl-C exits 130.
 """
 from __future__ import annotations
 
@@ -92,11 +95,12 @@ def _selfcheck(args) -> int:
 
 
 def _demo(args) -> int:
-    from hydra_kernels.rlhf.demo.run import DemoConfig, apply_demo_overrides, quick_config, run_demo
+    from hydra_kernels.rlhf.demo.run import apply_demo_overrides, default_config, quick_config, run_demo
 
     import dataclasses
 
-    cfg = quick_config() if args.quick else DemoConfig()
+    algo = args.algo or "ppo"
+    cfg = quick_config(algo) if args.quick else default_config(algo)
     if args.out is not None:        # as typed: as a key=value pair, YAML would read "runs/demo #2" as runs/demo
         cfg = dataclasses.replace(cfg, out=args.out)
     pairs = [f"seed={args.seed}"] if args.seed is not None else []
@@ -135,22 +139,49 @@ def _sft(args) -> int:
     return 0
 
 
-def _ppo(args) -> int:
-    from hydra_kernels import rlhf
-    from hydra_kernels.rlhf.rewards import load_reward_fn
-    from hydra_kernels.rlhf.data import check_source, load_prompt_data
+def _reward_overrides(args) -> list[str]:
+    """The user's overrides, with reward_source=function first when --reward-fn is given and reward_source=model
+    when reward_model is (in the overrides or the --config file) and reward_source is not; an explicit
+    reward_source that contradicts --reward-fn is refused."""
+    from hydra_kernels.rlhf.config import parse_overrides, read_config_file
 
     if args.samples < 0:
         raise ValueError(f"--samples: must be >= 0, got {args.samples}")
     overrides = list(args.overrides)
+    given = parse_overrides(overrides)
+    file = read_config_file(args.config) if args.config else {}
+    explicit = given.get("reward_source", file.get("reward_source"))
     if args.reward_fn:
-        # --reward-fn selects the function (as python/hydra_ppo.py does); an explicit contradiction is refused.
-        given = rlhf.parse_overrides(overrides).get("reward_source", "function")
-        if given != "function":
-            raise ValueError(f"reward_source: {given!r} contradicts --reward-fn (which uses the function); "
+        # --reward-fn selects the functions (as python/hydra_ppo.py does); an explicit contradiction is refused.
+        if explicit not in (None, "function"):
+            raise ValueError(f"reward_source: {explicit!r} contradicts --reward-fn (which uses the function); "
                              f"drop one of them")
-        overrides.insert(0, "reward_source=function")
-    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, _progress_overrides(args, overrides))
+        return ["reward_source=function", *overrides]
+    if given.get("reward_model", file.get("reward_model")) is not None and explicit is None:
+        return ["reward_source=model", *overrides]
+    return overrides
+
+
+def _reward_fns(args, cfg) -> list:
+    """The --reward-fn functions, loaded; checked against reward_source and reward_weights before any model."""
+    from hydra_kernels.rlhf.rewards import load_reward_fn
+
+    fns = [load_reward_fn(spec, name="--reward-fn") for spec in args.reward_fn or ()]
+    if cfg.reward_source == "function" and not fns:
+        raise ValueError("reward_source: 'function' needs --reward-fn module:function")
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != len(fns):
+        raise ValueError(f"reward_weights: {len(cfg.reward_weights)} weights for {len(fns)} --reward-fn functions")
+    return fns
+
+
+def _ppo(args) -> int:
+    from hydra_kernels import rlhf
+
+    from hydra_kernels.rlhf.data import check_source, load_prompt_data
+
+    if args.samples < 0:
+        raise ValueError(f"--samples: must be >= 0, got {args.samples}")
+    cfg = rlhf.load_config(rlhf.PPOConfig, args.config, _progress_overrides(args, _reward_overrides(args)))
     args.run_cfg = cfg.run
     if args.merge_to:
         from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
@@ -167,9 +198,7 @@ def _ppo(args) -> int:
                                                   "plain model directory with --reward-fn")
     prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
     check_source(prompt_path)           # read below, with the tokenizer; a missing path is reported first
-    reward_fn = load_reward_fn(args.reward_fn, name="--reward-fn") if args.reward_fn else None
-    if cfg.reward_source == "function" and reward_fn is None:
-        raise ValueError("reward_source: 'function' needs --reward-fn module:function")
+    reward_fn = _reward_fns(args, cfg) or None
     import os
 
     import torch
@@ -227,12 +256,56 @@ def _samples(models, tok, prompts, cfg) -> list[dict]:
     return out
 
 
+def _grpo(args) -> int:
+    import os
+
+    import torch
+
+    from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.data import check_source, load_prompt_data
+    from hydra_kernels.rlhf.grpo import reward_source
+    from hydra_kernels.rlhf.models import load_tokenizer
+
+    cfg = rlhf.load_config(rlhf.GRPOConfig, args.config, _progress_overrides(args, _reward_overrides(args)))
+    args.run_cfg = cfg.run
+    if args.merge_to:
+        from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, check_replaceable
+        check_replaceable(args.merge_to, name="--merge-to", marker="config.json", foreign=MERGE_FOREIGN)
+    path = _require(cfg.model.path, "model.path", "a Hydra-SFT output directory or a causal LM directory")
+    prompt_path = _require(cfg.data.prompt_path, "data.prompt_path", "a file or dataset directory of {prompt} rows")
+    check_source(prompt_path)
+    fns = _reward_fns(args, cfg)
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path: no such directory: {path!r}")
+    dtype = getattr(torch, cfg.model.dtype)
+    if os.path.isfile(os.path.join(path, "sft.json")):          # a Hydra-SFT result: its reward head may serve
+        tok = load_tokenizer(cfg.model.tokenizer_path or path,
+                             "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
+                             trust_remote_code=cfg.model.trust_remote_code)
+        model, head = rlhf.load_sft(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        head = None
+        reward_source(cfg, fns, head)       # a plain model has no reward head: refuse before loading it
+        model, tok = rlhf.load_model_and_tokenizer(cfg.model)
+        rlhf.add_pad_token(tok, model)
+    # Rows, not only the prompt strings: their other columns reach TRL-style reward functions as kwargs.
+    prompts = load_prompt_data(prompt_path, tok).records
+    result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head)
+    info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
+    if args.merge_to:
+        info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
+    last = result.history[-1] if result.history else {}
+    info.update({k: last.get(k) for k in ("reward", "reward_std", "kl", "completions/mean_length")})
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 # `hydra-rlhf bench NAME` -> bench/<script>. The scripts are not part of the installed package: they live next
 # to it in a source checkout (pip install -e .), as the GPU stages of bench/run_gpu.sh expect.
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 BENCHES = {"lora": "bench_lora_linear.py", "logprobs": "bench_logprobs.py",
            "linear-logprobs": "bench_linear_logprobs.py", "ppo": "bench_ppo_variants.py",
-           "decode": "bench_decode.py", "tune-cuda-lora": "tune_cuda_lora.py"}
+           "decode": "bench_decode.py", "tune-cuda-lora": "tune_cuda_lora.py", "grpo": "bench_grpo.py"}
 
 
 def _bench(args) -> int:
@@ -279,8 +352,15 @@ def _add_progress_switch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (run.progress=false)")
 
 
+def _reward_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-fn", action="append", default=None, metavar="MOD:FN",
+                   help="a reward function, as module:function or file.py:function: (prompts, completions, ended) "
+                        "-> floats, or TRL's f(prompts, completions, **kwargs); repeat it for several, weighted by "
+                        "reward_weights=[...]; reward_model=DIR uses a sequence-classification model instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from hydra_kernels.rlhf.config import PPOConfig, SFTConfig, settings_help
+    from hydra_kernels.rlhf.config import GRPOConfig, PPOConfig, SFTConfig, settings_help
 
     parser = argparse.ArgumentParser(prog="hydra-rlhf", description="Hydra-RLHF on fused kernels")
     parser.add_argument("--version", action="version", version=f"hydra-rlhf {_version()}")
@@ -295,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a reduced run (CI-sized; the numbers are not meaningful)")
     p.add_argument("--seed", type=int, default=None, help="seed for data, model, SFT and PPO (default 0)")
+    p.add_argument("--algo", choices=("ppo", "grpo"), default=None,
+                   help="the RL stage: ppo (Hydra-PPO on the learned reward, default) or grpo (critic-free RL on the "
+                        "task's verifiable reward)")
     _add_progress_switch(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below)")
     p.set_defaults(func=_demo)
@@ -320,8 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=3, metavar="N",
                    help="at the end, print greedy completions of the first N prompts by the reference and the "
                         "policy (stderr; also in the JSON); 0: none (default 3)")
-    p.add_argument("--reward-fn", default=None, metavar="MOD:FN",
-                   help="reward function (prompts, completions, ended) -> floats, as module:function or file.py:function")
+    _reward_options(p)
     p.add_argument("--merge-to", default=None, metavar="DIR",
                    help="also write the trained policy as a plain HF model directory (lora: the actor adapter "
                         "merged into its copy; hydra / j-hydra: into the base; full: the actor)")
@@ -329,6 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the actor adapter as a PEFT LoRA directory on the SFT model (hydra, j-hydra)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
     p.set_defaults(func=_ppo)
+
+    p = sub.add_parser("grpo", help="critic-free RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++) on one base",
+                       description="Needs model.path (a Hydra-SFT output directory, or a causal LM directory) and\n"
+                                   "data.prompt_path (JSONL of {prompt, ...}: the other fields reach TRL-style reward\n"
+                                   "functions). The reward: --reward-fn (repeatable, weighted by reward_weights),\n"
+                                   "reward_model=DIR, or the Hydra-SFT reward head. estimator=dapo etc. selects the\n"
+                                   "estimator; the settings left null take its preset, explicit ones win.",
+                       epilog=settings_help(GRPOConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="JSON or YAML GRPOConfig")
+    _add_progress_switch(p)
+    _reward_options(p)
+    p.add_argument("--merge-to", default=None, metavar="DIR",
+                   help="also write the trained policy (actor merged into the base) as a plain HF model directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings (below); they win over --config")
+    p.set_defaults(func=_grpo)
 
     p = sub.add_parser("bench", help="run a benchmark of bench/ (JSON + Markdown results; CPU smoke mode "
                                      "without a GPU)",
@@ -358,9 +455,9 @@ def _after_interrupt(args) -> str:
 
 def _setting_hint(command: str, stray: list[str], argv: list[str] | None) -> str:
     """For `--steps 3` / `--lora.r=8` where a setting is meant: " (settings are key=value: did you mean steps=3?)"."""
-    from hydra_kernels.rlhf.config import PPOConfig, SFTConfig, settings
+    from hydra_kernels.rlhf.config import GRPOConfig, PPOConfig, SFTConfig, settings
 
-    cls = {"sft": SFTConfig, "ppo": PPOConfig}.get(command)
+    cls = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig}.get(command)
     if cls is None:
         return ""
     names = {name.replace(".", "_"): name for name, *_ in settings(cls)}     # --lora-r and --lora.r: lora.r
@@ -391,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as e:
+        from hydra_kernels.rlhf.rewards import raised_by_reward_fn
+        if raised_by_reward_fn(e):
+            raise                    # a bug in the user's reward function: its own traceback, not a settings error
         # Configuration and data errors are the user's to fix: one line, no traceback.
         print(f"hydra-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2

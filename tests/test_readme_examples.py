@@ -32,6 +32,7 @@ MODEL_DIR = "path/to/model"            # the README's placeholder, created relat
 # Sizes too slow for CPU CI: (README text, replacement). Each must occur in README.md exactly once.
 SHRINK = [
     ("steps=100,", "steps=2,"),       # Hydra-RLHF in 20 lines: 100 PPO steps take minutes on CPU
+    ("steps=50,", "steps=2,"),        # critic-free RL: 50 DAPO steps
 ]
 
 
@@ -232,6 +233,13 @@ def _check_rlhf(ns, root):
     torch.testing.assert_close(plain[mask], actor[mask], rtol=1e-4, atol=1e-4)
 
 
+def _check_grpo(ns, root):
+    res = ns["res"]
+    assert [h["step"] for h in res.history] == [1, 2] and "frac_reward_zero_std" in res.history[-1]
+    assert (root / "runs" / "grpo" / "final" / "policy.json").is_file()
+    assert (root / "runs" / "grpo-policy" / "config.json").is_file()
+
+
 # Block marker -> check(namespace, working directory). Every block must have one.
 CHECKS = {
     'hk.streams(layer, "base", "actor", "critic")': _check_streams,
@@ -239,6 +247,7 @@ CHECKS = {
     "hk.ops.linear_logprobs(": _check_linear_logprobs,
     "HydraModel.from_pretrained_base": _check_hydra_model,
     "rlhf.train_ppo(": _check_rlhf,
+    "rlhf.train_grpo(": _check_grpo,
 }
 
 

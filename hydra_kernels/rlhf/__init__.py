@@ -1,8 +1,9 @@
-"""The thin Hydra-RLHF stack: config, data, Hydra-SFT, rollout, variants, advantages, losses, the PPO step.
+"""The thin Hydra-RLHF stack: config, data, Hydra-SFT, rollout, variants, advantages, losses, the PPO step, the
+critic-free step (GRPO and friends), reward sources.
 
 Public API (stable; the CLI and the python/ recipes build on it):
 
-config     SFTConfig, PPOConfig (+ sections ModelConfig, LoRAConfig, DataConfig, RunConfig);
+config     SFTConfig, PPOConfig, GRPOConfig (+ sections ModelConfig, LoRAConfig, DataConfig, RunConfig);
            load_config(cls, path=None, overrides=()) — defaults < JSON/YAML file < dotted "key=value" pairs;
            apply_overrides(cfg, pairs); config_to_dict / config_from_dict; save_config(cfg, path).
 data       load_sft_data / load_preference_data / load_prompt_data: TRL's standard and conversational formats from
@@ -28,6 +29,14 @@ ppo        train_ppo(model, reward_head, tokenizer, prompts, cfg, *, reward_fn=N
            checkpoints/ (resume), final/ (save_policy; load_policy(dir, models)).
            result.models.export_policy(dir, tokenizer) writes the policy of any variant as a plain HF directory;
            for shared variants result.models.hydra is an integrations.HydraModel.
+grpo       train_grpo(model, tokenizer, prompts, cfg, *, reward_fn=None, reward_head=None, gold_reward_fn=None,
+                      callback=None) -> GRPOResult(models, history, counters, output_dir)
+           critic-free RL (cfg.estimator: grpo, dr_grpo, dapo, rloo, reinforce_pp, reinforce_pp_baseline; presets
+           in rlhf.estimators) on one base with one adapter, the reference = the base stream; `model` (a Hydra-SFT
+           result or a plain causal LM) is patched IN PLACE. prompts: strings or {"prompt", ...} rows.
+rewards    reward sources for PPO and GRPO: reward functions (PPO's (prompts, completions, ended) or TRL's
+           f(prompts, completions, **kwargs)), several weighted (reward_weights), a reward model directory
+           (reward_model=DIR, RewardModel), or the Hydra-SFT reward head; load_reward_fn("mod:fn" | "file.py:fn").
 variants   build_ppo_models(model, reward_head, cfg) -> models.PPOModels, one small object per variant
            (HydraPPO, JHydraPPO, LoRAPPO, FullPPO): .policy("actor"|"reference"), .named_trainable(),
            .roles(), .score(rollout, *, temperature, kl_estimator) -> scoring.Scores (old/ref log-probs, KL,
@@ -48,9 +57,10 @@ checkpoint save_checkpoint / load_checkpoint / latest_checkpoint (safetensors + 
 from hydra_kernels.integrations.hydra_model import new_reward_head
 from hydra_kernels.rlhf.advantages import (AdaptiveKLController, FixedKLController, gae, masked_mean,
                                            per_token_rewards, shape_scores, whiten)
-from hydra_kernels.rlhf.config import (DataConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig, SFTConfig,
-                                       apply_overrides, config_from_dict, config_to_dict, load_config,
+from hydra_kernels.rlhf.config import (DataConfig, GRPOConfig, LoRAConfig, ModelConfig, PPOConfig, RunConfig,
+                                       SFTConfig, apply_overrides, config_from_dict, config_to_dict, load_config,
                                        parse_overrides, save_config)
+from hydra_kernels.rlhf.estimators import ESTIMATORS
 from hydra_kernels.rlhf.data import (PreferencePair, PromptData, SFTExample, add_pad_token, check_tokenizer,
                                      load_preference_data, load_preference_jsonl, load_prompt_data,
                                      load_prompt_jsonl, load_sft_data, load_sft_jsonl)
@@ -58,18 +68,22 @@ from hydra_kernels.rlhf.losses import entropy_bonus, policy_loss, ppo_loss, valu
 from hydra_kernels.rlhf.checkpoint import load_policy, save_policy
 from hydra_kernels.rlhf.models import PPOModels, load_model_and_tokenizer
 from hydra_kernels.rlhf.ppo import PPOResult, train_ppo
+from hydra_kernels.rlhf.grpo import GRPOResult, train_grpo
+from hydra_kernels.rlhf.rewards import RewardModel, load_reward_fn
 from hydra_kernels.rlhf.rollout import Rollout, generate, sample_completions
 from hydra_kernels.rlhf.scoring import Scores
-from hydra_kernels.rlhf.variants import VARIANTS, build_ppo_models
+from hydra_kernels.rlhf.variants import VARIANTS, CriticFree, build_critic_free, build_ppo_models
 from hydra_kernels.rlhf.sft import SFTResult, evaluate_demonstrations, evaluate_pairs, hydra_sft, load_sft, save_sft
 
-__all__ = ["SFTConfig", "PPOConfig", "ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "load_config",
+__all__ = ["SFTConfig", "PPOConfig", "GRPOConfig", "ESTIMATORS", "ModelConfig", "LoRAConfig", "DataConfig",
+           "RunConfig", "load_config",
            "apply_overrides", "parse_overrides", "config_from_dict", "config_to_dict", "save_config",
            "SFTExample", "PreferencePair", "PromptData", "load_sft_data", "load_preference_data", "load_prompt_data",
            "load_sft_jsonl", "load_preference_jsonl", "load_prompt_jsonl",
            "check_tokenizer", "add_pad_token",
            "hydra_sft", "SFTResult", "evaluate_pairs", "evaluate_demonstrations", "save_sft", "load_sft",
-           "train_ppo", "PPOResult", "save_policy", "load_policy",
+           "train_ppo", "PPOResult", "save_policy", "load_policy", "train_grpo", "GRPOResult",
+           "CriticFree", "build_critic_free", "RewardModel", "load_reward_fn",
            "PPOModels", "build_ppo_models", "VARIANTS", "new_reward_head", "load_model_and_tokenizer",
            "Rollout", "generate", "sample_completions", "Scores",
            "shape_scores", "per_token_rewards", "gae", "whiten", "masked_mean", "FixedKLController", "AdaptiveKLController",

@@ -1,4 +1,5 @@
-"""Configuration for Hydra-SFT and PPO: dataclasses, the one source of truth for every setting.
+"""Configuration for Hydra-SFT, PPO and the critic-free estimators (GRPO, ...): dataclasses, the one source of
+truth for every setting.
 
 A field's annotation is its type (`Literal[...]` for choices); `setting(default, help, ge=..., ...)` holds its
 default, one-line help and constraints. One generic check over the type hints enforces them (ValueError naming the
@@ -31,8 +32,11 @@ from typing import Any, Literal, Sequence, TypeVar
 import yaml
 
 from hydra_kernels.ops import KL_ESTIMATORS
+from hydra_kernels.rlhf.estimators import (ESTIMATORS, GROUPED, KL_PLACEMENTS, LOSS_AGGREGATIONS, SCALE_REWARDS,
+                                           SCALINGS, SEQUENCE_LEVEL, preset_settings)
 
 PPO_VARIANTS = ("hydra", "j-hydra", "lora", "full")
+REWARD_SOURCES = ("head", "function", "model")
 SFT_MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
 # Where metrics are reported (rlhf.logging): as transformers' TrainingArguments.report_to.
@@ -286,8 +290,13 @@ class PPOConfig(_Stage):
                                                 ge=0)
     compile_rollout: bool = setting(False, "sample with a fixed-size KV cache and a torch.compiled decoding step "
                                            "(CUDA graphs on a GPU); the first rollout compiles")
-    reward_source: Literal["head", "function"] = setting("head", "head: the learned reward head; function: the "
-                                                                 "reward function passed in (--reward-fn)")
+    reward_source: Literal[REWARD_SOURCES] = setting(
+        "head", "head: the Hydra-SFT reward head; function: the reward function(s) passed in (--reward-fn), "
+                "weighted by reward_weights; model: the reward model in reward_model")
+    reward_weights: list[float] | None = setting(None, "weight of each reward function, in the order given (TRL's "
+                                                       "reward_weights); null = 1 each")
+    reward_model: str | None = setting(None, "a local AutoModelForSequenceClassification directory (scored with its "
+                                             "own tokenizer), for reward_source=model (which the CLI then sets)")
     kl_coef: float = setting(0.05, "β of the KL penalty (initial value when adaptive)", ge=0)
     kl_estimator: Literal[KL_ESTIMATORS] = setting("k1", "per-token KL in the reward (full: exact over the "
                                                          "vocabulary)")
@@ -312,10 +321,142 @@ class PPOConfig(_Stage):
     def _relations(self, prefix: str) -> None:
         if self.batch_size % self.mini_batch_size:
             _fail("mini_batch_size", f"must divide batch_size ({self.batch_size}), got {self.mini_batch_size}")
+        _check_reward_settings(self)
+
+
+def _check_reward_settings(cfg) -> None:
+    """reward_model goes with reward_source model, reward_weights with function (None: either, decided later)."""
+    src = cfg.reward_source
+    if cfg.reward_model is not None and src not in (None, "model"):
+        _fail("reward_model", f"is a reward model, but reward_source is {src!r}; drop one of them")
+    if src == "model" and cfg.reward_model is None:
+        _fail("reward_model", "reward_source 'model' needs a reward model directory (reward_model=DIR)")
+    if cfg.reward_weights is not None and src not in (None, "function"):
+        _fail("reward_weights", f"weigh reward functions, but reward_source is {src!r}")
+    if cfg.reward_weights is not None and cfg.reward_model is not None:
+        _fail("reward_weights", "weigh reward functions, but reward_model is given")
+
+
+@dataclass
+class GRPOConfig(_Stage):
+    """Critic-free RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++) on one base with one adapter; names follow TRL's
+    GRPOConfig where one exists. One step = a rollout of `batch_size` completions (batch_size / num_generations
+    prompts, each sampled num_generations times), then num_iterations passes over it in minibatches.
+
+    Settings left null take the estimator's preset (rlhf.estimators.PRESETS: e.g. dapo = clip-higher 0.2 / 0.28,
+    no KL, token-mean over the batch, zero-std groups dropped, overlong shaping, truncated completions masked);
+    a value set explicitly always wins over the preset. `resolved()` gives the values a run uses."""
+    estimator: Literal[ESTIMATORS] = setting(
+        "grpo", "grpo | dr_grpo | dapo | rloo | reinforce_pp | reinforce_pp_baseline (rlhf.estimators)")
+    steps: int = setting(100, "steps (rollouts)", ge=1)
+    batch_size: int = setting(16, "completions per rollout (must be divisible by num_generations)", ge=1)
+    num_generations: int = setting(8, "G: completions sampled per prompt (a group)", ge=1)
+    mini_batch_size: int | None = setting(None, "completions per optimizer step (must divide batch_size); null = "
+                                                "batch_size: one optimizer step per pass, as TRL", ge=1)
+    num_iterations: int = setting(1, "μ: passes over each rollout (TRL's num_iterations)", ge=1)
+    lr: float = setting(1e-5, "learning rate (AdamW)", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    max_new_tokens: int = setting(256, "tokens sampled per completion (TRL's max_completion_length)", ge=1)
+    temperature: float = setting(1.0, "sampling temperature, also used for the log-probs of scoring and update",
+                                 gt=0)
+    top_p: float = setting(1.0, "< 1: sampled from the nucleus, but the log-probs are of the full tempered "
+                                "distribution (as TRL)", gt=0, le=1)
+    compile_rollout: bool = setting(False, "sample with a fixed-size KV cache and a torch.compiled decoding step "
+                                           "(CUDA graphs on a GPU); the first rollout compiles")
+    reward_source: Literal[REWARD_SOURCES] | None = setting(
+        None, "function: the reward function(s) (--reward-fn), weighted by reward_weights; model: reward_model; "
+              "head: the Hydra-SFT reward head; null = whichever of these is given")
+    reward_weights: list[float] | None = setting(None, "weight of each reward function, in the order given (TRL's "
+                                                       "reward_weights); null = 1 each")
+    reward_model: str | None = setting(None, "a local AutoModelForSequenceClassification directory (scored with its "
+                                             "own tokenizer)")
+    scale_rewards: Literal[SCALE_REWARDS] | None = setting(
+        None, "divide group-centred rewards by the group's std, the batch's, or not (rloo: none | batch, which "
+              "whitens its advantages); null = the estimator's")
+    loss_agg: Literal[LOSS_AGGREGATIONS] | None = setting(
+        None, "seq-mean-token-mean (TRL grpo) | seq-mean-token-sum-norm (Dr. GRPO) | token-mean (DAPO, over the "
+              "optimizer batch) | sequence (one ratio per completion, TRL's RLOO); null = the estimator's")
+    loss_agg_constant: int | None = setting(None, "the constant of seq-mean-token-sum-norm; null = max_new_tokens",
+                                            ge=1)
+    cliprange_low: float | None = setting(None, "ε_low: the ratio is clipped below at 1 − ε_low; null = the "
+                                                "estimator's (0.2)", gt=0, lt=1)
+    cliprange_high: float | None = setting(None, "ε_high: clipped above at 1 + ε_high (DAPO's clip-higher: 0.28); "
+                                                 "null = the estimator's", gt=0)
+    beta: float | None = setting(None, "β of the KL to the reference (the base stream); null = the estimator's "
+                                       "(0 for grpo, dr_grpo, dapo, as TRL)", ge=0)
+    kl_in: Literal[KL_PLACEMENTS] | None = setting(None, "where β·KL goes: loss (GRPO) or reward (RLOO, "
+                                                         "REINFORCE++); null = the estimator's")
+    kl_estimator: Literal[KL_ESTIMATORS] | None = setting(None, "per-token KL estimator (full: exact, in the reward "
+                                                                "only); null = the estimator's (k3 in the loss, k1 in "
+                                                                "the reward)")
+    gamma: float = setting(1.0, "discount of REINFORCE++'s returns-to-go", ge=0, le=1)
+    filter_groups: bool | None = setting(None, "drop groups whose rewards are all equal from the loss (DAPO's "
+                                               "dynamic sampling, without resampling); null = the estimator's")
+    overlong_buffer: int | None = setting(None, "DAPO's soft overlong punishment over the last this many tokens of "
+                                                "max_new_tokens (0 = off); null = the estimator's (dapo: a fifth)",
+                                          ge=0)
+    overlong_penalty: float = setting(1.0, "the punishment's factor (−factor at max_new_tokens)", ge=0)
+    mask_truncated: bool | None = setting(None, "completions without EOS take no part in the loss (TRL's "
+                                                "mask_truncated_completions); null = the estimator's")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-grpo"))
+
+    def _relations(self, prefix: str) -> None:
+        B, G = self.batch_size, self.num_generations
+        if B % G:
+            _fail("batch_size", f"must be divisible by num_generations ({G}): batch_size counts completions, "
+                                f"num_generations per prompt, got batch_size={B}")
+        if self.mini_batch_size is not None and B % self.mini_batch_size:
+            _fail("mini_batch_size", f"must divide batch_size ({B}), got {self.mini_batch_size}")
+        if self.estimator in GROUPED and G < 2:
+            _fail("num_generations", f"estimator {self.estimator!r} compares completions of one prompt: needs >= 2, "
+                                     f"got {G}")
+        _check_reward_settings(self)
+        s = self.resolved()
+        if s.scale_rewards not in SCALINGS[self.estimator]:
+            _fail("scale_rewards", f"estimator {self.estimator!r} takes {' | '.join(SCALINGS[self.estimator])}, "
+                                   f"got {s.scale_rewards!r}")
+        if s.loss_agg == "sequence" and self.estimator not in SEQUENCE_LEVEL:
+            _fail("loss_agg", f"'sequence' needs one advantage per completion; {self.estimator!r} gives one per "
+                              f"token")
+        if s.kl_in == "loss" and s.kl_estimator == "full" and s.beta > 0:
+            _fail("kl_estimator", "'full' is exact over the vocabulary at scoring time: with kl_in=loss use k1, k2 "
+                                  "or k3")
+        if s.overlong_buffer > self.max_new_tokens:
+            _fail("overlong_buffer", f"must be <= max_new_tokens ({self.max_new_tokens}), got {s.overlong_buffer}")
+
+    def resolved(self) -> "EstimatorSettings":
+        """The estimator settings this config runs with: each null field takes the estimator's preset
+        (estimators.preset_settings), an explicit one is kept; loss_agg_constant defaults to max_new_tokens."""
+        preset = preset_settings(self.estimator, self.max_new_tokens)
+        pick = {k: (preset[k] if getattr(self, k) is None else getattr(self, k)) for k in preset}
+        return EstimatorSettings(**pick, gamma=self.gamma, overlong_penalty=self.overlong_penalty,
+                                 loss_agg_constant=self.loss_agg_constant or self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """The effective estimator settings of a GRPOConfig (GRPOConfig.resolved()); fields as GRPOConfig's."""
+    scale_rewards: str
+    loss_agg: str
+    cliprange_low: float
+    cliprange_high: float
+    beta: float
+    kl_in: str
+    kl_estimator: str
+    filter_groups: bool
+    overlong_buffer: int
+    mask_truncated: bool
+    gamma: float
+    overlong_penalty: float
+    loss_agg_constant: int
 
 
 # ---------------------------------------------------------------------------- loading and overrides
-C = TypeVar("C", SFTConfig, PPOConfig)
+C = TypeVar("C", SFTConfig, PPOConfig, GRPOConfig)
 
 
 def _from_dict(cls, data, prefix: str):
@@ -524,8 +665,8 @@ def save_config(cfg, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "PPO_VARIANTS",
-           "REPORTERS",
+__all__ = ["ModelConfig", "LoRAConfig", "DataConfig", "RunConfig", "SFTConfig", "PPOConfig", "GRPOConfig",
+           "EstimatorSettings", "PPO_VARIANTS", "REWARD_SOURCES", "ESTIMATORS", "REPORTERS",
            "KL_ESTIMATORS", "setting", "settings", "settings_help", "load_config", "apply_overrides",
            "parse_overrides", "config_from_dict", "config_to_dict", "read_config_file", "save_config",
            "recipe_overrides"]

@@ -31,12 +31,14 @@ from hydra_kernels.rlhf.logging import notice
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
+from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
 from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import build_ppo_models
 
-RewardFn = Callable[[list, list, list], Sequence[float]]   # (prompts, completions, ended) -> one float each
+# (prompts, completions, ended) -> one float each, or TRL's f(prompts, completions, **kwargs) (rlhf.rewards)
+RewardFn = Callable[..., Sequence[float]]
 
 # The metrics of TRL's PPOTrainer that every PPO step logs under TRL's own names (README "Metrics" maps the
 # rest). eps is a float here (TRL rounds it down to an int).
@@ -79,10 +81,10 @@ class PPOTrainer:
         check_tokenizer(tokenizer)
         if not prompts:
             raise ValueError("prompts: need at least one prompt")
-        if cfg.reward_source == "function" and reward_fn is None:
-            raise ValueError("reward_fn: required when reward_source == 'function'")
         self.models, self.tokenizer, self.prompts, self.cfg = models, tokenizer, list(prompts), cfg
-        self.reward_fn, self.gold_reward_fn = reward_fn, gold_reward_fn
+        self.rewards = build_rewards(cfg.reward_source, reward_fn, reward_weights=cfg.reward_weights,
+                                     reward_model=cfg.reward_model, device=models.device)
+        self.gold_reward_fn = gold_reward_fn
         self.reward_head_trained = reward_head_trained         # False: a fresh head, its scores are not logged
         self.prompt_tokens = [encode_prompt(tokenizer, p, cfg.data.max_prompt_len) for p in self.prompts]
         if any(not t for t in self.prompt_tokens):
@@ -134,21 +136,19 @@ class PPOTrainer:
         t1 = time.perf_counter()
         # 2. Scores, no grad: old and reference log-probs, per-token KL, entropy, values, reward-head scores.
         scores = models.score(ro, temperature=cfg.temperature, kl_estimator=cfg.kl_estimator)
-        # 3. The sequence reward: the reward head's score or reward_fn's, clipped and less a missing-EOS penalty.
+        # 3. The sequence reward from the reward source (rlhf.rewards: the reward head's score, reward functions
+        # or a reward model), clipped and less a missing-EOS penalty.
         texts, ended, extra = decode_responses(self.tokenizer, ro), ro.ended.tolist(), {}
-        if cfg.reward_source == "function":
-            r = torch.as_tensor([float(x) for x in self.reward_fn(prompts, texts, ended)], dtype=torch.float32,
-                                device=self.device)
-            if r.shape != (len(prompts),):
-                raise ValueError(f"reward_fn: returned {r.numel()} rewards for {len(prompts)} completions")
+        ids = [row[:k] for row, k in zip(ro.response_ids.tolist(), ro.lengths.tolist())]
+        inputs = RewardInputs(prompts, texts, ids, ended, head_scores=scores.scores)
+        r, per_source = self.rewards(inputs, self.device)
+        if self.rewards.kind != "head":
             if self.reward_head_trained:
                 extra["objective/reward_head"] = scores.scores.mean().item()
-        else:
-            r = scores.scores
+            extra.update({f"rewards/{k}/mean": v.nanmean().item() for k, v in per_source.items()})
         r = shape_scores(r, ro.ended, cfg.reward_clip, cfg.missing_eos_penalty)
         if self.gold_reward_fn is not None:
-            gold = [float(x) for x in self.gold_reward_fn(prompts, texts, ended)]
-            extra["objective/gold_reward"] = sum(gold) / len(gold)
+            extra["objective/gold_reward"] = call_reward_fn(self.gold_reward_fn, inputs).mean().item()
         t2 = time.perf_counter()
         metrics = {"step": step + 1, "episode": (step + 1) * B, "time/rollout": t1 - t0, "time/score": t2 - t1,
                    **extra}
@@ -258,8 +258,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     a notice on stderr says, and objective/reward_head is not logged.
 
     hydra / j-hydra patch `model` in place; lora / full keep it as the frozen reference and copy it three
-    times. reward_fn(prompts, completions, ended) -> floats is used when cfg.reward_source == "function";
-    gold_reward_fn (same signature) is only logged as objective/gold_reward. callback(step, metrics) runs after
+    times. reward_fn(prompts, completions, ended) -> floats (or TRL's f(prompts, completions, **kwargs), or a
+    list of them weighted by cfg.reward_weights: rlhf.rewards) is used when cfg.reward_source == "function",
+    cfg.reward_model when it is "model"; gold_reward_fn (same signatures) is only logged as
+    objective/gold_reward. callback(step, metrics) runs after
     every step. Writes <output_dir>/<metrics_file> (one JSON line per step), checkpoints under
     <output_dir>/checkpoints every run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the
     final policy to <output_dir>/final when the run completes (save_policy). With run.resume, an existing

@@ -7,12 +7,15 @@
     full      4 copies: reference, reward, actor, critic   4 forwards                          actor, critic
 
 Each also trains a value head. The reward head is frozen; the value head starts as a copy of it (the paper's
-critic initialisation). Dropout is off and every model is in eval() mode: old and new log-probs must come from
-the same function. With model.activation_checkpointing the trained models recompute decoder layers in backward.
+critic initialisation). CriticFree (GRPO and the other critic-free estimators) is one base with one adapter and
+no value head; its scoring forward runs only the streams a step needs. Dropout is off and every model is in
+eval() mode: old and new log-probs must come from the same function. With model.activation_checkpointing the
+trained models recompute decoder layers in backward.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from hydra_kernels import ops
 from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
 from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
-from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index
+from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, new_reward_head
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
 from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
                                         response_targets)
@@ -143,6 +146,84 @@ class JHydraPPO(SharedPPO):
     variant = "j-hydra"
     adapters = (ACTOR,)
     value_stream = ACTOR
+
+
+@dataclass
+class PolicyScores:
+    """What a critic-free step scored, without grad (None where it was not asked for): per response token
+    [B, R], 0 off the response mask, the actor's log-probs (the "old" ones) and entropy, the reference's (base
+    stream) log-probs and the KL between them; scores [B]: the reward head on the base stream."""
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+class CriticFree(SharedPPO):
+    """The critic-free estimators' models (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++): one base patched with one
+    adapter, "actor", and no value head. The reference policy is the base stream of the same forward as the
+    policy, and the reward model (when the Hydra-SFT reward head is the reward) the base stream + reward head.
+    `score_policies` runs only the streams a step needs, in one forward and one linear_logprobs sweep."""
+    variant = "critic-free"
+    adapters = (ACTOR,)
+    value_stream = None
+
+    @classmethod
+    def build(cls, model: nn.Module, reward_head: nn.Linear | None, cfg) -> "CriticFree":
+        """Patch `model` in place with the actor adapter. reward_head: the Hydra-SFT head (copied, frozen), or None
+        for a model without one (a fixed head is made; the step never reads it unless reward_source is head)."""
+        if reward_head is None:
+            reward_head = new_reward_head(model, torch.Generator().manual_seed(0))
+        return super().build(model, reward_head.float().requires_grad_(False), cfg)
+
+    @torch.no_grad()
+    def score_policies(self, rollout, *, actor: bool, reference: bool, reward: bool, temperature: float,
+                       kl_estimator: str | None = None) -> PolicyScores:
+        """One no-grad forward of only the streams asked for (base for reference or reward, actor for actor) and,
+        for log-probs, one linear_logprobs sweep of the LM head over them: actor -> logprobs and entropy,
+        reference -> ref_logprobs, both with kl_estimator -> the KL(actor ‖ base) per token; reward -> the reward
+        head on the base stream. Raises ValueError when nothing is asked for."""
+        streams = tuple(s for s, want in ((BASE, reference or reward), (ACTOR, actor)) if want)
+        if not streams:
+            raise ValueError("actor: nothing to score (actor, reference and reward are all False)")
+        mask = rollout.attention_mask
+        h = self.hydra.forward_streams(rollout.input_ids, mask, streams, rollout.position_ids)     # [S, B, L, D]
+        out = PolicyScores()
+        if reward:
+            out.scores = self.hydra.reward(h[streams.index(BASE)], mask)
+        # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
+        order = [s for s, want in ((ACTOR, actor), (BASE, reference)) if want]
+        if not order:
+            return out
+        hr = response_hidden(h, rollout)
+        m = rollout.response_mask.float()
+        logp, ent, klv = self.hydra.logprobs([hr[streams.index(s)] for s in order], response_targets(rollout),
+                                             temperature=temperature, kl=kl_estimator if len(order) == 2 else None,
+                                             ignore_index=IGNORE_INDEX)
+        for i, s in enumerate(order):
+            if s == ACTOR:
+                out.logprobs, out.entropy = logp[i] * m, ent[i] * m
+            else:
+                out.ref_logprobs = logp[i] * m
+        if klv is not None:
+            out.kl = klv * m
+        return out
+
+
+def build_critic_free(model: nn.Module, reward_head: nn.Linear | None, cfg) -> CriticFree:
+    """The critic-free estimators' models from a causal LM (a Hydra-SFT result or a plain one), patched in place
+    with the actor adapter (cfg: a GRPOConfig, for lora.* and model.activation_checkpointing). reward_head: the
+    Hydra-SFT reward head nn.Linear(D, 1) or None. Raises ValueError as build_ppo_models does."""
+    if reward_head is not None:
+        if not isinstance(reward_head, nn.Linear) or reward_head.out_features != 1:
+            raise ValueError("reward_head: expected nn.Linear(hidden, 1) or None")
+        if reward_head.in_features != hidden_size(model):
+            raise ValueError(f"reward_head: in_features {reward_head.in_features} does not match the model's hidden "
+                             f"size {hidden_size(model)}")
+        reward_head = copy.deepcopy(reward_head)
+    check_plain_logits(model)
+    return CriticFree.build(model, reward_head, cfg)
 
 
 # ------------------------------------------------------------------------------------- separate models
@@ -286,4 +367,4 @@ def build_ppo_models(model: nn.Module, reward_head: nn.Linear, cfg) -> PPOModels
 
 
 __all__ = ["SharedPPO", "HydraPPO", "JHydraPPO", "SeparatePPO", "LoRAPPO", "FullPPO", "VARIANTS",
-           "build_ppo_models"]
+           "build_ppo_models", "CriticFree", "PolicyScores", "build_critic_free"]

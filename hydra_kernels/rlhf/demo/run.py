@@ -9,11 +9,14 @@ Stages (each writes under --out):
                its result lives in the base weights (LoRA mode merges the adapter), so "LoRA off" = SFT model
     ppo/       Hydra-PPO (variant hydra): one base, actor and critic adapters, learned reward = reward head
                with LoRA off; metrics.jsonl has one line per step with TRL's metric names
-    ppo_curves.png   gold reward, learned reward and KL over PPO steps
+    grpo/      with --algo grpo instead: critic-free RL (GRPO by default) on one base with one adapter, the gold
+               reward as the verifiable reward; metrics.jsonl with TRL's GRPOTrainer names
+    ppo_curves.png / grpo_curves.png   the RL stage's curves
     summary.json     the final numbers (also printed as a table)
 
-The gold reward is never used for training: it measures the SFT policy (LoRA off) and the PPO policy (actor)
-on held-out prompts with the same decoding and the same sampling seed.
+With PPO the gold reward is never used for training (GRPO trains on it, as on any verifiable reward); either
+way it measures the SFT policy (LoRA off) and the trained policy (actor) on held-out prompts with the same
+decoding and the same sampling seed.
 """
 from __future__ import annotations
 
@@ -56,12 +59,25 @@ def _default_ppo():
                      run={"progress": True, "resume": False})
 
 
+def _default_grpo():
+    from hydra_kernels.rlhf.config import GRPOConfig
+    # Critic-free RL on the task's verifiable reward (the gold reward): GRPO's group advantages over G = 8
+    # completions per prompt, no KL (β = 0, TRL's default), one optimizer step per rollout.
+    return GRPOConfig(estimator="grpo", steps=150, batch_size=128, num_generations=8, lr=1e-3, max_new_tokens=5,
+                      temperature=1.0, lora={"r": 8, "alpha": 16}, data={"max_prompt_len": 16, "max_len": 24},
+                      run={"progress": True, "resume": False})
+
+
+ALGOS = ("ppo", "grpo")
+
+
 @dataclass
 class DemoConfig:
     """Everything the demo runs with. Override any field as `key=value` (dotted into sections):
     `task.n_sft=8000`, `model.hidden_size=96`, `sft.lr=1e-3`, `ppo.steps=60`, `pretrain_steps=0`."""
 
     out: str = "runs/demo"
+    algo: str = "ppo"                # the RL stage: ppo (Hydra-PPO, learned reward) or grpo (gold reward)
     seed: int = 0
     pretrain_steps: int = 1200       # LM-only steps on correct worked examples before Hydra-SFT (0 = none)
     pretrain_batch_size: int = 128
@@ -74,8 +90,11 @@ class DemoConfig:
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     sft: typing.Any = field(default_factory=_default_sft)      # rlhf.SFTConfig
     ppo: typing.Any = field(default_factory=_default_ppo)      # rlhf.PPOConfig
+    grpo: typing.Any = field(default_factory=_default_grpo)    # rlhf.GRPOConfig
 
     def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo: must be one of {ALGOS}, got {self.algo!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: need an int >= 0, got {self.seed!r}")
         if not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 0:
@@ -88,16 +107,32 @@ class DemoConfig:
             raise ValueError(f"eval_temperature: need a number >= 0 (0 = greedy), got {self.eval_temperature!r}")
 
 
-def quick_config() -> DemoConfig:
+def default_config(algo: str = "ppo") -> DemoConfig:
+    """The full demo for `algo`. grpo learns from the gold reward itself, so its SFT stage trains no reward head
+    (reward_coef 0, a token set of pairs) and imitates the noisy demonstrations for one pass (150 steps) after 800
+    pretraining steps: the whole run fits 5 minutes on 2 cores with 1 thread."""
+    if algo != "grpo":
+        return DemoConfig(algo=algo)
+    from hydra_kernels.rlhf.config import apply_overrides
+    cfg = DemoConfig(algo="grpo", pretrain_steps=800,
+                     task=TaskConfig(n_sft=9600, n_pref=64, n_ppo=4000, carry_error_share=0.8, n_eval_prompts=512,
+                                     n_eval_pairs=512))
+    cfg.sft = apply_overrides(cfg.sft, ["epochs=1", "reward_coef=0.0"])
+    return cfg
+
+
+def quick_config(algo: str = "ppo") -> DemoConfig:
     """A reduced run for CI (well under a minute on 2 cores); its numbers show the plumbing, not quality."""
     from hydra_kernels.rlhf.config import apply_overrides
     cfg = DemoConfig(
+        algo=algo,
         pretrain_steps=20,
         task=TaskConfig(n_sft=256, n_pref=256, n_ppo=128, n_eval_prompts=32, n_eval_pairs=32),
         model=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
     )
     cfg.sft = apply_overrides(cfg.sft, ["epochs=1", "batch_size=32"])
     cfg.ppo = apply_overrides(cfg.ppo, ["steps=3", "batch_size=16", "mini_batch_size=8", "ppo_epochs=1"])
+    cfg.grpo = apply_overrides(cfg.grpo, ["steps=3", "batch_size=16", "num_generations=4"])
     return cfg
 
 
@@ -135,12 +170,13 @@ def _replace_fields(obj, values: dict, prefix: str):
 
 
 def apply_demo_overrides(cfg: DemoConfig, pairs: Sequence[str]) -> DemoConfig:
-    """A new DemoConfig with `key=value` overrides: top-level fields, `task.*`, `model.*`, and `sft.*` / `ppo.*`
-    (passed to the library's own config overrides, so every SFTConfig / PPOConfig field is reachable)."""
+    """A new DemoConfig with `key=value` overrides: top-level fields, `task.*`, `model.*`, and `sft.*` / `ppo.*` /
+    `grpo.*` (passed to the library's own config overrides, so every SFTConfig / PPOConfig / GRPOConfig field is
+    reachable)."""
     from hydra_kernels.rlhf.config import apply_overrides, parse_overrides
 
     parsed = parse_overrides(pairs)          # ValueError on malformed pairs
-    by_section: dict[str, list[str]] = {"sft": [], "ppo": []}
+    by_section: dict[str, list[str]] = {"sft": [], "ppo": [], "grpo": []}
     for pair in pairs:
         key = pair.split("=", 1)[0].strip()
         head = key.split(".", 1)[0]
@@ -148,13 +184,13 @@ def apply_demo_overrides(cfg: DemoConfig, pairs: Sequence[str]) -> DemoConfig:
             if "." not in key:
                 raise ValueError(f"{key}: name a field, e.g. {head}.lr=1e-3")
             by_section[head].append(pair.strip()[len(head) + 1:])
-    top = {k: v for k, v in parsed.items() if k not in ("task", "model", "sft", "ppo")}
+    top = {k: v for k, v in parsed.items() if k not in ("task", "model", "sft", "ppo", "grpo")}
     cfg = _replace_fields(cfg, top, "") if top else cfg
     if "task" in parsed:
         cfg = dataclasses.replace(cfg, task=_replace_fields(cfg.task, parsed["task"], "task."))
     if "model" in parsed:
         cfg = dataclasses.replace(cfg, model=_replace_fields(cfg.model, parsed["model"], "model."))
-    for name in ("sft", "ppo"):
+    for name in ("sft", "ppo", "grpo"):
         if by_section[name]:
             try:
                 new = apply_overrides(getattr(cfg, name), by_section[name])
@@ -172,7 +208,8 @@ def _finalise(cfg: DemoConfig) -> DemoConfig:
     task = dataclasses.replace(cfg.task, seed=cfg.seed)
     sft = apply_overrides(cfg.sft, [f"run.output_dir={out / 'sft'}", f"run.seed={cfg.seed}"])
     ppo = apply_overrides(cfg.ppo, [f"run.output_dir={out / 'ppo'}", f"run.seed={cfg.seed}"])
-    return dataclasses.replace(cfg, task=task, sft=sft, ppo=ppo)
+    grpo = apply_overrides(cfg.grpo, [f"run.output_dir={out / 'grpo'}", f"run.seed={cfg.seed}"])
+    return dataclasses.replace(cfg, task=task, sft=sft, ppo=ppo, grpo=grpo)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -236,10 +273,11 @@ def pretrain(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, bat
 
 
 def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature: float, max_new_tokens: int,
-                      seed: int, batch_size: int = 64, progress: bool = True) -> dict:
-    """Gold reward, exact-answer rate and learned reward of the SFT policy ("reference": LoRA off) and the PPO
-    policy ("actor") on `prompts`, with the same decoding and sampling seed; plus KL(actor ‖ SFT) per sequence,
-    exact over the vocabulary at every position the actor visits (summed over its response tokens)."""
+                      seed: int, batch_size: int = 64, progress: bool = True, label: str = "ppo") -> dict:
+    """Gold reward, exact-answer rate and learned reward of the SFT policy ("reference": LoRA off, under "sft")
+    and the trained policy ("actor", under `label`) on `prompts`, with the same decoding and sampling seed; plus
+    KL(actor ‖ SFT) per sequence, exact over the vocabulary at every position the actor visits (summed over its
+    response tokens)."""
     import torch
 
     from hydra_kernels.rlhf.data import tokenize_prompts
@@ -253,7 +291,7 @@ def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature:
         from tqdm.auto import tqdm
         bar = tqdm(total=2 * len(prompts), desc="evaluate (held-out prompts)", unit="prompt")
     try:
-        for which, label in (("reference", "sft"), ("actor", "ppo")):
+        for which, name in (("reference", "sft"), ("actor", label)):
             gen = torch.Generator(device=device).manual_seed(seed)
             gold, learned, kl, samples = [], [], [], []
             for i in range(0, len(prompts), batch_size):
@@ -272,7 +310,7 @@ def evaluate_policies(models, tokenizer, prompts: Sequence[str], *, temperature:
                 if bar is not None:
                     bar.update(len(chunk))
             m, se = mean_and_stderr(gold)
-            out[label] = {"gold_reward": m, "gold_reward_se": se,
+            out[name] = {"gold_reward": m, "gold_reward_se": se,
                           "exact": sum(g == 1.0 for g in gold) / len(gold),
                           "learned_reward": mean_and_stderr(learned)[0],
                           "kl": mean_and_stderr(kl)[0], "kl_se": mean_and_stderr(kl)[1],
@@ -296,6 +334,23 @@ def _plot(history: list[dict], path: Path, title: str) -> str:
               Panel("learned reward (reward head, LoRA off)", [(steps, col("objective/scores"))], colors=[COLORS[0]]),
               Panel("KL to the SFT policy (nats per response)", [(steps, col("objective/kl"))], colors=[COLORS[1]],
                     xlabel="PPO step")]
+    return line_plot_png(path, panels, title=title)
+
+
+def _plot_grpo(history: list[dict], path: Path, title: str) -> str:
+    from hydra_kernels.rlhf.demo.plot import COLORS, Panel, line_plot_png
+
+    steps = [h["step"] for h in history]
+
+    def col(key):
+        return [h.get(key) if h.get(key) is not None else float("nan") for h in history]
+
+    panels = [Panel("gold reward of the rollouts (the verifiable reward trained on)", [(steps, col("reward"))],
+                    colors=[COLORS[2]]),
+              Panel("share of groups with equal rewards (no gradient)", [(steps, col("frac_reward_zero_std"))],
+                    colors=[COLORS[0]]),
+              Panel("completion length (tokens, EOS included)", [(steps, col("completions/mean_length"))],
+                    colors=[COLORS[1]], xlabel="step")]
     return line_plot_png(path, panels, title=title)
 
 
@@ -370,50 +425,66 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     say(f"[3/5] Hydra-SFT ({sft_cfg.mode}): reward-head accuracy on {len(eval_pairs)} held-out pairs {acc:.1%}, "
         f"margin {sft.metrics.get('eval/reward_margin', float('nan')):.2f} -> {sft.output_dir}")
 
-    # 4. Hydra-PPO ---------------------------------------------------------------------------------------
+    # 4. Hydra-PPO on the learned reward, or critic-free RL (GRPO, ...) on the gold reward ----------------------
     t = time.perf_counter()
 
-    def gold_fn(ps, completions, ended):
+    def gold(ps, completions, ended):
         return [gold_reward(p, c, e) for p, c, e in zip(ps, completions, ended)]
 
-    ppo_cfg = rlhf.apply_overrides(cfg.ppo, [f"run.progress={str(progress).lower()}"])
-    ppo = rlhf.train_ppo(sft.model, sft.reward_head, tok, prompts, ppo_cfg, gold_reward_fn=gold_fn)
-    timings["ppo"] = time.perf_counter() - t
-    last = ppo.history[-1] if ppo.history else {}
-    say(f"[4/5] Hydra-PPO ({ppo_cfg.variant}): {ppo_cfg.steps} steps x {ppo_cfg.batch_size} prompts -> "
-        f"{out / 'ppo'} (metrics.jsonl, final/)")
+    label = cfg.algo
+    if label == "ppo":
+        rl_cfg = rlhf.apply_overrides(cfg.ppo, [f"run.progress={str(progress).lower()}"])
+        rl = rlhf.train_ppo(sft.model, sft.reward_head, tok, prompts, rl_cfg, gold_reward_fn=gold)
+        say(f"[4/5] Hydra-PPO ({rl_cfg.variant}): {rl_cfg.steps} steps x {rl_cfg.batch_size} prompts -> "
+            f"{out / 'ppo'} (metrics.jsonl, final/)")
+    else:
+        # The gold reward is the verifiable reward here: what GRPO-style training on a checkable task uses.
+        rl_cfg = rlhf.apply_overrides(cfg.grpo, [f"run.progress={str(progress).lower()}"])
+        rl = rlhf.train_grpo(sft.model, tok, prompts, rl_cfg, reward_fn=gold, reward_head=sft.reward_head)
+        say(f"[4/5] {rl_cfg.estimator} (critic-free, one base, gold reward): {rl_cfg.steps} steps x "
+            f"{rl_cfg.batch_size // rl_cfg.num_generations} prompts x {rl_cfg.num_generations} completions -> "
+            f"{out / 'grpo'} (metrics.jsonl, final/)")
+    timings[label] = time.perf_counter() - t
+    last = rl.history[-1] if rl.history else {}
 
     # 5. evaluation, plot, summary -----------------------------------------------------------------------
     t = time.perf_counter()
-    ev = evaluate_policies(ppo.models, tok, eval_prompts, temperature=cfg.eval_temperature,
-                           max_new_tokens=ppo_cfg.max_new_tokens, seed=cfg.seed + 12345, progress=progress)
+    ev = evaluate_policies(rl.models, tok, eval_prompts, temperature=cfg.eval_temperature,
+                           max_new_tokens=rl_cfg.max_new_tokens, seed=cfg.seed + 12345, progress=progress,
+                           label=label)
     # Both policies answer the same prompts: the difference is paired, its s.e. from per-prompt differences.
-    diffs = [b - a for a, b in zip(ev["sft"].pop("_gold"), ev["ppo"].pop("_gold"))]
+    diffs = [b - a for a, b in zip(ev["sft"].pop("_gold"), ev[label].pop("_gold"))]
     d_mean, d_se = mean_and_stderr(diffs)
-    png = _plot(ppo.history, out / "ppo_curves.png",
-                f"Hydra-PPO on {len(str(cfg.task.max_operand))}-digit addition (seed {cfg.seed})")
+    digits = len(str(cfg.task.max_operand))
+    if label == "ppo":
+        png = _plot(rl.history, out / "ppo_curves.png", f"Hydra-PPO on {digits}-digit addition (seed {cfg.seed})")
+    else:
+        png = _plot_grpo(rl.history, out / "grpo_curves.png",
+                         f"{rl_cfg.estimator} on {digits}-digit addition (seed {cfg.seed})")
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
+    final_keys = (("objective/kl", "objective/scores", "objective/gold_reward", "objective/entropy") if label == "ppo"
+                  else ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "frac_reward_zero_std"))
     summary = {
+        "algo": label,
         "reward_accuracy": acc, "reward_accuracy_slips": acc_slips, "n_eval_slip_pairs": len(slips),
         "reward_margin": sft.metrics.get("eval/reward_margin"),
         "n_eval_pairs": len(eval_pairs), "n_eval_prompts": len(eval_prompts),
         "eval_temperature": cfg.eval_temperature,
         "gold_reward_sft": ev["sft"]["gold_reward"], "gold_reward_sft_se": ev["sft"]["gold_reward_se"],
-        "gold_reward_ppo": ev["ppo"]["gold_reward"], "gold_reward_ppo_se": ev["ppo"]["gold_reward_se"],
+        f"gold_reward_{label}": ev[label]["gold_reward"], f"gold_reward_{label}_se": ev[label]["gold_reward_se"],
         "gold_reward_diff": d_mean, "gold_reward_diff_se": d_se,
-        "exact_sft": ev["sft"]["exact"], "exact_ppo": ev["ppo"]["exact"],
-        "learned_reward_sft": ev["sft"]["learned_reward"], "learned_reward_ppo": ev["ppo"]["learned_reward"],
-        "kl_ppo_vs_sft": ev["ppo"]["kl"], "kl_ppo_vs_sft_se": ev["ppo"]["kl_se"],
-        "final_step": {k: last.get(k) for k in ("objective/kl", "objective/scores", "objective/gold_reward",
-                                                 "objective/entropy")},
-        "samples": {"sft": ev["sft"]["samples"], "ppo": ev["ppo"]["samples"]},
+        "exact_sft": ev["sft"]["exact"], f"exact_{label}": ev[label]["exact"],
+        "learned_reward_sft": ev["sft"]["learned_reward"], f"learned_reward_{label}": ev[label]["learned_reward"],
+        f"kl_{label}_vs_sft": ev[label]["kl"], f"kl_{label}_vs_sft_se": ev[label]["kl_se"],
+        "final_step": {k: last.get(k) for k in final_keys},
+        "samples": {"sft": ev["sft"]["samples"], label: ev[label]["samples"]},
         "timings_s": timings, "torch_threads": torch.get_num_threads(),
         "paths": {"data": str(out / "data"), "base": str(out / "base"), "sft": str(out / "sft"),
-                  "ppo_metrics": str(out / "ppo" / ppo_cfg.run.metrics_file), "plot": png},
-        "config": {"seed": cfg.seed, "pretrain_steps": cfg.pretrain_steps,
+                  f"{label}_metrics": str(out / label / rl_cfg.run.metrics_file), "plot": png},
+        "config": {"seed": cfg.seed, "algo": label, "pretrain_steps": cfg.pretrain_steps,
                    "task": dataclasses.asdict(cfg.task), "model": dataclasses.asdict(cfg.model),
-                   "sft": rlhf.config_to_dict(cfg.sft), "ppo": rlhf.config_to_dict(cfg.ppo)},
+                   "sft": rlhf.config_to_dict(cfg.sft), label: rlhf.config_to_dict(rl_cfg)},
     }
     with open(out / "summary.json.tmp", "w") as f:
         json.dump(summary, f, indent=2)
@@ -424,21 +495,25 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
 
     z = d_mean / d_se if d_se > 0 else float("inf")
     dec = "sampled, T=%g" % cfg.eval_temperature if cfg.eval_temperature > 0 else "greedy"
+    name = "PPO" if label == "ppo" else rl_cfg.estimator.upper().replace("_", " ")
     rows = [
         (f"reward-head accuracy, {len(eval_pairs)} held-out pairs", f"{acc:.1%}"),
         (f"  of which {len(slips)} arithmetic slips (off by 1, 2 or 10)", f"{acc_slips:.1%}"),
         (f"gold reward, SFT policy ({len(eval_prompts)} held-out prompts, {dec})",
          pm(ev["sft"]["gold_reward"], ev["sft"]["gold_reward_se"])),
-        ("gold reward, PPO policy (same prompts, same decoding)",
-         pm(ev["ppo"]["gold_reward"], ev["ppo"]["gold_reward_se"])),
-        ("PPO - SFT (paired s.e.)", f"{d_mean:+.3f} ± {d_se:.3f} ({z:.1f} s.e.)"),
-        ("exact answers, SFT -> PPO", f"{ev['sft']['exact']:.1%} -> {ev['ppo']['exact']:.1%}"),
-        ("learned reward, SFT -> PPO", f"{ev['sft']['learned_reward']:.2f} -> {ev['ppo']['learned_reward']:.2f}"),
-        ("KL(PPO || SFT), nats per response", pm(ev["ppo"]["kl"], ev["ppo"]["kl_se"])),
-        ("wall time (data+base / SFT / PPO / eval)",
-         f"{timings['total']:.0f} s ({timings['data+base']:.0f} / {timings['sft']:.0f} / {timings['ppo']:.0f} / "
+        (f"gold reward, {name} policy (same prompts, same decoding)",
+         pm(ev[label]["gold_reward"], ev[label]["gold_reward_se"])),
+        (f"{name} - SFT (paired s.e.)", f"{d_mean:+.3f} ± {d_se:.3f} ({z:.1f} s.e.)"),
+        (f"exact answers, SFT -> {name}", f"{ev['sft']['exact']:.1%} -> {ev[label]['exact']:.1%}"),
+        (f"learned reward, SFT -> {name}",
+         f"{ev['sft']['learned_reward']:.2f} -> {ev[label]['learned_reward']:.2f}"),
+        (f"KL({name} || SFT), nats per response", pm(ev[label]["kl"], ev[label]["kl_se"])),
+        (f"wall time (data+base / SFT / {name} / eval)",
+         f"{timings['total']:.0f} s ({timings['data+base']:.0f} / {timings['sft']:.0f} / {timings[label]:.0f} / "
          f"{timings['eval']:.0f})"),
     ]
+    if cfg.sft.reward_coef == 0:          # the reward head was not trained: its numbers mean nothing
+        rows = [r for r in rows if not r[0].startswith(("reward-head", "  of which", "learned reward"))]
     say(f"[5/5] evaluated on held-out prompts -> {out / 'summary.json'}, {png}\n")
     say(_table(rows))
     return summary
