@@ -145,8 +145,6 @@ def _reward_overrides(args) -> list[str]:
     reward_source that contradicts --reward-fn is refused."""
     from hydra_kernels.rlhf.config import parse_overrides, read_config_file
 
-    if args.samples < 0:
-        raise ValueError(f"--samples: must be >= 0, got {args.samples}")
     overrides = list(args.overrides)
     given = parse_overrides(overrides)
     file = read_config_file(args.config) if args.config else {}
@@ -176,7 +174,6 @@ def _reward_fns(args, cfg) -> list:
 
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
-
     from hydra_kernels.rlhf.data import check_source, load_prompt_data
 
     if args.samples < 0:

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         return 2
 
     # The reference policy (LoRA off) and the trained policy on a few prompts, greedy.
-    shown = [p["prompt"] for p in prompts[:4]]
+    shown = prompts.prompts[:4]
     before, _ = rlhf.sample_completions(result.models, tokenizer, shown, policy="reference",
                                         max_new_tokens=cfg.max_new_tokens, temperature=0)
     after, _ = rlhf.sample_completions(result.models, tokenizer, shown, policy="actor",
