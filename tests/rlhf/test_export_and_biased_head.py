@@ -62,7 +62,8 @@ def test_ppo_on_a_biased_head_scores_the_distribution_it_samples(variant):
     with pytest.raises(ValueError, match="allow_untested"):
         build_ppo_models(model, new_reward_head(model), cfg)
     cfg = load_config(PPOConfig, None, [f"variant={variant}", "batch_size=4", "mini_batch_size=2", "max_new_tokens=4",
-                                        "lora.r=4", "run.progress=false", "model.allow_untested=true"])
+                                        "lora.r=4", "run.progress=false", "model.allow_untested=true",
+                                        "reward_source=function"])
     models = build_ppo_models(model, new_reward_head(model), cfg)
     trainer = PPOTrainer(models, TOK, PROMPTS, cfg, reward_fn=lambda p, c, e: [0.0] * len(p),
                          reward_head_trained=False)
