@@ -47,3 +47,19 @@ def kill_job_when(marker: Path, module: str, *args: str, timeout: float = 240.0)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def torchrun(script: Path, nproc: int, *args: str, timeout: float = 300.0) -> str:
+    """Run `script` under `torchrun --standalone --nproc_per_node nproc` (gloo on the CPU, one thread per rank)
+    from the repo root; return the combined output, or fail with it. The script initialises the process group
+    itself, with a short timeout, so that a rank that dies makes the others fail instead of hang."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"torchrun {script.name} ×{nproc} ran past {timeout} s:\n{e.stdout}") from None
+    assert proc.returncode == 0, f"torchrun {script.name} ×{nproc} exited {proc.returncode}:\n{proc.stdout}"
+    return proc.stdout
