@@ -1,10 +1,19 @@
-"""ops.lora_linear against reference.lora_linear (float64), forward and backward, every backend on CPU."""
+"""ops.lora_linear against reference.lora_linear (float64), forward and backward, every backend on CPU; its
+argument checks, strided biases, and the eager no-grad fast path."""
+import importlib
+
+import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from hydra_kernels import ops, reference
 from hydra_kernels.kernels.triton import triton_interpreting
 from tests._util import assert_rel_close
+
+
+# --- forward and backward against float64 ---
 
 # These run on CPU tensors: Triton needs the interpreter, which conftest turns on only where no GPU exists.
 # On a GPU machine tests/kernels/test_triton_lora_linear.py runs the same kinds of checks on CUDA tensors.
@@ -157,3 +166,133 @@ def test_torch_compile_fullgraph_matches_eager():
     x, w, b, A, B = make(10, 16, 12, 2, 4, torch.float32)
     f = lambda x: ops.lora_linear(x, w, b, A, B, [0.5, 1.5], (-1, 1), backend="torch")   # noqa: E731
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+# --- scaling and stream_adapters are numbers; bad ones raise a ValueError naming the argument ---
+
+def make_args(rows=4, K=7, N=5, n=2, r=2):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(rows, K, generator=g), torch.randn(N, K, generator=g), torch.randn(n, r, K, generator=g),
+            torch.randn(n, N, r, generator=g))
+
+
+@pytest.mark.parametrize("scaling", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5,
+                                     [np.float32(0.5), 0.5], np.array([0.5, 0.5], dtype=np.float32)])
+def test_numeric_scaling_types(scaling):
+    x, w, A, B = make_args()
+    ref = reference.lora_linear(x.double(), w.double(), None, A.double(), B.double(), [0.5, 0.5], (0, 1))
+    y = ops.lora_linear(x, w, None, A, B, scaling, (0, 1), backend="torch")
+    assert_rel_close(y, ref, torch.float32, "y")
+
+
+@pytest.mark.parametrize("scaling,stream_adapters,name", [
+    (None, (0, 1), "scaling"),
+    ("0.5", (0, 1), "scaling"),
+    ([0.5, None], (0, 1), "scaling"),
+    (0.5, None, "stream_adapters"),
+    (0.5, (0.7, 1), "stream_adapters"),
+    (0.5, ("0", 1), "stream_adapters"),
+])
+def test_bad_scaling_or_stream_adapters_name_the_argument(scaling, stream_adapters, name):
+    x, w, A, B = make_args()
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        ops.lora_linear(x, w, None, A, B, scaling, stream_adapters, backend="torch")
+
+
+# --- a bias that is a strided view ---
+
+
+def make_bias(rows, K, N, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    A = torch.randn(n, r, K, generator=g) / K ** 0.5
+    B = torch.randn(n, N, r, generator=g) / r ** 0.5
+    return x, w, A, B
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_bias(backend):
+    """A bias that is a strided view (every other element of a buffer) is read with its stride, not as the
+    buffer's elements 0..N-1."""
+    x, w, A, B = make_bias(3 * 5, 19, 13, 2, 3)
+    buf = torch.randn(2 * 13, generator=torch.Generator().manual_seed(9))
+    bias = buf[::2]
+    assert not bias.is_contiguous()
+    layout = (1, -1, 0)
+    ref = reference.lora_linear(x.double(), w.double(), bias.double(), A.double(), B.double(), [0.5, 2.0], layout)
+    y = ops.lora_linear(x, w, bias, A, B, [0.5, 2.0], layout, backend=backend)
+    assert_rel_close(y, ref, torch.float32, "y")
+
+
+# --- the eager no-grad fast path (the op's forward called directly when nothing needs grad or compiles):
+# what the registered op gives, bit for bit, with the same autograd flags; tracing tools still work ---
+
+ll_mod = importlib.import_module("hydra_kernels.ops.lora_linear")     # the package exports the function
+
+
+def make_fast(rows, K, N, n, r, dtype, adapter_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    A = (torch.randn(n, r, K, generator=g) / K ** 0.5).to(adapter_dtype or dtype)
+    B = (torch.randn(n, N, r, generator=g) / r ** 0.5).to(adapter_dtype or dtype)
+    return x, w, b, A, B
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, None)])
+def test_no_grad_fast_path_equals_the_custom_op(backend, dtype, adapter_dtype):
+    x, w, b, A, B = make_fast(2 * 7, 23, 17, 2, 4, dtype, adapter_dtype)
+    layout, scaling = (1, 0), [0.5, 1.5]
+    want, _ = ll_mod._lora_linear_op(x, w, b, A, B, scaling, layout, backend)
+    xg = x.clone().requires_grad_(True)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    with torch.no_grad():                                   # parameters and x require grad, grad is off
+        y = ops.lora_linear(xg, w, b, Ag, Bg, scaling, layout, backend=backend)
+    assert torch.equal(y, want) and not y.requires_grad and y.dtype == dtype
+    with torch.inference_mode():
+        y = ops.lora_linear(x, w, b, A, B, scaling, layout, backend=backend)
+    assert torch.equal(y, want) and y.is_inference()
+    y = ops.lora_linear(x, w, b, A, B, scaling, layout, backend=backend)     # grad on, nothing requires it
+    assert torch.equal(y, want) and not y.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_call_under_fake_tensor_mode_and_make_fx(backend):
+    """Shape inference with FakeTensorMode and make_fx tracing go through the op's fake implementation and
+    record hydra_kernels::lora_linear: the no-grad fast path never launches a kernel on fake tensors or
+    proxies."""
+    x, w, b, A, B = make_fast(2 * 4, 16, 12, 1, 2, torch.float32)
+    f = lambda x: ops.lora_linear(x, w, b, A, B, 1.0, (0, -1), backend=backend)   # noqa: E731
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = f(mode.from_tensor(x))
+    assert isinstance(y, FakeTensor) and y.shape == (8, 12) and y.dtype == torch.float32
+    gm = make_fx(f)(x)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "hydra_kernels.lora_linear.default" in targets, targets
+    torch.testing.assert_close(gm(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_call_on_real_tensors_inside_fake_tensor_mode(backend):
+    """Real inputs passed in under FakeTensorMode(allow_non_fake_inputs=True): the op's fake implementation
+    answers (a kernel launched on the fake outputs would fail)."""
+    x, w, b, A, B = make_fast(2 * 4, 16, 12, 1, 2, torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad():
+            y = ops.lora_linear(x, w, b, A, B, 1.0, (0, -1), backend=backend)
+    assert isinstance(y, FakeTensor) and y.shape == (8, 12) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tracing_mode", ["real", "fake", "symbolic"])
+def test_make_fx_records_the_custom_op_in_every_tracing_mode(backend, tracing_mode):
+    x, w, b, A, B = make_fast(2 * 4, 16, 12, 1, 2, torch.float32)
+    f = lambda x, w, b, A, B: ops.lora_linear(x, w, b, A, B, 1.0, (0, -1), backend=backend)   # noqa: E731
+    gm = make_fx(f, tracing_mode=tracing_mode)(x, w, b, A, B)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "hydra_kernels.lora_linear.default" in targets, targets
+    torch.testing.assert_close(gm(x, w, b, A, B), f(x, w, b, A, B), rtol=0, atol=0)
