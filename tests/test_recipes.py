@@ -1,14 +1,17 @@
-"""Smoke tests: the python/ recipes and the `hydra-rlhf sft` / `ppo` commands on a tiny local model."""
+"""The python/ recipes on a tiny local model: called in-process, and run as a user runs them (a subprocess, with
+--config: the config's paths, output dir and dtype are used; errors are one line)."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from hydra_kernels.cli import main as cli_main
 from hydra_kernels.rlhf.demo.model import TinyModelConfig, build_tiny_model, save_model
 from hydra_kernels.rlhf.demo.task import ArithmeticTask, TaskConfig
 from hydra_kernels.rlhf.demo.tokenizer import build_char_tokenizer
+from tests.cli._local import assert_one_line_error, env, make_local
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,26 +88,57 @@ def test_ppo_recipe_reward_fn_from_a_file(sft_dir, local, tmp_path):
     assert row["objective/scores"] == pytest.approx(0.5)
 
 
-def test_cli_sft_then_ppo(local, tmp_path, capsys):
-    root, paths = local
-    assert cli_main(["sft", f"model.path={root / 'model'}", f"data.sft_path={paths['sft']}",
-                     f"data.preference_path={paths['pref']}", f"run.output_dir={tmp_path / 'sft'}", "epochs=1",
-                     *SFT_SMALL]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert Path(info["output_dir"]).name == "final" and "eval/reward_accuracy" in info
+# --- run as a subprocess, with --config ---
+
+def recipe(name, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "python" / f"{name}.py"), *map(str, args)], cwd=cwd,
+                          env=env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def local_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_recipes")
+    return root, make_local(root)
+
+
+def test_sft_recipe_takes_paths_and_output_dir_from_config(local_dirs, tmp_path):
+    _, paths = local_dirs
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"epochs: 1\nbatch_size: 4\ndata: {{sft_path: {paths['demos']}, preference_path: {paths['pairs']}, "
+                   f"max_prompt_len: 16, max_len: 24}}\nrun: {{output_dir: {tmp_path / 'mine'}, progress: false}}\n")
+    proc = recipe("hydra_sft", "--model", paths["model"], "--config", cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["output_dir"] == str(tmp_path / "mine" / "final")
+    assert (tmp_path / "mine" / "final" / "sft.json").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ppo_recipe_takes_output_dir_and_dtype_from_config(local_dirs, tmp_path):
+    _, paths = local_dirs
     cfg = tmp_path / "ppo.yaml"
-    cfg.write_text(f"variant: j-hydra\nsteps: 2\nmodel: {{path: {tmp_path / 'sft' / 'final'}}}\n"
-                   f"data: {{prompt_path: {paths['ppo']}}}\nrun: {{output_dir: {tmp_path / 'ppo'}}}\n")
-    assert cli_main(["ppo", "--config", str(cfg), "--merge-to", str(tmp_path / "merged"), *PPO_SMALL]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["steps"] == 2 and (tmp_path / "merged" / "config.json").is_file()
+    cfg.write_text("steps: 1\nbatch_size: 2\nmini_batch_size: 2\nppo_epochs: 1\nmax_new_tokens: 3\nlora: {r: 2}\n"
+                   f"model: {{dtype: bfloat16}}\nrun: {{output_dir: {tmp_path / 'mine'}, progress: false}}\n")
+    proc = recipe("hydra_ppo", "--sft", paths["sft"], "--prompts", paths["prompts"], "--config", cfg, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert info["output_dir"] == str(tmp_path / "mine")
+    assert info["merged_policy"] == str(tmp_path / "mine" / "merged")
+    assert not (tmp_path / "runs").exists()
+    merged = json.loads((tmp_path / "mine" / "merged" / "config.json").read_text())
+    assert merged["dtype"] == "bfloat16"                  # the policy trained in the dtype asked for
 
 
-def test_cli_errors_name_the_setting(local, tmp_path, capsys):
-    root, paths = local
-    assert cli_main(["sft", f"data.sft_path={paths['sft']}"]) == 2
-    assert "model.path" in capsys.readouterr().err
-    assert cli_main(["ppo", f"model.path={tmp_path}", "data.prompt_path=/nonexistent.jsonl"]) == 2
-    assert "nonexistent" in capsys.readouterr().err
-    assert cli_main(["sft", f"model.path={root / 'model'}", f"data.sft_path={paths['sft']}", "epochs=0"]) == 2
-    assert "epochs" in capsys.readouterr().err
+@pytest.mark.parametrize("name, args, needle", [
+    ("hydra_sft", ["--sft", "{demos}", "lr=abc"], "lr"),
+    ("hydra_sft", ["--sft", "{root}/missing.jsonl"], "missing.jsonl"),
+    ("hydra_ppo", ["--sft", "{sft}", "--prompts", "{prompts}", "--reward-fn", "{root}/missing.py:reward"],
+     "missing.py"),
+    ("hydra_ppo", ["--sft", "{model}", "--prompts", "{prompts}"], "Hydra-SFT"),
+])
+def test_recipe_errors_are_one_line(local_dirs, tmp_path, name, args, needle):
+    root, paths = local_dirs
+    fmt = {k: str(v) for k, v in paths.items()} | {"root": str(root)}
+    if name == "hydra_sft":
+        args = ["--model", str(paths["model"]), *args]
+    proc = recipe(name, *(a.format(**fmt) for a in args), "run.progress=false", cwd=tmp_path)
+    assert_one_line_error(proc, needle)
