@@ -1,8 +1,7 @@
 """key=value overrides on both sides of an option (`... run.output_dir=x --merge-to y steps=2`).
 
-Before: argparse took only the overrides before the first option; those after it were "unrecognized
-arguments: steps=2 ..." (exit 2 with the usage), although they are the documented syntax. Same in the python/
-recipes (`--model m lr=1e-3 --epochs 1 lora.r=4`).
+Overrides after an option are applied as the documented syntax says, in the CLI and in the python/ recipes
+(`--model m lr=1e-3 --epochs 1 lora.r=4`), never "unrecognized arguments".
 """
 import json
 import subprocess

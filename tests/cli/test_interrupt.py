@@ -1,8 +1,6 @@
 """Ctrl-C in the middle of `hydra-rlhf ppo`, then the same command again (python -m hydra_kernels.cli).
 
-Before: a KeyboardInterrupt traceback of ~40 lines ending inside torch, and nothing said whether running the
-command again would continue or start over. Now: one line saying where the run will continue from, exit
-status 130 (128 + SIGINT, as shells report it); the same command then finishes the run, to the same result as
+Expected: no traceback, one line saying where the run will continue from, exit status 130 (128 + SIGINT, as shells report it); the same command then finishes the run, to the same result as
 a run never interrupted.
 """
 import json

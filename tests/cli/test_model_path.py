@@ -1,10 +1,8 @@
 """A wrong model.path / model.tokenizer_path on the command line (python -m hydra_kernels.cli).
 
-Before: a directory that does not exist gave "model.path: cannot load ... Repo id must be in the form
-'repo_name' or 'namespace/repo_name'" (the Hub's message: nothing said the directory is missing); a directory
-without a model gave transformers' "Unrecognized model in ..." without the setting's name; a bad
-model.tokenizer_path was reported as model.path (sft) or as the Hub's message (ppo); ppo on a directory that
-is not a Hydra-SFT output named the setting "path".
+Each error is one line naming the setting (model.path or model.tokenizer_path) and what is wrong: the
+directory does not exist (never the Hub's repo-id message), it holds no model, or (ppo) it is not a Hydra-SFT
+output.
 """
 import pytest
 

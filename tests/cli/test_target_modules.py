@@ -1,9 +1,7 @@
 """lora.target_modules on the command line: a name list written as `q_proj,v_proj` or a single name.
 
-Before: the config accepted any string, the model was loaded, and only then patch_model refused it with
-"target_modules: expected 'all-linear' or a list ..." (not the setting's dotted name, no syntax hint); in PPO
-this came after the SFT model had been loaded. Now the config refuses it up front, naming lora.target_modules
-and showing the list syntax.
+A bad value is refused by the config before any model is loaded, naming lora.target_modules and showing the
+list syntax.
 """
 import pytest
 

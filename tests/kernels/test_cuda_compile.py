@@ -328,8 +328,7 @@ def test_launchers_on_a_fake_runtime(builds, tmp_path):
     """The host launchers of csrc/*.cu run for real against a stand-in for libcudart (cuda_host/fake_cudart.cpp)
     that enforces the runtime's launch rules and logs every launch: a process that meets several LoRA shapes,
     both 16-bit dtypes and two devices opts every main-kernel instantiation into its > 48 KiB of shared memory
-    (the opt-in used to be cached once for all instantiations, so the second shape failed with 'invalid
-    argument'); PDL only on sm_90 and only behind the shrink kernel; split-K clamped to the K tiles; log-prob
+    (the opt-in is per instantiation, so a second shape never fails with 'invalid argument'); PDL only on sm_90 and only behind the shrink kernel; split-K clamped to the K tiles; log-prob
     grids on axis x, capped at max_blocks."""
     for name in EXPECTED_KERNELS:
         _compiled(builds, name)
@@ -506,9 +505,8 @@ SMEM_OPTINS = {"sm_86/sm_89": 99 * 1024, "A100": 163 * 1024, "H100": 227 * 1024}
 @pytest.mark.parametrize("device", sorted(SMEM_OPTINS))
 def test_lora_small_supported_iff_a_config_fits(device):
     """lora_small_supported (what dispatch asks) says yes exactly where lora_linear_forward finds a configuration
-    (lora_small_config) within the device's shared memory: it used to assume 163 KiB on every GPU, so on a 99 KiB
-    part (A10, L4, L40S, RTX 30xx/40xx) `auto` chose the CUDA kernel for e.g. 2 x 64 rows and the launcher raised
-    'does not fit the CUDA kernel's shared memory'."""
+    (lora_small_config) within the device's own shared memory, 99 KiB parts (A10, L4, L40S, RTX 30xx/40xx) as
+    well as 163 KiB ones, so `auto` never picks a shape the launcher refuses."""
     from hydra_kernels.kernels.cuda import lora_small_config, lora_small_supported
     optin = SMEM_OPTINS[device]
     seen = set()

@@ -1,8 +1,7 @@
-"""Review test of the eager target check of ops.token_logprobs / ops.logprobs_and_kl with uint8 targets.
+"""The eager target check of ops.token_logprobs / ops.logprobs_and_kl with uint8 targets.
 
-The op compares targets with ignore_index in int64. The eager check compared the uint8 tensor with the Python
-int -100, which torch wraps to uint8 156: a target of 156 (out of range for V <= 156) passed the check as
-"ignored" and the op, which does not ignore it, returned NaN instead of raising ValueError.
+Targets are compared with ignore_index in int64: a uint8 target of 156 is out of range for V <= 156 and raises
+ValueError; it is not the wrapped -100 (uint8 156) and so never "ignored".
 """
 import pytest
 import torch

@@ -1,10 +1,8 @@
-"""Review test: autograd through reference.py gives the ops' gradients, the frozen reference included.
+"""Autograd through reference.py gives the ops' gradients, the frozen reference included.
 
-reference.py says "autograd through these gives the reference gradients", and the ops document that the
-reference side is a constant: ops.logprobs_and_kl never sends a gradient to ref_logits, ops.linear_logprobs
-sends KL's gradient to stream 0 only (stream 1 gets its own logp/entropy gradients). The references did route
-KL's gradient into ref_logits / hidden stream 1, so they disagreed with the ops whenever the reference side
-required grad (the ops' tests had to rebuild the KL with .detach() to get a usable truth).
+The reference side is a constant of the KL: ops.logprobs_and_kl never sends a gradient to ref_logits, and
+ops.linear_logprobs sends KL's gradient to stream 0 only (stream 1 gets its own logp/entropy gradients). The
+references must agree even when the reference side requires grad.
 """
 import pytest
 import torch

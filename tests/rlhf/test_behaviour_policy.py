@@ -5,10 +5,9 @@ agreement at step 0; this checks the sampled path at temperature != 1 with an ac
 reference: log_softmax(generation logits / T) at each sampled token == models.score's logprobs (and the
 reference log-probs are the reference policy's, at the same temperature).
 
-In a bf16 model too: generation samples from fp32 logits (models.PolicyHandle, never rounded to bf16). The
-lora / full baselines used to score and update from the LM head's own output, bf16-rounded logits, so their
-old and reference log-probs and KL were those of another distribution than the one sampled (up to 0.02
-nats per token on the tiny model below; DESIGN.md pitfall: much more on real vocabularies and logit scales).
+In a bf16 model too, for every variant: generation samples from fp32 logits (never rounded to bf16), and
+scoring and the update use the same fp32 logits, so old and reference log-probs and KL are those of the
+distribution sampled (DESIGN.md pitfall: bf16-rounded logits differ by up to 0.02 nats per token here).
 """
 import pytest
 import torch

@@ -49,8 +49,7 @@ def _default_ppo():
     from hydra_kernels.rlhf.config import PPOConfig
     # kl_coef 2: Bradley–Terry fixes only reward differences, and after Hydra-SFT the head's scores spread over
     # several units (±5..±15 across prompts), so β must be large in absolute terms for β·KL to matter. With the
-    # usual 0.05 the policy drifted to KL ~1 nat and gained little on held-out prompts (seeds 1, 2); with 2,
-    # measured 2026-11-21: seed 0 gold +0.142 +- 0.017 at KL 0.235 nats, seed 1 +0.160 +- 0.021 at KL 0.314.
+    # usual 0.05 the policy drifts to KL ~1 nat and gains little on held-out prompts (numbers: bench/results).
     # vf_coef 0.5 with max_grad_norm 5: the early value loss is large (the value head starts as the reward
     # head) and, clipped jointly at 1.0, it would shrink the policy's updates too.
     return PPOConfig(variant="hydra", steps=100, batch_size=128, mini_batch_size=32, ppo_epochs=2, lr=1e-3,
