@@ -32,6 +32,7 @@ from hydra_kernels.rlhf.config import config_to_dict
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
 PREFIX = "step-"
+CHECKPOINT_MARKER = "state.json"        # the kind write_dir_atomically records in a checkpoint's directory
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -133,7 +134,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.
             json.dump(state, f, indent=1, sort_keys=True)
 
     root = Path(root)
-    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill, marker="state.json")
+    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill, marker=CHECKPOINT_MARKER)
     found = list_checkpoints(root)
     mine = found.index(out)
     for old in found[:max(mine + 1 - keep, 0)] + found[mine + 1:]:
@@ -331,7 +332,7 @@ def load_policy(path: str | os.PathLike, models) -> dict:
     return meta
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+__all__ = ["CHECKPOINT_MARKER", "Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
            "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES",
            "inputs_digest", "check_resume_inputs", "save_policy", "load_policy"]

@@ -187,8 +187,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     train/* epoch means, eval/*}), one every `logging_steps` steps ({"step", "epoch" (fractional), "lr",
     train/* means since the last such record}) and one every `eval_steps` steps ({"step", "epoch", eval/*});
     a checkpoint to <output_dir>/checkpoints every run.checkpoint_every
-    optimizer-loop STEPS (global over all epochs, skipped non-finite steps included) and every
-    run.checkpoint_minutes (none after the last step, whose result goes to final), and the result to
+    optimizer-loop STEPS (global over all epochs, skipped non-finite steps included), every
+    run.checkpoint_minutes and after the last step (before final/ is written), and the result to
     <output_dir>/final (HF model dir + reward_head.safetensors +
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
@@ -270,9 +270,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     start_epoch, start_s = divmod(start, steps_per_epoch)
 
     def checkpoint(done: int, epoch_partial: dict | None) -> None:
-        """After `done` loop steps, never after the last one (final follows at once); epoch_partial: the running
-        sums of an unfinished epoch (None at its end, when the history holds it)."""
-        if done < total and run.due(done):
+        """After `done` loop steps when due, and always after the last one: a failed final/ save (a full disk)
+        then resumes to the result without a step redone. epoch_partial: the running sums of an unfinished
+        epoch (None at its end, when the history holds it)."""
+        if done == total or run.due(done):
             run.checkpoint(done, named, optimizer, {"scheduler": scheduler.state_dict(), "history": run.history,
                                                     "skipped": skipped, "steps_per_epoch": steps_per_epoch,
                                                     "epoch_partial": epoch_partial, "log_window": window})
