@@ -94,6 +94,14 @@ def _rewards(reward_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return reward_head(h[:, -1].float()).squeeze(-1)
 
 
+def _wins(r: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Per pair of a _pair_batch: r(chosen) > r(rejected), False for a pair whose two rows are the same tokens
+    (their scores differ only by float noise of the batched forward); an equal score is no win either."""
+    k = r.shape[0] // 2
+    same = ((batch.input_ids[:k] == batch.input_ids[k:]) & (batch.attention_mask[:k] == batch.attention_mask[k:]))
+    return (r[:k] > r[k:]) & ~same.all(dim=1)
+
+
 def _forward(model, batch: TokenBatch) -> torch.Tensor:
     h, _ = decoder_forward(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     return h[0]
@@ -104,7 +112,8 @@ def _forward(model, batch: TokenBatch) -> torch.Tensor:
 def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[PreferencePair], cfg: SFTConfig,
                    batch_size: int | None = None) -> dict:
     """On preference pairs: LM loss on the chosen responses (nats/token), reward accuracy (share with
-    r_chosen > r_rejected) and mean margin r_chosen − r_rejected."""
+    r_chosen > r_rejected; equal scores and pairs whose chosen and rejected are the same tokens count as wrong)
+    and mean margin r_chosen − r_rejected."""
     if not pairs:
         raise ValueError("pairs: need at least one pair to evaluate")
     check_tokenizer(tokenizer)
@@ -121,7 +130,7 @@ def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[Pre
             r = _rewards(reward_head, h)
             k = len(chunk)
             d = r[:k] - r[k:]
-            correct += int((d > 0).sum())
+            correct += int(_wins(r, batch).sum())
             margin += float(d.sum())
             chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
                                                   batch.loss_mask)))
@@ -326,7 +335,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             r = _rewards(head, h)
             k = len(chunk)
             bt = -F.logsigmoid(r[:k] - r[k:]).mean()
-            acc = float((r[:k] > r[k:]).float().mean())
+            acc = float(_wins(r.detach(), batch).float().mean())
             if cfg.lm_on_chosen:
                 chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
                                                       batch.position_ids, batch.loss_mask)))
