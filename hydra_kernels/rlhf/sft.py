@@ -46,12 +46,15 @@ SFT_ADAPTER = "sft"
 class SFTResult:
     """model: the causal LM with the SFT result in its base weights (unpatched, eval mode, frozen);
     reward_head: nn.Linear(hidden, 1) in fp32; metrics: the final held-out evaluation; history: the metrics
-    records (one per epoch, and those of logging_steps / eval_steps)."""
+    records (one per epoch, and those of logging_steps / eval_steps); reward_head_trained: whether the reward
+    head learnt anything (False after a run without preference pairs, or with reward_coef=0: its scores are
+    those of its random initialisation; recorded in sft.json, and PPO / GRPO refuse to use such a head)."""
     model: nn.Module
     reward_head: nn.Linear
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
+    reward_head_trained: bool = True
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -409,7 +412,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             raise ValueError(f"model: parameter {name!r} is not finite after SFT; nothing was saved")
     history = run.history
     final = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
-    result = SFTResult(model, head, final, history, None)
+    result = SFTResult(model, head, final, history, None, reward_head_trained=bool(pairs) and cfg.reward_coef > 0)
     result.output_dir = run.save_final(save_sft, result, tokenizer, cfg)
     return result
 
@@ -427,10 +430,26 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.reward_head.state_dict().items()},
                   str(tmp / "reward_head.safetensors"))
         meta = {"format": "hydra_kernels.rlhf.sft", "hidden_size": result.reward_head.in_features,
-                "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None}
+                "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None,
+                "reward_head_trained": bool(result.reward_head_trained)}
         with open(tmp / "sft.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     return write_dir_atomically(out_dir, fill, marker="sft.json")
+
+
+def read_reward_head_trained(path: str | os.PathLike) -> bool:
+    """Whether the Hydra-SFT result in `path` trained its reward head (sft.json's reward_head_trained; a result
+    written before that was recorded counts as trained). ValueError naming path for an unreadable sft.json."""
+    try:
+        with open(Path(path) / "sft.json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"path: {str(path)!r}: sft.json is not readable ({e})") from None
+    trained = meta.get("reward_head_trained", True) if isinstance(meta, dict) else None
+    if not isinstance(trained, bool):
+        raise ValueError(f"path: {str(Path(path) / 'sft.json')!r}: reward_head_trained must be true or false, "
+                         f"got {trained!r}")
+    return trained
 
 
 def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
@@ -451,4 +470,4 @@ def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
 
 __all__ = ["hydra_sft", "SFTResult", "evaluate_pairs", "evaluate_demonstrations", "save_sft", "load_sft",
-           "SFT_ADAPTER"]
+           "read_reward_head_trained", "SFT_ADAPTER"]
