@@ -204,9 +204,11 @@ def inputs_digest(*, modules: dict | None = None, data: dict | None = None, valu
     """Short digests of what a run starts from, keyed by the setting that names it (e.g. "model.path",
     "data.prompt_path"): for each module, its parameters' names, shapes, dtypes and up to `values` evenly
     spaced entries each (cheap even for a large model, and independent of its device); for each data entry, every
-    record. Stored with checkpoints so that a run on other inputs is not resumed from them (`check_resume_inputs`)."""
+    record. Stored with checkpoints so that a run on other inputs is not resumed from them (`check_resume_inputs`).
+    Each module also gets one entry per parameter, "<name>/<parameter>", so that a refusal names the tensors
+    that differ."""
     import hashlib
-    out = {}
+    out, parts = {}, {}
     for name, module in (modules or {}).items():
         h = hashlib.sha256()
         with torch.no_grad():
@@ -215,24 +217,37 @@ def inputs_digest(*, modules: dict | None = None, data: dict | None = None, valu
                 n = flat.numel()
                 if n > values:
                     flat = flat[torch.linspace(0, n - 1, values, device=flat.device).round().long()]
-                h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
-                h.update(flat.float().cpu().numpy().tobytes())
+                head, entries = f"{pname}:{tuple(p.shape)}:{p.dtype};".encode(), flat.float().cpu().numpy().tobytes()
+                h.update(head)
+                h.update(entries)
+                parts[f"{name}/{pname}"] = hashlib.sha256(head + entries).hexdigest()[:16]
         out[name] = h.hexdigest()[:16]
     for name, records in (data or {}).items():
         h = hashlib.sha256()
         for r in records:
             h.update(repr(r).encode("utf-8", "surrogatepass") + b"\n")
         out[name] = h.hexdigest()[:16]
-    return out
+    return {**out, **parts}
 
 
 def check_resume_inputs(saved: dict | None, current: dict[str, str], checkpoint: str | os.PathLike) -> None:
-    """ValueError naming each input whose digest differs from the one stored with `checkpoint` (older
-    checkpoints store none: nothing to check)."""
-    diffs = [k for k in current if saved and k in saved and saved[k] != current[k]]
+    """ValueError naming each input whose digest differs from the one stored with `checkpoint`, and for a
+    module the parameters that differ, where the checkpoint stored theirs (older checkpoints store no digests:
+    nothing to check)."""
+    diffs = [k for k in current if "/" not in k and saved and k in saved and saved[k] != current[k]]
     if diffs:
+        def detail(k):
+            if not any(p.startswith(k + "/") for p in saved):
+                return f"{k}: other contents"
+            params = [p.split("/", 1)[1] for p in current if p.startswith(k + "/") and p in saved
+                      and saved[p] != current[p]]
+            gone = sorted({p.split("/", 1)[1] for p in set(saved) ^ set(current) if p.startswith(k + "/")})
+            what = [f"parameters {', '.join(params[:3])}{' ...' if len(params) > 3 else ''} differ"] if params else []
+            what += [f"parameters {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} only on one side"] if gone \
+                else []
+            return f"{k}: other contents" + (f" ({'; '.join(what)})" if what else "")
         raise ValueError(f"run.output_dir: {str(checkpoint)!r} is a checkpoint of a run that started from other "
-                         f"inputs ({', '.join(diffs)}: other contents). Use another run.output_dir, or "
+                         f"inputs ({'; '.join(detail(k) for k in diffs)}). Use another run.output_dir, or "
                          f"run.resume=false to replace that run")
 
 
