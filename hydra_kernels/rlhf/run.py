@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 
 from hydra_kernels.integrations.checkpoint import check_replaceable, remove_leftovers
-from hydra_kernels.rlhf.checkpoint import (CHECKPOINT_MARKER, Checkpoint, CheckpointSchedule, check_resume_config,
-                                           check_resume_inputs, copy_params_, latest_checkpoint, load_checkpoint,
-                                           restore_rng, save_checkpoint)
+from hydra_kernels.rlhf.checkpoint import (CHECKPOINT_MARKER, Checkpoint, CheckpointSchedule, check_optimizer_state,
+                                           check_resume_config, check_resume_inputs, copy_params_, latest_checkpoint,
+                                           load_checkpoint, restore_rng, save_checkpoint)
 from hydra_kernels.rlhf.checkpoint import PREFIX as CHECKPOINT_PREFIX
 from hydra_kernels.rlhf.config import config_to_dict
 from hydra_kernels.rlhf.logging import MetricsLogger, check_reporters, notice
@@ -77,6 +77,7 @@ class Run:
         self.history: list[dict] = []
         self.schedule: CheckpointSchedule | None = None
         self.last_checkpoint: Path | None = None
+        self.last_resumed: Path | None = None           # the checkpoint `start` resumed from
         self._log = self._bar = self._logger = None
         self._defer = self._in_logging = False
 
@@ -99,9 +100,11 @@ class Run:
             if check is not None:
                 check(ck)
             copy_params_(params, ck.params, str(last))
+            check_optimizer_state(ck.optimizer_state, optimizer, last)
             optimizer.load_state_dict(ck.optimizer_state)
             restore_rng(ck.rng_meta, ck.rng_tensors)
             start, state = ck.step, ck.trainer_state
+            self.last_resumed = last
             notice(f"resuming from step {start} ({last})")
         self.schedule = CheckpointSchedule(self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes)
         return start, state

@@ -248,7 +248,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
               {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    def lr_factor(s: int) -> float:
+        return min(1.0, (s + 1) / warm) if warm else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     trainable = body + list(head.parameters())
 
     bs = cfg.batch_size
@@ -277,6 +280,17 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     window = {"sums": {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}, "counted": 0}
     if state is not None:
         scheduler.load_state_dict(state["scheduler"])
+        # The lr a checkpoint holds is the schedule's at its step, from this run's lr / head_lr (Run.start
+        # checked the initial ones): any other value was edited in, and would be used for a step.
+        where = str(run.last_resumed / "state.json")
+        for i, (g, base) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs)):
+            if base != g["initial_lr"]:
+                raise ValueError(f"{where!r}: field trainer_state.scheduler.base_lrs[{i}] is {base!r}, this run's "
+                                 f"settings give {g['initial_lr']!r}")
+            want = g["initial_lr"] * lr_factor(scheduler.last_epoch)
+            if not math.isclose(g["lr"], want, rel_tol=1e-12):
+                raise ValueError(f"{where!r}: field optimizer.param_groups[{i}].lr is {g['lr']!r}, the schedule "
+                                 f"gives {want!r} after {scheduler.last_epoch} steps")
         history, skipped, partial = state["history"], state["skipped"], state["epoch_partial"]
         window = state.get("log_window", window)
     start_epoch, start_s = divmod(start, steps_per_epoch)
