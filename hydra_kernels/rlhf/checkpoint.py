@@ -167,7 +167,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "epochs", "model.path", "model.tokenizer_path", "model.activation_checkpointing",
     "data.sft_path", "data.preference_path", "data.prompt_path",
     "run.output_dir", "run.device", "run.checkpoint_every", "run.checkpoint_minutes", "run.keep_checkpoints",
-    "run.resume", "run.progress", "run.metrics_file", "run.report_to", "model.trust_remote_code",
+    "run.resume", "run.progress", "run.metrics_file", "run.report_to", "run.threads", "model.trust_remote_code",
     "model.allow_untested"})
 
 

@@ -228,7 +228,11 @@ class RunConfig(_Section):
     resume: bool = setting(True, "continue from the last checkpoint in output_dir; false: start over, and this "
                                  "run's checkpoints replace the old ones")
     progress: bool = setting(True, "tqdm progress bars (the CLI's --no-progress sets false)")
-    metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir")
+    metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir (and inside it)")
+    threads: int | None = setting(None, "torch's CPU threads (torch.set_num_threads, for the whole process); null = "
+                                        "1 for a model under 20M parameters on the CPU (faster, and no collapse when "
+                                        "another process shares the cores: rlhf.threads), else torch's default",
+                                  ge=1, le=4096)
     report_to: Literal[REPORTERS] | list[Literal[REPORTERS]] = setting(
         ["jsonl"], "where metrics go, one or several: jsonl (metrics_file, always written: resume reads it), csv "
                    "(metrics.csv), tensorboard (event files in tensorboard/), wandb (offline unless WANDB_MODE "

@@ -34,6 +34,7 @@ from hydra_kernels.rlhf.ppo import batch_indices
 from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import CriticFree, PolicyScores, build_critic_free
 
 
@@ -345,6 +346,7 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     if reward_head is not None:
         reward_head = reward_head.to(device)
     rewards = build_rewards(source, reward_fn, reward_weights=cfg.reward_weights, reward_model=cfg.reward_model,

@@ -35,6 +35,7 @@ from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
 from hydra_kernels.rlhf.scoring import Scores
+from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import build_ppo_models
 
 # (prompts, completions, ended) -> one float each, or TRL's f(prompts, completions, **kwargs) (rlhf.rewards)
@@ -287,6 +288,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     fresh_head = reward_head is None
     if fresh_head:
         reward_head = new_reward_head(model, torch.Generator(device=device).manual_seed(

@@ -38,6 +38,7 @@ from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_
 from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.run import Run, derived_seed, seed_everything
 from hydra_kernels.rlhf.scoring import IGNORE_INDEX
+from hydra_kernels.rlhf.threads import set_threads
 
 SFT_ADAPTER = "sft"
 
@@ -233,6 +234,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     head = new_reward_head(model, torch.Generator(device=device).manual_seed(derived_seed(cfg.run.seed, 0, 6)))
 
     if cfg.mode == "lora":
