@@ -212,8 +212,9 @@ class Run:
                        f"again with run.resume=true (the default) to write final/ without training again")
             else:
                 how = "no checkpoint holds the last step; the run has to be repeated"
-            raise OSError(getattr(e, "errno", None), f"run.output_dir: writing {str(self.final)!r} failed "
-                          f"({type(e).__name__}: {e}); {how}") from e
+            message = f"run.output_dir: writing {str(self.final)!r} failed ({type(e).__name__}: {e}); {how}"
+            errno = getattr(e, "errno", None)
+            raise (OSError(errno, message) if errno is not None else OSError(message)) from e
 
 
 def metrics_path(out: Path, metrics_file: str) -> Path:
@@ -244,7 +245,8 @@ def read_metrics_file(path: Path) -> list[dict]:
         try:
             rec = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"run.metrics_file: {path}:{i} is not valid JSON ({e}); fix or remove that line")
+            raise ValueError(f"run.metrics_file: {path}:{i} is not valid JSON ({e}); fix or remove that "
+                             f"line") from None
         if not isinstance(rec, dict):
             raise ValueError(f"run.metrics_file: {path}:{i} is not a JSON object (got {type(rec).__name__})")
         records.append(rec)

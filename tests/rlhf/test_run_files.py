@@ -182,3 +182,15 @@ def test_a_failed_final_save_names_the_path_and_the_resume(tmp_path):
     assert e.value.errno == 28
     with pytest.raises(ValueError, match="^not finite$"):     # a ValueError is the caller's and passes unchanged
         run.save_final(lambda path: (_ for _ in ()).throw(ValueError("not finite")))
+
+
+def test_a_safetensors_error_of_the_final_save_is_reported_the_same_way(tmp_path):
+    from safetensors import SafetensorError
+    run = _run(tmp_path)
+
+    def torn(path):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })")
+    with pytest.raises(OSError, match=r"^run.output_dir: writing '.*final' failed \(SafetensorError: .*FileTooLarge.*"
+                                      r"no checkpoint holds the last step") as e:
+        run.save_final(torn)
+    assert e.value.errno is None
