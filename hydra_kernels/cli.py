@@ -175,6 +175,8 @@ def _reward_fns(args, cfg) -> list:
 def _ppo(args) -> int:
     from hydra_kernels import rlhf
     from hydra_kernels.rlhf.data import check_source, load_prompt_data
+    from hydra_kernels.rlhf.rewards import check_reward_head_trained
+    from hydra_kernels.rlhf.sft import read_reward_head_trained
 
     if args.samples < 0:
         raise ValueError(f"--samples: must be >= 0, got {args.samples}")
@@ -208,6 +210,8 @@ def _ppo(args) -> int:
         raise ValueError(f"model.path: {path!r} is not a Hydra-SFT output (no sft.json), so it has no reward head "
                          f"(reward_source=head): give the final/ directory that `hydra-rlhf sft` wrote under its "
                          f"run.output_dir, or train this model on a reward function with --reward-fn")
+    head_trained = not from_sft or read_reward_head_trained(path)
+    check_reward_head_trained(cfg.reward_source, head_trained, cfg.allow_untrained_reward_head)   # before loading
     tok = load_tokenizer(cfg.model.tokenizer_path or path,
                          "model.tokenizer_path" if cfg.model.tokenizer_path else "model.path",
                          trust_remote_code=cfg.model.trust_remote_code)
@@ -222,7 +226,8 @@ def _ppo(args) -> int:
         model, head = load_causal_lm(path, name="model.path", dtype=getattr(torch, cfg.model.dtype),
                                      trust_remote_code=cfg.model.trust_remote_code), None
         rlhf.add_pad_token(tok, model)
-    result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn)
+    result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn,
+                            reward_head_trained=head_trained)
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
         info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
@@ -262,6 +267,7 @@ def _grpo(args) -> int:
     from hydra_kernels.rlhf.data import check_source, load_prompt_data
     from hydra_kernels.rlhf.grpo import reward_source
     from hydra_kernels.rlhf.models import load_tokenizer
+    from hydra_kernels.rlhf.sft import read_reward_head_trained
 
     cfg = rlhf.load_config(rlhf.GRPOConfig, args.config, _progress_overrides(args, _reward_overrides(args)))
     args.run_cfg = cfg.run
@@ -287,7 +293,8 @@ def _grpo(args) -> int:
         rlhf.add_pad_token(tok, model)
     # Rows, not only the prompt strings: their other columns reach TRL-style reward functions as kwargs.
     prompts = load_prompt_data(prompt_path, tok).records
-    result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head)
+    result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head,
+                             reward_head_trained=head is None or read_reward_head_trained(path))
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
         info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))

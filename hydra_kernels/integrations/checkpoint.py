@@ -22,7 +22,8 @@ from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, p
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
-           "save_merged", "check_replaceable", "write_dir_atomically", "read_dir_marker", "CONFIG_NAME",
+           "save_merged", "check_replaceable", "write_dir_atomically", "read_dir_marker", "remove_leftovers",
+           "CONFIG_NAME",
            "WEIGHTS_NAME", "DIR_MARKER", "MERGED_KIND"]
 
 CONFIG_NAME = "hydra_config.json"
@@ -314,6 +315,48 @@ def check_replaceable(out_dir, *, name: str = "out_dir", marker: str | None = No
                          "empty directory")
 
 
+_TMP, _OLD = ".tmp-", ".old-"       # write_dir_atomically's names beside out_dir: .<name>.tmp-*, .<name>.old-*
+
+
+def remove_leftovers(parent, names: str, *, marker: str | None) -> list[Path]:
+    """Remove what write_dir_atomically left in `parent` when killed while writing a result named like the glob
+    `names` (e.g. "final", "step-*") of kind `marker`: its temporary directories, and the earlier results it
+    had swapped out, except that an earlier result whose place is empty is renamed back (the kill came between
+    the two renames). Only directories holding write_dir_atomically's marker of that kind (or empty ones) are
+    touched; anything else of such a name is left alone. Returns the paths removed. Call it only where no other
+    process writes the same results at the same time."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    removed = []
+
+    def ours(d: Path) -> bool:
+        if d.is_symlink() or not d.is_dir():
+            return False
+        try:
+            with open(d / DIR_MARKER) as f:
+                found = json.load(f)
+        except FileNotFoundError:
+            return not any(d.iterdir())        # killed before the marker was written
+        except (OSError, ValueError):
+            return False
+        return isinstance(found, dict) and found.get("format") == DIR_MARKER_FORMAT and found.get("kind") == marker
+
+    olds = sorted((d for d in parent.glob(f".{names}{_OLD}*") if ours(d)), key=lambda d: d.stat().st_mtime)
+    for d in olds[::-1]:
+        target = parent / d.name[1:d.name.rindex(_OLD)]
+        if not target.exists() and not target.is_symlink() and read_dir_marker(d) is not None:
+            os.replace(d, target)
+            continue
+        shutil.rmtree(d)
+        removed.append(d)
+    for d in parent.glob(f".{names}{_TMP}*"):
+        if ours(d):
+            shutil.rmtree(d)
+            removed.append(d)
+    return removed
+
+
 def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = None, *, name: str = "out_dir",
                          foreign: tuple[str, ...] = ()) -> Path:
     """Call fill(tmp_dir) on a temporary directory beside out_dir, add the DIR_MARKER file (kind `marker`, the
@@ -327,8 +370,12 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = 
     check_replaceable(out_dir, name=name, marker=marker, foreign=foreign)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_TMP}", dir=out.parent))
     try:
+        # A partial marker first (no entries: never taken for a result), so that remove_leftovers knows this
+        # directory for one of ours if a kill leaves it behind.
+        with open(tmp / DIR_MARKER, "w") as f:
+            json.dump({"format": DIR_MARKER_FORMAT, "kind": marker, "entries": None}, f)
         fill(tmp)
         entries = sorted(e.name for e in tmp.iterdir() if e.name != DIR_MARKER)
         with open(tmp / DIR_MARKER, "w") as f:
@@ -341,7 +388,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = 
             fsync_path(d)                     # the entries: a durable rename of a directory could lose its files
         old = None
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{out.name}{_OLD}{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
         os.replace(tmp, out)
         fsync_path(out.parent)

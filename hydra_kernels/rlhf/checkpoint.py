@@ -32,6 +32,7 @@ from hydra_kernels.rlhf.config import config_to_dict
 FORMAT = "hydra_kernels.rlhf.checkpoint"
 VERSION = 1
 PREFIX = "step-"
+CHECKPOINT_MARKER = "state.json"        # the kind write_dir_atomically records in a checkpoint's directory
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -133,7 +134,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.
             json.dump(state, f, indent=1, sort_keys=True)
 
     root = Path(root)
-    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill, marker="state.json")
+    out = write_dir_atomically(root / f"{PREFIX}{step:08d}", fill, marker=CHECKPOINT_MARKER)
     found = list_checkpoints(root)
     mine = found.index(out)
     for old in found[:max(mine + 1 - keep, 0)] + found[mine + 1:]:
@@ -166,7 +167,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "epochs", "model.path", "model.tokenizer_path", "model.activation_checkpointing",
     "data.sft_path", "data.preference_path", "data.prompt_path",
     "run.output_dir", "run.device", "run.checkpoint_every", "run.checkpoint_minutes", "run.keep_checkpoints",
-    "run.resume", "run.progress", "run.metrics_file", "run.report_to", "model.trust_remote_code",
+    "run.resume", "run.progress", "run.metrics_file", "run.report_to", "run.threads", "model.trust_remote_code",
     "model.allow_untested"})
 
 
@@ -203,9 +204,11 @@ def inputs_digest(*, modules: dict | None = None, data: dict | None = None, valu
     """Short digests of what a run starts from, keyed by the setting that names it (e.g. "model.path",
     "data.prompt_path"): for each module, its parameters' names, shapes, dtypes and up to `values` evenly
     spaced entries each (cheap even for a large model, and independent of its device); for each data entry, every
-    record. Stored with checkpoints so that a run on other inputs is not resumed from them (`check_resume_inputs`)."""
+    record. Stored with checkpoints so that a run on other inputs is not resumed from them (`check_resume_inputs`).
+    Each module also gets one entry per parameter, "<name>/<parameter>", so that a refusal names the tensors
+    that differ."""
     import hashlib
-    out = {}
+    out, parts = {}, {}
     for name, module in (modules or {}).items():
         h = hashlib.sha256()
         with torch.no_grad():
@@ -214,24 +217,37 @@ def inputs_digest(*, modules: dict | None = None, data: dict | None = None, valu
                 n = flat.numel()
                 if n > values:
                     flat = flat[torch.linspace(0, n - 1, values, device=flat.device).round().long()]
-                h.update(f"{pname}:{tuple(p.shape)}:{p.dtype};".encode())
-                h.update(flat.float().cpu().numpy().tobytes())
+                head, entries = f"{pname}:{tuple(p.shape)}:{p.dtype};".encode(), flat.float().cpu().numpy().tobytes()
+                h.update(head)
+                h.update(entries)
+                parts[f"{name}/{pname}"] = hashlib.sha256(head + entries).hexdigest()[:16]
         out[name] = h.hexdigest()[:16]
     for name, records in (data or {}).items():
         h = hashlib.sha256()
         for r in records:
             h.update(repr(r).encode("utf-8", "surrogatepass") + b"\n")
         out[name] = h.hexdigest()[:16]
-    return out
+    return {**out, **parts}
 
 
 def check_resume_inputs(saved: dict | None, current: dict[str, str], checkpoint: str | os.PathLike) -> None:
-    """ValueError naming each input whose digest differs from the one stored with `checkpoint` (older
-    checkpoints store none: nothing to check)."""
-    diffs = [k for k in current if saved and k in saved and saved[k] != current[k]]
+    """ValueError naming each input whose digest differs from the one stored with `checkpoint`, and for a
+    module the parameters that differ, where the checkpoint stored theirs (older checkpoints store no digests:
+    nothing to check)."""
+    diffs = [k for k in current if "/" not in k and saved and k in saved and saved[k] != current[k]]
     if diffs:
+        def detail(k):
+            if not any(p.startswith(k + "/") for p in saved):
+                return f"{k}: other contents"
+            params = [p.split("/", 1)[1] for p in current if p.startswith(k + "/") and p in saved
+                      and saved[p] != current[p]]
+            gone = sorted({p.split("/", 1)[1] for p in set(saved) ^ set(current) if p.startswith(k + "/")})
+            what = [f"parameters {', '.join(params[:3])}{' ...' if len(params) > 3 else ''} differ"] if params else []
+            what += [f"parameters {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''} only on one side"] if gone \
+                else []
+            return f"{k}: other contents" + (f" ({'; '.join(what)})" if what else "")
         raise ValueError(f"run.output_dir: {str(checkpoint)!r} is a checkpoint of a run that started from other "
-                         f"inputs ({', '.join(diffs)}: other contents). Use another run.output_dir, or "
+                         f"inputs ({'; '.join(detail(k) for k in diffs)}). Use another run.output_dir, or "
                          f"run.resume=false to replace that run")
 
 
@@ -253,6 +269,51 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, source: str | os.PathLike) -> None:
+    """ValueError (naming `source`'s file and the field) unless an optimizer state_dict read from a checkpoint
+    fits `optimizer`, the one this run built from its own config: the same groups and parameter counts, the
+    same hyper-parameters (lr, betas, eps, weight_decay, ...: numbers; an lr a scheduler moves is compared by its
+    initial_lr), and state tensors of their parameter's shape, finite. Otherwise a value edited in state.json
+    would be used silently, and a state of the wrong shape crash a step later."""
+    state_file, tensor_file = Path(source) / "state.json", Path(source) / "tensors.safetensors"
+    fresh = optimizer.state_dict()["param_groups"]
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(fresh):
+        raise ValueError(f"{str(state_file)!r}: field optimizer.param_groups holds "
+                         f"{len(groups) if isinstance(groups, list) else groups!r} groups, this run has {len(fresh)}")
+
+    def hyper(v):
+        if isinstance(v, (list, tuple)):
+            return all(hyper(x) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def same(a, b):
+        return [*a] == [*b] if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+    for g, (have, want) in enumerate(zip(groups, fresh)):
+        if not isinstance(have, dict) or len(have.get("params", ())) != len(want["params"]):
+            raise ValueError(f"{str(state_file)!r}: field optimizer.param_groups[{g}].params does not match this "
+                             f"run's {len(want['params'])} parameters")
+        for key, value in want.items():
+            if key == "params" or not hyper(value) or (key == "lr" and "initial_lr" in want):
+                continue
+            if key not in have or not same(have[key], value):
+                raise ValueError(f"{str(state_file)!r}: field optimizer.param_groups[{g}].{key} is "
+                                 f"{have.get(key)!r}, this run's settings give {value!r}; a checkpoint's optimizer "
+                                 f"settings must be the run's own")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, st in saved.get("state", {}).items():
+        if not 0 <= int(idx) < len(params):
+            raise ValueError(f"{str(tensor_file)!r}: optimizer state for parameter {idx}, this run has "
+                             f"{len(params)}")
+        shape = tuple(params[int(idx)].shape)
+        for key, t in st.items():
+            if not torch.is_tensor(t):
+                continue
+            if t.dim() and tuple(t.shape) != shape:
+                raise ValueError(f"{str(tensor_file)!r}: tensor 'optim/{idx}/{key}' has shape {tuple(t.shape)}, "
+                                 f"its parameter {shape}")
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     try:
@@ -267,6 +328,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:                    # safetensors raises its own SafetensorError (and OSError)
         raise ValueError(f"path: {str(path)!r} is not a readable checkpoint: tensors.safetensors: {e}") from None
+    for key, t in tensors.items():            # weights and optimizer moments; save_checkpoint writes none
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"path: tensor {key!r} in {str(path / 'tensors.safetensors')!r} holds NaN or inf "
+                             f"values")
     params = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
     return Checkpoint(path, state["step"], params, unflatten_optimizer(state["optimizer"], tensors),
                       state["config"], state["trainer_state"], state["rng"],
@@ -315,14 +380,14 @@ def load_policy(path: str | os.PathLike, models) -> dict:
     """Load save_policy's tensors into `models` built with the same variant and LoRA settings; returns the
     JSON. Raises ValueError (nothing changes) for a directory without a saved policy, another variant, or
     tensors of other names or shapes."""
-    from safetensors.torch import load_file
+    from hydra_kernels.integrations.checkpoint import load_safetensors
     path = Path(path)
     try:
         with open(path / "policy.json") as f:
             meta = json.load(f)
-        tensors = load_file(str(path / "policy.safetensors"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"path: {str(path)!r} holds no saved policy: {e}") from None
+    tensors, _ = load_safetensors(path / "policy.safetensors", name="path")      # NaN / inf refused too
     if meta.get("variant") != models.variant:
         raise ValueError(f"path: saved variant {meta.get('variant')!r} does not match the models' {models.variant!r}")
     target = dict(models.named_trainable())
@@ -331,7 +396,7 @@ def load_policy(path: str | os.PathLike, models) -> dict:
     return meta
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
+__all__ = ["CHECKPOINT_MARKER", "Checkpoint", "save_checkpoint", "load_checkpoint", "check_optimizer_state",
+           "latest_checkpoint", "list_checkpoints", "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
            "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES",
            "inputs_digest", "check_resume_inputs", "save_policy", "load_policy"]

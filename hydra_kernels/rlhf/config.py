@@ -228,7 +228,11 @@ class RunConfig(_Section):
     resume: bool = setting(True, "continue from the last checkpoint in output_dir; false: start over, and this "
                                  "run's checkpoints replace the old ones")
     progress: bool = setting(True, "tqdm progress bars (the CLI's --no-progress sets false)")
-    metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir")
+    metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir (and inside it)")
+    threads: int | None = setting(None, "torch's CPU threads (torch.set_num_threads, for the whole process); null = "
+                                        "1 for a model under 20M parameters on the CPU (faster, and no collapse when "
+                                        "another process shares the cores: rlhf.threads), else torch's default",
+                                  ge=1, le=4096)
     report_to: Literal[REPORTERS] | list[Literal[REPORTERS]] = setting(
         ["jsonl"], "where metrics go, one or several: jsonl (metrics_file, always written: resume reads it), csv "
                    "(metrics.csv), tensorboard (event files in tensorboard/), wandb (offline unless WANDB_MODE "
@@ -264,6 +268,10 @@ class SFTConfig(_Stage):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-sft"))
 
 
+UNTRAINED_HEAD_HELP = ("reward_source=head on a reward head Hydra-SFT never trained (sft.json's reward_head_trained "
+                       "false: no preference pairs) is refused unless this is true")
+
+
 @dataclass
 class PPOConfig(_Stage):
     """PPO on the SFT model; names follow TRL's PPOConfig where one exists. One step = one rollout of
@@ -297,6 +305,7 @@ class PPOConfig(_Stage):
                                                        "reward_weights); null = 1 each")
     reward_model: str | None = setting(None, "a local AutoModelForSequenceClassification directory (scored with its "
                                              "own tokenizer), for reward_source=model (which the CLI then sets)")
+    allow_untrained_reward_head: bool = setting(False, UNTRAINED_HEAD_HELP)
     kl_coef: float = setting(0.05, "β of the KL penalty (initial value when adaptive)", ge=0)
     kl_estimator: Literal[KL_ESTIMATORS] = setting("k1", "per-token KL in the reward (full: exact over the "
                                                          "vocabulary)")
@@ -371,6 +380,7 @@ class GRPOConfig(_Stage):
                                                        "reward_weights); null = 1 each")
     reward_model: str | None = setting(None, "a local AutoModelForSequenceClassification directory (scored with its "
                                              "own tokenizer)")
+    allow_untrained_reward_head: bool = setting(False, UNTRAINED_HEAD_HELP)
     scale_rewards: Literal[SCALE_REWARDS] | None = setting(
         None, "divide group-centred rewards by the group's std, the batch's, or not (rloo: none | batch, which "
               "whitens its advantages); null = the estimator's")

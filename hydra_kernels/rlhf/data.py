@@ -720,7 +720,8 @@ def check_tokenizer(tokenizer) -> None:
 
 
 def add_pad_token(tokenizer, model=None, token: str = "<|pad|>") -> int:
-    """Give a Hugging Face tokenizer a pad token distinct from eos; resize `model`'s embeddings to match.
+    """Give a Hugging Face tokenizer a pad token distinct from eos; resize `model`'s embeddings to match, the
+    added rows set to the mean of the others (deterministic: identically seeded runs and resume agree).
 
     Returns the pad id. Does nothing (but return it) when a distinct pad token already exists.
     """
@@ -733,9 +734,29 @@ def add_pad_token(tokenizer, model=None, token: str = "<|pad|>") -> int:
     tokenizer.add_special_tokens({"pad_token": token})
     if model is not None:
         n = len(tokenizer)
-        if model.get_input_embeddings().weight.shape[0] < n:
-            model.resize_token_embeddings(n)
+        old = model.get_input_embeddings().weight.shape[0]
+        if old < n:
+            # transformers draws the new rows at random (mean_resizing samples around the mean): a run would
+            # then differ from an identically seeded one, and its resume digest from its own checkpoint's.
+            model.resize_token_embeddings(n, mean_resizing=False)
+            _mean_rows_(model, old)
     return tokenizer.pad_token_id
+
+
+def _mean_rows_(model, old: int) -> None:
+    """Set the embedding rows (and output-embedding rows and bias entries, when not tied) from `old` on to the
+    mean of the first `old`, computed in fp32: the same added row on every load."""
+    import torch
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    tensors = [emb]
+    if out is not None and out.weight is not emb:
+        tensors.append(out.weight)
+    if out is not None and getattr(out, "bias", None) is not None:
+        tensors.append(out.bias)
+    with torch.no_grad():
+        for t in tensors:
+            t[old:] = t[:old].float().mean(0).to(t.dtype)
 
 
 def encode_prompt(tokenizer, text: str, max_prompt_len: int) -> list[int]:

@@ -31,9 +31,10 @@ from hydra_kernels.rlhf.estimators import (SEQUENCE_LEVEL, aggregate_loss, clipp
                                            sequence_clipped_loss, token_count, zero_std_groups)
 from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.ppo import batch_indices
-from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn
+from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import CriticFree, PolicyScores, build_critic_free
 
 
@@ -317,15 +318,16 @@ def reward_source(cfg: GRPOConfig, reward_fn, reward_head) -> str:
 
 def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_fn=None, reward_head=None,
                gold_reward_fn: Callable | None = None,
-               callback: Callable[[int, dict], None] | None = None) -> GRPOResult:
+               callback: Callable[[int, dict], None] | None = None, reward_head_trained: bool = True) -> GRPOResult:
     """Run a critic-free estimator (cfg.estimator) on `model`, a causal LM (a Hydra-SFT result or a plain one),
     patched IN PLACE with the actor adapter (LoRA off = the reference policy), over `prompts` (strings or
     {"prompt", ...} rows; the other fields reach TRL-style reward functions as keywords).
 
     The reward (rewards.build_rewards): reward_fn, one callable or a list (weighted by cfg.reward_weights), or the
     reward model cfg.reward_model, or reward_head (nn.Linear(D, 1), Hydra-SFT's: read from the base stream of the
-    scoring forward); cfg.reward_source picks one, null = whichever is given. gold_reward_fn is only logged
-    (objective/gold_reward). callback(step, metrics) runs after every step. Writes <output_dir>/<metrics_file>,
+    scoring forward); cfg.reward_source picks one, null = whichever is given. reward_head_trained: False for a
+    head Hydra-SFT never trained, refused as the reward unless cfg.allow_untrained_reward_head. gold_reward_fn is
+    only logged (objective/gold_reward). callback(step, metrics) runs after every step. Writes <output_dir>/<metrics_file>,
     checkpoints/ (resume: bitwise, as train_ppo) and final/ (save_policy). Raises ValueError for a missing or
     contradictory reward, bad prompts, or a checkpoint of another run (naming run.output_dir).
     """
@@ -339,10 +341,12 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
     source = reward_source(cfg, reward_fn, reward_head)
     if source == "head" and reward_head is None:
         raise ValueError("reward_head: reward_source 'head' needs the Hydra-SFT reward head")
+    check_reward_head_trained(source, reward_head_trained, cfg.allow_untrained_reward_head)
     run = Run(cfg, marker="policy.json", foreign=("sft.json",))
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     if reward_head is not None:
         reward_head = reward_head.to(device)
     rewards = build_rewards(source, reward_fn, reward_weights=cfg.reward_weights, reward_model=cfg.reward_model,

@@ -69,13 +69,14 @@ def check_reporters(report_to: Sequence[str]) -> None:
 
 class _CsvWriter:
     """metrics.csv: one row per record, one column per key ever logged (a new key rewrites the file with the
-    wider header, atomically); None as an empty cell."""
+    wider header, atomically); None as an empty cell. The file is first rewritten (to the history and the new
+    record) at the first record, so an earlier run's stays until this one has something to replace it with."""
 
     def __init__(self, path: Path, history: list[dict]):
         self.path = path
         self.rows = list(history)
         self.header: list[str] = []
-        self._rewrite()
+        self.written = False
 
     def _columns(self, rows) -> list[str]:
         cols = list(self.header)
@@ -94,8 +95,9 @@ class _CsvWriter:
 
     def log(self, metrics: dict) -> None:
         self.rows.append(metrics)
-        if any(k not in self.header for k in metrics):
+        if not self.written or any(k not in self.header for k in metrics):
             self._rewrite()
+            self.written = True
             return
         with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.header, restval="").writerow(metrics)

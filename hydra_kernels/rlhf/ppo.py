@@ -31,10 +31,11 @@ from hydra_kernels.rlhf.logging import notice
 from hydra_kernels.rlhf.losses import ppo_loss
 from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
-from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn
+from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
 from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
 from hydra_kernels.rlhf.scoring import Scores
+from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import build_ppo_models
 
 # (prompts, completions, ended) -> one float each, or TRL's f(prompts, completions, **kwargs) (rlhf.rewards)
@@ -85,7 +86,8 @@ class PPOTrainer:
         self.rewards = build_rewards(cfg.reward_source, reward_fn, reward_weights=cfg.reward_weights,
                                      reward_model=cfg.reward_model, device=models.device)
         self.gold_reward_fn = gold_reward_fn
-        self.reward_head_trained = reward_head_trained         # False: a fresh head, its scores are not logged
+        # False: a fresh head, or one Hydra-SFT never trained (no pairs): its scores are not logged.
+        self.reward_head_trained = reward_head_trained
         self.prompt_tokens = [encode_prompt(tokenizer, p, cfg.data.max_prompt_len) for p in self.prompts]
         if any(not t for t in self.prompt_tokens):
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
@@ -250,7 +252,7 @@ class PPOTrainer:
 
 def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOConfig, *,
               reward_fn: RewardFn | None = None, gold_reward_fn: RewardFn | None = None,
-              callback: Callable[[int, dict], None] | None = None) -> PPOResult:
+              callback: Callable[[int, dict], None] | None = None, reward_head_trained: bool = True) -> PPOResult:
     """Run PPO on the SFT result (`model` + `reward_head`) over `prompts` (strings).
 
     reward_head None: `model` is a plain causal LM (no Hydra-SFT), trained on reward_fn (reward_source must be
@@ -260,7 +262,9 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     hydra / j-hydra patch `model` in place; lora / full keep it as the frozen reference and copy it three
     times. reward_fn(prompts, completions, ended) -> floats (or TRL's f(prompts, completions, **kwargs), or a
     list of them weighted by cfg.reward_weights: rlhf.rewards) is used when cfg.reward_source == "function",
-    cfg.reward_model when it is "model"; gold_reward_fn (same signatures) is only logged as
+    cfg.reward_model when it is "model"; reward_head_trained: False for a head Hydra-SFT never trained
+    (rlhf.sft.read_reward_head_trained), refused with reward_source "head" unless cfg.allow_untrained_reward_head;
+    gold_reward_fn (same signatures) is only logged as
     objective/gold_reward. callback(step, metrics) runs after
     every step. Writes <output_dir>/<metrics_file> (one JSON line per step), checkpoints under
     <output_dir>/checkpoints every run.checkpoint_every steps / run.checkpoint_minutes (and at the end), and the
@@ -276,6 +280,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     if reward_head is None and cfg.reward_source != "function":
         raise ValueError("reward_head: None (a plain model, no Hydra-SFT reward head) needs reward_source="
                          "'function' and a reward_fn")
+    check_reward_head_trained(cfg.reward_source, reward_head_trained, cfg.allow_untrained_reward_head)
     prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
     report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
@@ -283,6 +288,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     fresh_head = reward_head is None
     if fresh_head:
         reward_head = new_reward_head(model, torch.Generator(device=device).manual_seed(
@@ -294,7 +300,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
                                data={"data.prompt_path": list(prompts)})
     models = build_ppo_models(model, reward_head, cfg)
     trainer = PPOTrainer(models, tokenizer, prompts, cfg, reward_fn=reward_fn, gold_reward_fn=gold_reward_fn,
-                         reward_head_trained=not fresh_head)
+                         reward_head_trained=reward_head_trained and not fresh_head)
 
     def check_length(ck) -> None:
         if ck.step > cfg.steps:

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["load_reward_fn", "RewardInputs", "Rewards", "RewardModel", "call_reward_fn", "reward_values",
-           "build_rewards", "reward_fn_name", "raised_by_reward_fn"]
+           "build_rewards", "reward_fn_name", "raised_by_reward_fn", "check_reward_head_trained"]
 
 KNOWN_ARGS = ("prompts", "completions", "completion_ids", "ended")
 
@@ -294,3 +294,13 @@ def build_rewards(source: str, reward_fn=None, *, reward_weights: Sequence[float
         raise ValueError(f"reward_model: given, but reward_source is {source!r}")
     model = RewardModel(reward_model, device, dtype) if source == "model" and reward_model is not None else None
     return Rewards(source, fns, reward_weights, model)
+
+
+def check_reward_head_trained(source: str, trained: bool, allow: bool) -> None:
+    """ValueError naming reward_head when RL would take its reward (source "head") from a reward head Hydra-SFT
+    never trained, unless `allow` (the allow_untrained_reward_head setting)."""
+    if source == "head" and not trained and not allow:
+        raise ValueError("reward_head: Hydra-SFT never trained this reward head (no preference pairs, or "
+                         "reward_coef=0): its scores are random. Train SFT with preference pairs "
+                         "(data.preference_path), use a reward function (--reward-fn) or reward_model, or set "
+                         "allow_untrained_reward_head=true to use it anyway")

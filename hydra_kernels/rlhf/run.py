@@ -15,15 +15,17 @@ import os
 import random
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from hydra_kernels.integrations.checkpoint import check_replaceable
-from hydra_kernels.rlhf.checkpoint import (Checkpoint, CheckpointSchedule, check_resume_config, check_resume_inputs,
-                                           copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
-                                           save_checkpoint)
+from hydra_kernels.integrations.checkpoint import check_replaceable, remove_leftovers
+from hydra_kernels.rlhf.checkpoint import (CHECKPOINT_MARKER, Checkpoint, CheckpointSchedule, check_optimizer_state,
+                                           check_resume_config, check_resume_inputs, copy_params_, latest_checkpoint,
+                                           load_checkpoint, restore_rng, save_checkpoint)
+from hydra_kernels.rlhf.checkpoint import PREFIX as CHECKPOINT_PREFIX
 from hydra_kernels.rlhf.config import config_to_dict
 from hydra_kernels.rlhf.logging import MetricsLogger, check_reporters, notice
 
@@ -67,13 +69,17 @@ class Run:
         self.out = Path(cfg.run.output_dir)
         self.final = self.out / "final"
         self.checkpoints = self.out / "checkpoints"
-        self.metrics_path = self.out / cfg.run.metrics_file
+        self.metrics_path = metrics_path(self.out, cfg.run.metrics_file)
         check_replaceable(self.final, name="run.output_dir", marker=marker, foreign=foreign)
+        self.marker = marker
         check_reporters(cfg.run.report_to)
         self.inputs: dict[str, str] = {}
         self.history: list[dict] = []
         self.schedule: CheckpointSchedule | None = None
+        self.last_checkpoint: Path | None = None
+        self.last_resumed: Path | None = None           # the checkpoint `start` resumed from
         self._log = self._bar = self._logger = None
+        self._defer = self._in_logging = False
 
     def start(self, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, *,
               check: Callable[[Checkpoint], None] | None = None) -> tuple[int, dict | None]:
@@ -82,6 +88,9 @@ class Run:
         restore params, optimizer and RNGs. Returns (steps done, the trainer state saved with it), or (0, None)
         for a fresh start. The checkpoint schedule starts now."""
         self.out.mkdir(parents=True, exist_ok=True)
+        # What a kill during an earlier session's directory swap left: never a result, never resumed from.
+        remove_leftovers(self.out, "final", marker=self.marker)
+        remove_leftovers(self.checkpoints, f"{CHECKPOINT_PREFIX}*", marker=CHECKPOINT_MARKER)
         start, state = 0, None
         last = latest_checkpoint(self.checkpoints) if self.cfg.run.resume else None
         if last is not None:
@@ -91,53 +100,79 @@ class Run:
             if check is not None:
                 check(ck)
             copy_params_(params, ck.params, str(last))
+            check_optimizer_state(ck.optimizer_state, optimizer, last)
             optimizer.load_state_dict(ck.optimizer_state)
             restore_rng(ck.rng_meta, ck.rng_tensors)
             start, state = ck.step, ck.trainer_state
+            self.last_resumed = last
             notice(f"resuming from step {start} ({last})")
         self.schedule = CheckpointSchedule(self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes)
         return start, state
 
     def read_metrics(self, upto: int) -> list[dict]:
         """The metrics lines of steps ≤ upto in the metrics file (a resumed run rewrites the steps after its
-        checkpoint); [] when upto is 0."""
+        checkpoint); [] when upto is 0. An incomplete last line (a kill or a full disk mid-write: no newline
+        after it) is dropped with a warning; any other line that is not a JSON object is a ValueError naming
+        file:line."""
         if not upto or not self.metrics_path.is_file():
             return []
-        with open(self.metrics_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return [r for r in records if r.get("step", 0) <= upto]
+        return [r for r in read_metrics_file(self.metrics_path) if r.get("step", 0) <= upto]
 
     @contextlib.contextmanager
     def logging(self, history: list[dict], total: int, initial: int, desc: str):
-        """Within: the metrics file holds exactly `history` (rewritten atomically), then one line per `log`, and
-        the other reporters of run.report_to get the same (rlhf.logging.MetricsLogger); with run.progress, a
-        progress bar of `total` steps from `initial`. All are closed on exit."""
+        """Within: one metrics line per `log`, after `history`, and the other reporters of run.report_to get the
+        same (rlhf.logging.MetricsLogger); with run.progress, a progress bar of `total` steps from `initial`.
+        All are closed on exit.
+
+        The metrics file is rewritten to `history` (atomically) when this session has something to replace it
+        with: a resumed run (initial > 0) at its first `log` (the lines after its checkpoint are of the killed
+        session it repeats); a fresh start over an earlier run's file (run.resume=false) at its first
+        checkpoint, its records held until then, since the earlier run's checkpoints stay the ones to resume
+        from (with the history they go with) until this run writes one; and on a normal exit."""
         self.history = list(history)
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for rec in self.history:
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, self.metrics_path)
+        self._defer = initial == 0 and self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0
+        self._in_logging = True
         try:
-            with open(self.metrics_path, "a") as self._log:
-                self._logger = MetricsLogger(self.cfg.run, self.out, history=self.history, initial_step=initial,
-                                             config=config_to_dict(self.cfg))
-                if self.cfg.run.progress:
-                    from tqdm.auto import tqdm
-                    self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
-                yield self
+            self._logger = MetricsLogger(self.cfg.run, self.out, history=self.history, initial_step=initial,
+                                         config=config_to_dict(self.cfg))
+            if self.cfg.run.progress:
+                from tqdm.auto import tqdm
+                self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+            yield self
+            if self._log is None:
+                self._rewrite_metrics(self.history)
         finally:
+            if self._log is not None:
+                self._log.close()
             if self._bar is not None:
                 self._bar.close()
             if self._logger is not None:
                 self._logger.close()
             self._log = self._bar = self._logger = None
+            self._in_logging = False
+
+    def _open_metrics(self) -> None:
+        """Rewrite the metrics file to `history`, then keep it open for appending."""
+        self._rewrite_metrics(self.history)
+        self._log = open(self.metrics_path, "a")
+        self._defer = False
+
+    def _rewrite_metrics(self, records: list[dict]) -> None:
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, self.metrics_path)          # replaces a symlink itself, never writes through it
 
     def log(self, metrics: dict) -> None:
         """Append one metrics record to the file (flushed) and to `history`, and report it (run.report_to)."""
-        self._log.write(json.dumps(metrics) + "\n")
-        self._log.flush()
         self.history.append(metrics)
+        if self._log is None and not self._defer:
+            self._open_metrics()                    # holds `history`, this record included
+        elif self._log is not None:
+            self._log.write(json.dumps(metrics) + "\n")
+            self._log.flush()
         self._logger.log(metrics)
 
     def tick(self, **postfix) -> None:
@@ -158,11 +193,64 @@ class Run:
         path = save_checkpoint(self.checkpoints, done, params, optimizer, config_to_dict(self.cfg),
                                {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
         self.schedule.saved()
+        self.last_checkpoint = path
+        if self._in_logging and self._log is None:
+            self._open_metrics()                    # an earlier run's history may go now: this run can resume
         return path
 
     def save_final(self, save: Callable[..., Path], *args, **kwargs) -> Path:
-        """save(output_dir/final, *args, **kwargs): the run's result, once it is complete."""
-        return save(self.final, *args, **kwargs)
+        """save(output_dir/final, *args, **kwargs): the run's result, once it is complete. A write that fails
+        (OSError, safetensors' error: a full disk, a file size limit) raises OSError naming final/ and the
+        checkpoint the run resumes from; a ValueError (a non-finite weight, a directory that may not be
+        replaced) passes unchanged."""
+        from safetensors import SafetensorError
+        try:
+            return save(self.final, *args, **kwargs)
+        except (OSError, SafetensorError) as e:
+            if self.last_checkpoint is not None:
+                how = (f"the run is checkpointed after its last step ({str(self.last_checkpoint)!r}): run it "
+                       f"again with run.resume=true (the default) to write final/ without training again")
+            else:
+                how = "no checkpoint holds the last step; the run has to be repeated"
+            message = f"run.output_dir: writing {str(self.final)!r} failed ({type(e).__name__}: {e}); {how}"
+            errno = getattr(e, "errno", None)
+            raise (OSError(errno, message) if errno is not None else OSError(message)) from e
+
+
+def metrics_path(out: Path, metrics_file: str) -> Path:
+    """out/metrics_file, refused (ValueError naming run.metrics_file) unless it stays inside out once every
+    symbolic link on the way is followed: no "..", no absolute path elsewhere, no link that leads out."""
+    path = out / metrics_file
+    base = Path(os.path.realpath(out))
+    real = Path(os.path.realpath(path))
+    if real == base or base not in real.parents or path.is_dir():
+        raise ValueError(f"run.metrics_file: {metrics_file!r} must name a file inside run.output_dir "
+                         f"({str(out)!r}); it resolves to {str(real)!r}")
+    return path
+
+
+def read_metrics_file(path: Path) -> list[dict]:
+    """The records of a metrics JSONL; see Run.read_metrics for an incomplete last line and bad lines."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.read().split("\n")
+    # After the last "\n": "" for a complete file, else a line cut short by a kill or a full disk.
+    *whole, tail = lines
+    if tail.strip():
+        warnings.warn(f"run.metrics_file: {str(path)!r} line {len(lines)} is incomplete (no newline after it; "
+                      f"a run stopped mid-write); dropped", RuntimeWarning, stacklevel=3)
+    records = []
+    for i, line in enumerate(whole, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"run.metrics_file: {path}:{i} is not valid JSON ({e}); fix or remove that "
+                             f"line") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"run.metrics_file: {path}:{i} is not a JSON object (got {type(rec).__name__})")
+        records.append(rec)
+    return records
 
 
 __all__ = ["Run", "derived_seed", "seed_everything", "peak_memory"]

@@ -38,6 +38,7 @@ from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_
 from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.run import Run, derived_seed, seed_everything
 from hydra_kernels.rlhf.scoring import IGNORE_INDEX
+from hydra_kernels.rlhf.threads import set_threads
 
 SFT_ADAPTER = "sft"
 
@@ -46,12 +47,15 @@ SFT_ADAPTER = "sft"
 class SFTResult:
     """model: the causal LM with the SFT result in its base weights (unpatched, eval mode, frozen);
     reward_head: nn.Linear(hidden, 1) in fp32; metrics: the final held-out evaluation; history: the metrics
-    records (one per epoch, and those of logging_steps / eval_steps)."""
+    records (one per epoch, and those of logging_steps / eval_steps); reward_head_trained: whether the reward
+    head learnt anything (False after a run without preference pairs, or with reward_coef=0: its scores are
+    those of its random initialisation; recorded in sft.json, and PPO / GRPO refuse to use such a head)."""
     model: nn.Module
     reward_head: nn.Linear
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     output_dir: Path | None = None
+    reward_head_trained: bool = True
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -94,6 +98,14 @@ def _rewards(reward_head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
     return reward_head(h[:, -1].float()).squeeze(-1)
 
 
+def _wins(r: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """Per pair of a _pair_batch: r(chosen) > r(rejected), False for a pair whose two rows are the same tokens
+    (their scores differ only by float noise of the batched forward); an equal score is no win either."""
+    k = r.shape[0] // 2
+    same = ((batch.input_ids[:k] == batch.input_ids[k:]) & (batch.attention_mask[:k] == batch.attention_mask[k:]))
+    return (r[:k] > r[k:]) & ~same.all(dim=1)
+
+
 def _forward(model, batch: TokenBatch) -> torch.Tensor:
     h, _ = decoder_forward(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     return h[0]
@@ -104,7 +116,8 @@ def _forward(model, batch: TokenBatch) -> torch.Tensor:
 def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[PreferencePair], cfg: SFTConfig,
                    batch_size: int | None = None) -> dict:
     """On preference pairs: LM loss on the chosen responses (nats/token), reward accuracy (share with
-    r_chosen > r_rejected) and mean margin r_chosen − r_rejected."""
+    r_chosen > r_rejected; equal scores and pairs whose chosen and rejected are the same tokens count as wrong)
+    and mean margin r_chosen − r_rejected."""
     if not pairs:
         raise ValueError("pairs: need at least one pair to evaluate")
     check_tokenizer(tokenizer)
@@ -121,7 +134,7 @@ def evaluate_pairs(model, reward_head: nn.Linear, tokenizer, pairs: Sequence[Pre
             r = _rewards(reward_head, h)
             k = len(chunk)
             d = r[:k] - r[k:]
-            correct += int((d > 0).sum())
+            correct += int(_wins(r, batch).sum())
             margin += float(d.sum())
             chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask, batch.position_ids,
                                                   batch.loss_mask)))
@@ -187,8 +200,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     train/* epoch means, eval/*}), one every `logging_steps` steps ({"step", "epoch" (fractional), "lr",
     train/* means since the last such record}) and one every `eval_steps` steps ({"step", "epoch", eval/*});
     a checkpoint to <output_dir>/checkpoints every run.checkpoint_every
-    optimizer-loop STEPS (global over all epochs, skipped non-finite steps included) and every
-    run.checkpoint_minutes (none after the last step, whose result goes to final), and the result to
+    optimizer-loop STEPS (global over all epochs, skipped non-finite steps included), every
+    run.checkpoint_minutes and after the last step (before final/ is written), and the result to
     <output_dir>/final (HF model dir + reward_head.safetensors +
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
@@ -221,6 +234,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)
+    set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     head = new_reward_head(model, torch.Generator(device=device).manual_seed(derived_seed(cfg.run.seed, 0, 6)))
 
     if cfg.mode == "lora":
@@ -236,7 +250,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
               {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    def lr_factor(s: int) -> float:
+        return min(1.0, (s + 1) / warm) if warm else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     trainable = body + list(head.parameters())
 
     bs = cfg.batch_size
@@ -265,14 +282,26 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     window = {"sums": {"train/lm_loss": 0.0, "train/bt_loss": 0.0, "train/reward_accuracy": 0.0}, "counted": 0}
     if state is not None:
         scheduler.load_state_dict(state["scheduler"])
+        # The lr a checkpoint holds is the schedule's at its step, from this run's lr / head_lr (Run.start
+        # checked the initial ones): any other value was edited in, and would be used for a step.
+        where = str(run.last_resumed / "state.json")
+        for i, (g, base) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs)):
+            if base != g["initial_lr"]:
+                raise ValueError(f"{where!r}: field trainer_state.scheduler.base_lrs[{i}] is {base!r}, this run's "
+                                 f"settings give {g['initial_lr']!r}")
+            want = g["initial_lr"] * lr_factor(scheduler.last_epoch)
+            if not math.isclose(g["lr"], want, rel_tol=1e-12):
+                raise ValueError(f"{where!r}: field optimizer.param_groups[{i}].lr is {g['lr']!r}, the schedule "
+                                 f"gives {want!r} after {scheduler.last_epoch} steps")
         history, skipped, partial = state["history"], state["skipped"], state["epoch_partial"]
         window = state.get("log_window", window)
     start_epoch, start_s = divmod(start, steps_per_epoch)
 
     def checkpoint(done: int, epoch_partial: dict | None) -> None:
-        """After `done` loop steps, never after the last one (final follows at once); epoch_partial: the running
-        sums of an unfinished epoch (None at its end, when the history holds it)."""
-        if done < total and run.due(done):
+        """After `done` loop steps when due, and always after the last one: a failed final/ save (a full disk)
+        then resumes to the result without a step redone. epoch_partial: the running sums of an unfinished
+        epoch (None at its end, when the history holds it)."""
+        if done == total or run.due(done):
             run.checkpoint(done, named, optimizer, {"scheduler": scheduler.state_dict(), "history": run.history,
                                                     "skipped": skipped, "steps_per_epoch": steps_per_epoch,
                                                     "epoch_partial": epoch_partial, "log_window": window})
@@ -325,7 +354,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             r = _rewards(head, h)
             k = len(chunk)
             bt = -F.logsigmoid(r[:k] - r[k:]).mean()
-            acc = float((r[:k] > r[k:]).float().mean())
+            acc = float(_wins(r.detach(), batch).float().mean())
             if cfg.lm_on_chosen:
                 chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
                                                       batch.position_ids, batch.loss_mask)))
@@ -399,7 +428,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             raise ValueError(f"model: parameter {name!r} is not finite after SFT; nothing was saved")
     history = run.history
     final = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
-    result = SFTResult(model, head, final, history, None)
+    result = SFTResult(model, head, final, history, None, reward_head_trained=bool(pairs) and cfg.reward_coef > 0)
     result.output_dir = run.save_final(save_sft, result, tokenizer, cfg)
     return result
 
@@ -417,10 +446,26 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.reward_head.state_dict().items()},
                   str(tmp / "reward_head.safetensors"))
         meta = {"format": "hydra_kernels.rlhf.sft", "hidden_size": result.reward_head.in_features,
-                "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None}
+                "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None,
+                "reward_head_trained": bool(result.reward_head_trained)}
         with open(tmp / "sft.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     return write_dir_atomically(out_dir, fill, marker="sft.json")
+
+
+def read_reward_head_trained(path: str | os.PathLike) -> bool:
+    """Whether the Hydra-SFT result in `path` trained its reward head (sft.json's reward_head_trained; a result
+    written before that was recorded counts as trained). ValueError naming path for an unreadable sft.json."""
+    try:
+        with open(Path(path) / "sft.json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"path: {str(path)!r}: sft.json is not readable ({e})") from None
+    trained = meta.get("reward_head_trained", True) if isinstance(meta, dict) else None
+    if not isinstance(trained, bool):
+        raise ValueError(f"path: {str(Path(path) / 'sft.json')!r}: reward_head_trained must be true or false, "
+                         f"got {trained!r}")
+    return trained
 
 
 def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
@@ -441,4 +486,4 @@ def load_sft(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
 
 __all__ = ["hydra_sft", "SFTResult", "evaluate_pairs", "evaluate_demonstrations", "save_sft", "load_sft",
-           "SFT_ADAPTER"]
+           "read_reward_head_trained", "SFT_ADAPTER"]

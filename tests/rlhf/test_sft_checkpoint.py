@@ -205,22 +205,45 @@ def test_sft_checkpoint_every_counts_loop_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(sft_module, "_rewards", nan_at_step_2)
     with pytest.warns(RuntimeWarning, match="epoch 1 step 2: non-finite loss"):
         res = _job(tmp_path / "a", "full", "epochs=2", "run.checkpoint_every=2")
-    # Every 2 loop steps over both epochs (the skipped step 2 counts), none after the last step (8).
-    assert saved == [2, 4, 6] and res.history[-1]["skipped/nonfinite_loss"] == 1
+    # Every 2 loop steps over both epochs (the skipped step 2 counts), and after the last step (8).
+    assert saved == [2, 4, 6, 8] and res.history[-1]["skipped/nonfinite_loss"] == 1
     root = tmp_path / "a/checkpoints"
-    assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000006"]   # keep_checkpoints=2
-    at4 = load_checkpoint(root / "step-00000004").trainer_state
-    assert len(at4["history"]) == 1 and at4["epoch_partial"] is None and at4["skipped"] == 1
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000006", "step-00000008"]   # keep_checkpoints=2
     at6 = load_checkpoint(root / "step-00000006").trainer_state
     assert len(at6["history"]) == 1 and at6["epoch_partial"]["counted"] == 2
+    at8 = load_checkpoint(root / "step-00000008").trainer_state
+    assert len(at8["history"]) == 2 and at8["epoch_partial"] is None and at8["skipped"] == 1
     monkeypatch.setattr(sft_module, "_rewards", real_rewards)
 
     saved.clear()
-    _job(tmp_path / "b", "full", "epochs=1", "run.checkpoint_every=4")       # the only due step is the last
-    assert saved == [] and not list_checkpoints(tmp_path / "b/checkpoints") and (tmp_path / "b/final").is_dir()
+    _job(tmp_path / "b", "full", "epochs=1", "run.checkpoint_every=0")       # the last step is always saved
+    assert saved == [4] and (tmp_path / "b/final").is_dir()
+    saved.clear()
     _job(tmp_path / "c", "full", "epochs=1", "run.checkpoint_every=1", "run.keep_checkpoints=5")
-    assert saved == [1, 2, 3]
-    assert [p.name for p in list_checkpoints(tmp_path / "c/checkpoints")] == [f"step-0000000{i}" for i in (1, 2, 3)]
+    assert saved == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(tmp_path / "c/checkpoints")] == [f"step-0000000{i}" for i in (1, 2, 3, 4)]
+
+
+def test_a_failed_final_save_says_where_and_resumes_without_training(tmp_path, monkeypatch, straight):
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)    # save_sft's reward_head.safetensors
+    with pytest.raises(OSError, match=rf"run.output_dir: writing '{tmp_path}/final' failed .*No space left on "
+                                      rf"device.* checkpointed after its last step \('.*step-00000008'\): run it "
+                                      rf"again with run.resume=true"):
+        _job(tmp_path, "lora", "epochs=2")
+    monkeypatch.undo()
+    assert not (tmp_path / "final").exists()
+    with_grad = []
+    real = sft_module._lm_logprob_sum
+    monkeypatch.setattr(sft_module, "_lm_logprob_sum", lambda *a: with_grad.append(torch.is_grad_enabled()) or
+                        real(*a))
+    _job(tmp_path, "lora", "epochs=2")
+    monkeypatch.undo()
+    assert not with_grad                     # no training step again (the metrics come from the history)
+    _assert_same_run(straight("lora", "epochs=2"), tmp_path)
 
 
 def test_sft_resume_refuses_changed_settings(tmp_path):
@@ -250,20 +273,20 @@ def test_sft_checkpoints_by_time(tmp_path, monkeypatch):
     real = run_module.save_checkpoint
     monkeypatch.setattr(run_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or
                         real(root, step, *a, **k))
-    # Any time at all is "long enough": every step but the last checkpoints, with no count set.
+    # Any time at all is "long enough": every step checkpoints, with no count set (the last one always does).
     _job(tmp_path, "full", "epochs=1", "run.checkpoint_every=0", "run.checkpoint_minutes=1e-12")
-    assert saved == [1, 2, 3]
+    assert saved == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="run.checkpoint_minutes"):
         _cfg(tmp_path, "full", "run.checkpoint_minutes=-1")
 
 
-@pytest.mark.parametrize("every, kill, start", [(3, 3, 3), (2, 4, 4), (3, "final", 6)],
+@pytest.mark.parametrize("every, kill, start", [(3, 3, 3), (2, 4, 4), (3, "final", 8)],
                          ids=["mid-first-epoch", "epoch-boundary", "before-final"])
 def test_sft_resumes_at_any_step_bitwise(tmp_path, monkeypatch, straight, every, kill, start):
     extra = ("epochs=2", f"run.checkpoint_every={every}")
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        if kill == "final":                  # after the last checkpoint (step 6), before final is written
+        if kill == "final":                  # after the checkpoint of the last step (8), before final is written
             def killing_final(*a, **k):
                 raise KeyboardInterrupt("killed")
             m.setattr(sft_module, "save_sft", killing_final)
@@ -302,11 +325,12 @@ def _run_until_killed(out: Path, *args):
 
 @pytest.mark.parametrize("when", ["2", "final"], ids=["after-mid-epoch-checkpoint", "before-final"])
 def test_sft_resume_after_sigkill_matches_uninterrupted_run(tmp_path, straight, when):
-    # One epoch of 4 steps, a checkpoint every 2: the only checkpoint is in the middle of the epoch.
+    # One epoch of 4 steps, a checkpoint every 2: one in the middle of the epoch, one after its last step.
     killed = tmp_path / "killed"
     extra = ("epochs=1", "run.checkpoint_every=2")
     _run_until_killed(killed, "full", when, *extra)
-    assert [p.name for p in list_checkpoints(killed / "checkpoints")] == ["step-00000002"]
+    want = ["step-00000002"] + (["step-00000004"] if when == "final" else [])   # the last step, before final
+    assert [p.name for p in list_checkpoints(killed / "checkpoints")] == want
     assert not (killed / "final").exists()               # nothing half-trained is saved as if complete
     _job(killed, "full", *extra)
     _assert_same_run(killed, straight("full", "epochs=1"))

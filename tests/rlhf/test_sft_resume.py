@@ -42,8 +42,8 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
 
 
 def test_fresh_run_in_a_used_output_dir_resumes_its_own_checkpoint(tmp_path):
-    _run(tmp_path, "epochs=3", "run.checkpoint_every=1")           # leaves step-4 and step-5 (of 6)
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000004", "step-00000005"]
+    _run(tmp_path, "epochs=3", "run.checkpoint_every=1")           # leaves step-5 and step-6 (of 6)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000005", "step-00000006"]
     # A fresh run (resume=false, another seed) killed after its checkpoint of step 1 ...
     real = run_module.save_checkpoint
 
@@ -56,7 +56,7 @@ def test_fresh_run_in_a_used_output_dir_resumes_its_own_checkpoint(tmp_path):
             _run(tmp_path, "epochs=3", "run.checkpoint_every=1", "run.seed=1", "run.resume=false")
     finally:
         run_module.save_checkpoint = real
-    # ... is continued from that checkpoint, not from the earlier run's step 5.
+    # ... is continued from that checkpoint, not from the earlier run's step 6.
     last = latest_checkpoint(tmp_path / "checkpoints")
     assert last.name == "step-00000001" and load_checkpoint(last).config["run"]["seed"] == 1
 

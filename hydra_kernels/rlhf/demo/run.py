@@ -82,6 +82,7 @@ class DemoConfig:
     pretrain_batch_size: int = 128
     pretrain_lr: float = 3e-3
     eval_temperature: float = 1.0    # decoding used to compare the SFT and PPO policies (1.0 = as sampled in PPO)
+    threads: int | None = None       # torch CPU threads of every stage (run.threads); None = 1 on the CPU (tiny model)
     # 80% of the wrong demonstrations forget (or invent) a carry, the rest are off by one or two.
     task: TaskConfig = field(default_factory=lambda: TaskConfig(n_sft=28800, n_pref=28800, n_ppo=4000,
                                                                 carry_error_share=0.8, n_eval_prompts=512,
@@ -102,6 +103,9 @@ class DemoConfig:
             raise ValueError(f"pretrain_batch_size: need a positive int, got {self.pretrain_batch_size!r}")
         if not self.pretrain_lr > 0:
             raise ValueError(f"pretrain_lr: need a positive number, got {self.pretrain_lr!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise ValueError(f"threads: need an int >= 1 or null, got {self.threads!r}")
         if not self.eval_temperature >= 0:
             raise ValueError(f"eval_temperature: need a number >= 0 (0 = greedy), got {self.eval_temperature!r}")
 
@@ -205,9 +209,10 @@ def _finalise(cfg: DemoConfig) -> DemoConfig:
     from hydra_kernels.rlhf.config import apply_overrides
     out = Path(cfg.out)
     task = dataclasses.replace(cfg.task, seed=cfg.seed)
-    sft = apply_overrides(cfg.sft, [f"run.output_dir={out / 'sft'}", f"run.seed={cfg.seed}"])
-    ppo = apply_overrides(cfg.ppo, [f"run.output_dir={out / 'ppo'}", f"run.seed={cfg.seed}"])
-    grpo = apply_overrides(cfg.grpo, [f"run.output_dir={out / 'grpo'}", f"run.seed={cfg.seed}"])
+    threads = [] if cfg.threads is None else [f"run.threads={cfg.threads}"]     # `threads` wins too
+    sft = apply_overrides(cfg.sft, [f"run.output_dir={out / 'sft'}", f"run.seed={cfg.seed}", *threads])
+    ppo = apply_overrides(cfg.ppo, [f"run.output_dir={out / 'ppo'}", f"run.seed={cfg.seed}", *threads])
+    grpo = apply_overrides(cfg.grpo, [f"run.output_dir={out / 'grpo'}", f"run.seed={cfg.seed}", *threads])
     return dataclasses.replace(cfg, task=task, sft=sft, ppo=ppo, grpo=grpo)
 
 
@@ -370,6 +375,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     from hydra_kernels.rlhf.demo.model import build_tiny_model, save_model
     from hydra_kernels.rlhf.demo.task import ArithmeticTask, gold_reward, is_slip, mean_and_stderr
     from hydra_kernels.rlhf.demo.tokenizer import build_char_tokenizer
+    from hydra_kernels.rlhf.threads import set_threads
 
     stream = stream if stream is not None else sys.stdout
     cfg = _finalise(cfg)
@@ -392,6 +398,8 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, cfg.model, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
+    # Pretraining runs on the CPU here: the thread count the SFT stage will choose (rlhf.threads).
+    set_threads(cfg.sft.run.threads, torch.device("cpu"), model)
     if cfg.pretrain_steps:
         texts = [(f"{a}+{b}=", str(a + b)) for a, b in task.train_operands()]
         pretrain(model, tok, texts, cfg.pretrain_steps, cfg.pretrain_batch_size, cfg.pretrain_lr, cfg.seed,
