@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from hydra_kernels.integrations.checkpoint import check_replaceable
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import (Checkpoint, CheckpointSchedule, check_resume_config, check_resume_inputs,
                                            copy_params_, latest_checkpoint, load_checkpoint, restore_rng,
                                            save_checkpoint)
@@ -56,6 +57,10 @@ class Run:
     """The files of one run under cfg.run.output_dir: checkpoints/ (resume), the metrics JSONL (one line per
     step or epoch), final/ (the result, written once the run completes); and the progress bar.
 
+    Under several processes (rlhf.distributed) every rank makes the same calls; rank 0 alone writes files,
+    reports metrics and shows the bar (a failure there raises on every rank), every rank keeps the history,
+    and the config saved with checkpoints and metrics records "world_size".
+
     cfg: an SFTConfig or PPOConfig. marker / foreign: the marker file of this kind of result and those of other
     kinds; an output_dir whose final/ holds something else than an earlier result of this kind raises
     ValueError (naming run.output_dir) here, before any work. Set `inputs` (checkpoint.inputs_digest) before
@@ -71,6 +76,8 @@ class Run:
         check_replaceable(self.final, name="run.output_dir", marker=marker, foreign=foreign)
         check_reporters(cfg.run.report_to)
         self.inputs: dict[str, str] = {}
+        self.world_size = distributed.world_size()
+        self.config = {**config_to_dict(cfg), "world_size": self.world_size}
         self.history: list[dict] = []
         self.schedule: CheckpointSchedule | None = None
         self._log = self._bar = self._logger = None
@@ -95,6 +102,8 @@ class Run:
             restore_rng(ck.rng_meta, ck.rng_tensors)
             start, state = ck.step, ck.trainer_state
             notice(f"resuming from step {start} ({last})")
+        distributed.agree(self.inputs, "model.path")
+        distributed.agree(start, "run.output_dir")
         self.schedule = CheckpointSchedule(self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes)
         return start, state
 
@@ -113,6 +122,9 @@ class Run:
         the other reporters of run.report_to get the same (rlhf.logging.MetricsLogger); with run.progress, a
         progress bar of `total` steps from `initial`. All are closed on exit."""
         self.history = list(history)
+        if not distributed.is_main():
+            yield self
+            return
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
         with open(tmp, "w") as f:
             for rec in self.history:
@@ -121,7 +133,7 @@ class Run:
         try:
             with open(self.metrics_path, "a") as self._log:
                 self._logger = MetricsLogger(self.cfg.run, self.out, history=self.history, initial_step=initial,
-                                             config=config_to_dict(self.cfg))
+                                             config=self.config)
                 if self.cfg.run.progress:
                     from tqdm.auto import tqdm
                     self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
@@ -134,11 +146,14 @@ class Run:
             self._log = self._bar = self._logger = None
 
     def log(self, metrics: dict) -> None:
-        """Append one metrics record to the file (flushed) and to `history`, and report it (run.report_to)."""
-        self._log.write(json.dumps(metrics) + "\n")
-        self._log.flush()
+        """Append one metrics record (with "world_size") to the file (flushed) and to `history`, and report it
+        (run.report_to)."""
+        metrics["world_size"] = self.world_size
         self.history.append(metrics)
-        self._logger.log(metrics)
+        if self._log is not None:
+            self._log.write(json.dumps(metrics) + "\n")
+            self._log.flush()
+            self._logger.log(metrics)
 
     def tick(self, **postfix) -> None:
         """One step of the progress bar; postfix: values to show next to it (floats with 3 decimals)."""
@@ -148,21 +163,22 @@ class Run:
                 self._bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in postfix.items()})
 
     def due(self, done: int) -> bool:
-        """A checkpoint is due after `done` steps (run.checkpoint_every / run.checkpoint_minutes)."""
-        return self.schedule.due(done)
+        """A checkpoint is due after `done` steps (run.checkpoint_every / run.checkpoint_minutes; rank 0's
+        clock decides for every rank)."""
+        return distributed.from_rank0(self.schedule.due(done))
 
     def checkpoint(self, done: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    trainer_state: dict) -> Path:
         """Write the checkpoint after `done` steps (with the config and `inputs`), keep the newest
         run.keep_checkpoints."""
-        path = save_checkpoint(self.checkpoints, done, params, optimizer, config_to_dict(self.cfg),
-                               {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
+        path = distributed.on_rank0(save_checkpoint, self.checkpoints, done, params, optimizer, self.config,
+                                    {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
         self.schedule.saved()
         return path
 
     def save_final(self, save: Callable[..., Path], *args, **kwargs) -> Path:
-        """save(output_dir/final, *args, **kwargs): the run's result, once it is complete."""
-        return save(self.final, *args, **kwargs)
+        """save(output_dir/final, *args, **kwargs) on rank 0: the run's result, once it is complete."""
+        return distributed.on_rank0(save, self.final, *args, **kwargs)
 
 
 __all__ = ["Run", "derived_seed", "seed_everything", "peak_memory"]
