@@ -23,6 +23,7 @@ import torch
 
 from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.ops import sampled_kl
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import inputs_digest, save_policy
 from hydra_kernels.rlhf.config import GRPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
@@ -331,6 +332,9 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
     """
     if not isinstance(cfg, GRPOConfig):
         raise ValueError(f"cfg: expected a GRPOConfig, got {type(cfg).__name__}")
+    if distributed.parallel_mode(cfg.run) != "none":
+        raise ValueError("run.parallel: GRPO runs in one process for now (ddp: Hydra-SFT and PPO); start one "
+                         "process")
     check_tokenizer(tokenizer)
     check_tokenizer_fits(tokenizer, model)
     prompts = as_prompts(prompts, tokenizer, name="prompts")        # rendered once; the trainer reuses it
