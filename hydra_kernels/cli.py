@@ -293,12 +293,14 @@ def _grpo(args) -> int:
     # Rows, not only the prompt strings: their other columns reach TRL-style reward functions as kwargs.
     prompts = load_prompt_data(prompt_path, tok).records
     result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head)
+    from hydra_kernels.rlhf.distributed import is_main, on_rank0
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
-        info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
+        info["merged_policy"] = str(on_rank0(result.models.export_policy, args.merge_to, tok))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("reward", "reward_std", "kl", "completions/mean_length")})
-    print(json.dumps(info, indent=2))
+    if is_main():
+        print(json.dumps(info, indent=2))
     return 0
 
 

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node N tests/rlhf/_dist_job.py MODE OUT [args]
 
-equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps) and Hydra-SFT (lora and full; 2 steps) into OUT/<name>/
+equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps), GRPO (4 estimators; 2 steps) and Hydra-SFT (lora and
+              full; 2 steps) into OUT/<name>/
               (result.safetensors: the trained tensors; history.json: the metrics), a hydra run stopped after
               step 1 (OUT/stopped: its checkpoint), and the rank-0 gate's error broadcast; every rank checks that
               all ranks hold the same trained tensors.
@@ -31,13 +32,18 @@ from hydra_kernels.rlhf import distributed  # noqa: E402
 from hydra_kernels.rlhf.config import SFTConfig, load_config  # noqa: E402
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample  # noqa: E402
 from hydra_kernels.rlhf.sft import hydra_sft  # noqa: E402
-from tests.rlhf import _ppo_job  # noqa: E402
+from tests.rlhf import _grpo_job, _ppo_job  # noqa: E402
 from tests.rlhf._tiny import CharTokenizer, tiny_model  # noqa: E402
 
 TOK = CharTokenizer()
 DEMOS = [SFTExample(f"{a}+{b}=", str(a + b)) for a in range(4) for b in range(2)]
 PAIRS = [PreferencePair(f"{a}+{b}=", str(a + b), "+") for a in range(3) for b in range(2)]
 VARIANTS = ("hydra", "j-hydra", "lora", "full")
+# A loss aggregation and an advantage each: seq-mean-token-mean with the KL in the loss, token-mean with DAPO's
+# group filter, the sequence loss with the KL in the reward, whitened returns-to-go with a group baseline.
+ESTIMATORS = {"grpo": ["beta=0.04", "num_iterations=2"], "dapo": [], "rloo": [], "reinforce_pp_baseline": []}
+# 3 groups of 4: at 2 processes the middle group is sampled half on each rank.
+GRPO = ["batch_size=12", "num_generations=4", "mini_batch_size=4", "run.checkpoint_minutes=0"]
 # 4 prompts per step, minibatches of 2 (one row per rank at 2 processes), per-token rewards whitened too.
 PPO = ["run.checkpoint_minutes=0", "whiten_rewards=true", "adaptive_kl=true", "kl_horizon=100"]
 
@@ -103,6 +109,9 @@ def main(mode: str, out: str) -> None:
         for variant in VARIANTS:
             res = _ppo(out / variant, f"variant={variant}")
             _save(out / variant / "result", res.models.named_trainable(), res.history)
+        for est, extra in ESTIMATORS.items():
+            _, res = _grpo_job.run(out / est, [*GRPO, f"estimator={est}", *extra])
+            _save(out / est / "result", res.models.named_trainable(), res.history)
         for mode_ in ("lora", "full"):
             tensors, history = _sft(out / f"sft-{mode_}", mode_)
             _save(out / f"sft-{mode_}" / "result", tensors, history)

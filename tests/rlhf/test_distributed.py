@@ -1,7 +1,8 @@
 """Several processes (rlhf.distributed): 2 processes give what 1 process gives with the same global batch.
 
 The runs are tests/rlhf/_dist_job.py under torchrun (gloo on the CPU, one thread per rank), each a few seconds:
-PPO of every variant and Hydra-SFT (lora, full) at 1 and 2 processes, a checkpoint at one world size resumed at
+PPO of every variant, GRPO (four estimators, a group split over the ranks) and Hydra-SFT (lora, full) at 1 and
+2 processes, a checkpoint at one world size resumed at
 the other, and a rank whose reward function raises.
 
 Tolerance (fp32, reduction order only): trained tensors within ATOL absolute — 1 % of one Adam step at the jobs'
@@ -30,6 +31,7 @@ from tests._util import ROOT, torchrun
 
 JOB = Path(__file__).with_name("_dist_job.py")
 VARIANTS = ("hydra", "j-hydra", "lora", "full")
+ESTIMATORS = ("grpo", "dapo", "rloo", "reinforce_pp_baseline")
 ATOL = 1e-4
 RTOL = 1e-4
 # Not compared: wall-clock and memory readings, and the world size itself.
@@ -70,7 +72,7 @@ def _assert_same(a: Path, b: Path) -> None:
                 assert ra[k] == v, (k, ra[k], v)
 
 
-@pytest.mark.parametrize("name", [*VARIANTS, "sft-lora", "sft-full"])
+@pytest.mark.parametrize("name", [*VARIANTS, *ESTIMATORS, "sft-lora", "sft-full"])
 def test_two_processes_train_as_one(runs, name):
     _assert_same(runs / "w2" / name, runs / "w1" / name)
     for n in (1, 2):
