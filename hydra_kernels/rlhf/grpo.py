@@ -39,7 +39,7 @@ from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.ppo import batch_indices
 from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
-from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, row_generators, seed_everything
 from hydra_kernels.rlhf.variants import CriticFree, PolicyScores, build_critic_free
 
 
@@ -141,8 +141,7 @@ class GRPOTrainer:
         width = max(len(self.prompt_tokens[i]) for i in (range(len(self.prompts)) if cfg.compile_rollout else idx))
         lo, hi = distributed.block(cfg.batch_size)
         ids, mask = left_pad([self.prompt_tokens[i] for i in idx[lo:hi]], self.tokenizer.pad_token_id, width)
-        seed = derived_seed(cfg.run.seed, step, 2)
-        gens = [torch.Generator(device=self.device).manual_seed(derived_seed(seed, row, 2)) for row in range(lo, hi)]
+        gens = row_generators(cfg.run.seed, step, range(lo, hi), self.device)
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,

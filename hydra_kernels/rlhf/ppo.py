@@ -41,7 +41,7 @@ from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
 from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
-from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, row_generators, seed_everything
 from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.variants import build_ppo_models
 
@@ -139,8 +139,7 @@ class PPOTrainer:
         width = max(map(len, self.prompt_tokens if cfg.compile_rollout else [self.prompt_tokens[i] for i in idx]))
         lo, hi = distributed.block(cfg.batch_size)
         ids, mask = left_pad([self.prompt_tokens[i] for i in idx[lo:hi]], self.tokenizer.pad_token_id, width)
-        seed = derived_seed(cfg.run.seed, step, 2)
-        gens = [torch.Generator(device=self.device).manual_seed(derived_seed(seed, row, 2)) for row in range(lo, hi)]
+        gens = row_generators(cfg.run.seed, step, range(lo, hi), self.device)
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,

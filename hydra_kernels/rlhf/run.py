@@ -34,6 +34,13 @@ def derived_seed(seed: int, step: int, salt: int) -> int:
     return ((seed * 1_000_003 + step) * 16 + salt) % (2 ** 63)
 
 
+def row_generators(seed: int, step: int, rows: range, device: torch.device) -> list[torch.Generator]:
+    """The sampling generators of `rows` of step `step`'s batch, one per row, keyed by (seed, step, row): a row's
+    sample does not depend on which rows share its batch, hence on the number of processes."""
+    base = derived_seed(seed, step, 2)
+    return [torch.Generator(device=device).manual_seed(derived_seed(base, row, 2)) for row in rows]
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, torch (CPU and CUDA) and numpy (if imported): LoRA A matrices are drawn from the global
     generator when a model is patched, so the same run.seed must give the same initial adapters."""
@@ -181,4 +188,4 @@ class Run:
         return distributed.on_rank0(save, self.final, *args, **kwargs)
 
 
-__all__ = ["Run", "derived_seed", "seed_everything", "peak_memory"]
+__all__ = ["Run", "derived_seed", "row_generators", "seed_everything", "peak_memory"]
