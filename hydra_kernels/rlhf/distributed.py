@@ -1,7 +1,7 @@
 """Several processes (torchrun, accelerate launch, torch.distributed.run): the process group, ranks, global
 statistics, the rank-0 gate, and the one dispatch point from run.parallel to the engine that trains.
 
-    group = setup(cfg.run)                   # init from RANK / WORLD_SIZE / LOCAL_RANK if a launcher set them
+    mode = setup(cfg.run)                    # init from RANK / WORLD_SIZE / LOCAL_RANK if a launcher set them
     device = local_device(resolve_device(cfg.run.device))
     engine = wrap(params, cfg.run)           # ddp: rank 0's weights everywhere; engine.sync_grads() after backward
     lo, hi = block(n)                        # this rank's rows of a global batch of n
@@ -16,7 +16,7 @@ The engine of "ddp" all-reduces the trainable parameters' gradients itself (one 
 backward), not through torch's DistributedDataParallel: the steps run several modules and streams per forward,
 and parameters that get no gradient on any rank (a frozen head, a role a step does not use) must stay without
 one, as in a single process (AdamW would otherwise decay them). Each rank's loss is its share of the global
-token sum, so the summed gradient is exactly the single-process one.
+loss (of the token sum over the global token count, say), so the summed gradient is the single-process one.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from hydra_kernels.rlhf.config import PARALLEL
+
 # Elements per all-reduce of gradients: big enough to amortise a collective, small enough not to double the
 # memory of a full model's gradients.
 BUCKET_ELEMENTS = 2 ** 25
@@ -61,6 +62,9 @@ def setup(run_cfg, timeout: datetime.timedelta | None = None) -> str:
     environment unless one exists already: nccl when the run uses CUDA, else gloo. timeout: of every collective
     (torch's default when None), so a rank that died makes the others fail instead of wait forever."""
     mode = parallel_mode(run_cfg)
+    if mode == "ddp" and max(env_world_size(), world_size()) > 1 and ":" in run_cfg.device:
+        raise ValueError(f"run.device: {run_cfg.device!r} puts every process on one GPU; use cuda (or auto): "
+                         f"process r runs on cuda:LOCAL_RANK")
     if mode == "ddp" and not dist.is_initialized() and env_world_size() > 1:
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:

@@ -6,7 +6,7 @@ equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps), GRPO (4 estimators; 2 s
               full; 2 steps) into OUT/<name>/
               (result.safetensors: the trained tensors; history.json: the metrics), a hydra run stopped after
               step 1 (OUT/stopped: its checkpoint), and the rank-0 gate's error broadcast; every rank checks that
-              all ranks hold the same trained tensors.
+              all ranks hold the same trained tensors; the rank-0 gate and the gradient engine's checks.
 resume DIR    continue DIR (a stopped run of `equiv`, at any world size) to 2 steps; result into DIR/result.
 fail OUT      PPO whose reward function raises on the last rank only: the job must fail, not hang.
 
@@ -93,12 +93,33 @@ def _gate_check() -> None:
     assert distributed.on_rank0(lambda: distributed.rank() + 41) == 41      # rank 0's result everywhere
 
 
+def _engine_check() -> None:
+    """Replicated: rank 0's weights everywhere; gradients summed over ranks; a parameter with a gradient on some
+    ranks only gets the sum (zeros elsewhere), one with none on any rank keeps None (AdamW then skips it)."""
+    from hydra_kernels.rlhf.config import RunConfig
+    r = distributed.rank()
+    used = torch.nn.Parameter(torch.full((3,), float(r)))
+    some = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.ones(4))
+    engine = distributed.wrap([used, some, unused], RunConfig(parallel="ddp"))
+    assert torch.equal(used.detach(), torch.zeros(3))                 # rank 0's
+    (used.sum() * (r + 1)).backward()
+    if r == 0:
+        (some * 2).sum().backward()
+    engine.sync_grads()
+    w = distributed.world_size()
+    assert torch.equal(used.grad, torch.full((3,), w * (w + 1) / 2)), used.grad
+    assert torch.equal(some.grad, torch.full((2,), 2.0, dtype=torch.float64)), some.grad
+    assert unused.grad is None
+
+
 def main(mode: str, out: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     out = Path(out)
     if mode == "equiv":
         _gate_check()
+        _engine_check()
         if distributed.world_size() > 1:              # the global batch must split evenly over the ranks
             try:
                 _ppo(out / "odd", "batch_size=3", "mini_batch_size=3")

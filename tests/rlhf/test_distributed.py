@@ -143,6 +143,9 @@ def test_parallel_mode_from_the_environment(monkeypatch):
         distributed.parallel_mode(run)
     with pytest.raises(ValueError, match="run.parallel: must be one of"):
         PPOConfig(run={"parallel": "fsdp"})
+    run.parallel, run.device = "ddp", "cuda:1"
+    with pytest.raises(ValueError, match="run.device: 'cuda:1' puts every process on one GPU"):
+        distributed.setup(run)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE: must be an integer"):
         distributed.env_world_size()
