@@ -180,8 +180,9 @@ def agree(value, name: str) -> None:
     seen: list = [None] * world_size()
     dist.all_gather_object(seen, value)
     if any(v != seen[0] for v in seen):
-        raise ValueError(f"{name}: differs between the processes ({', '.join(f'rank {i}: {v!r}' for i, v in enumerate(seen))}); "
-                         f"every process must see the same inputs and run.output_dir (a shared directory)")
+        each = ", ".join(f"rank {i}: {v!r}" for i, v in enumerate(seen))
+        raise ValueError(f"{name}: differs between the processes ({each}); every process must see the same inputs "
+                         f"and run.output_dir (a shared directory)")
 
 
 def from_rank0(value):

@@ -61,7 +61,8 @@ def _save(out: Path, tensors: dict[str, torch.Tensor], history: list[dict]) -> N
     distributed.agree(_digest(tensors), f"trained tensors of {out.name}")
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(out / "result.safetensors"))
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                  str(out / "result.safetensors"))
         (out / "history.json").write_text(json.dumps(history))
 
 
