@@ -135,7 +135,9 @@ def _sft(args) -> int:
     demos = load_sft_data(cfg.data.sft_path, tok) if cfg.data.sft_path else []
     pairs = load_preference_data(cfg.data.preference_path, tok) if cfg.data.preference_path else []
     result = rlhf.hydra_sft(model, tok, demos, pairs, cfg)
-    print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
+    from hydra_kernels.rlhf.distributed import is_main
+    if is_main():
+        print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
     return 0
 
 
@@ -228,17 +230,20 @@ def _ppo(args) -> int:
         rlhf.add_pad_token(tok, model)
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn,
                             reward_head_trained=head_trained)
+    from hydra_kernels.rlhf.distributed import is_main, on_rank0
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
+    # Files and output once, from rank 0 (a failure there fails every rank).
     if args.merge_to:
-        info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
+        info["merged_policy"] = str(on_rank0(result.models.export_policy, args.merge_to, tok))
     if args.export_peft:
         result.models.hydra.tokenizer = tok
-        info["peft_adapter"] = str(result.models.hydra.export_peft("actor", args.export_peft))
+        info["peft_adapter"] = str(on_rank0(result.models.hydra.export_peft, "actor", args.export_peft))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
     if args.samples:
-        info["samples"] = _samples(result.models, tok, prompts[:args.samples], cfg)
-    print(json.dumps(info, indent=2))
+        info["samples"] = on_rank0(_samples, result.models, tok, prompts[:args.samples], cfg)
+    if is_main():
+        print(json.dumps(info, indent=2))
     return 0
 
 
@@ -295,12 +300,14 @@ def _grpo(args) -> int:
     prompts = load_prompt_data(prompt_path, tok).records
     result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head,
                              reward_head_trained=head is None or read_reward_head_trained(path))
+    from hydra_kernels.rlhf.distributed import is_main, on_rank0
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
-        info["merged_policy"] = str(result.models.export_policy(args.merge_to, tok))
+        info["merged_policy"] = str(on_rank0(result.models.export_policy, args.merge_to, tok))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("reward", "reward_std", "kl", "completions/mean_length")})
-    print(json.dumps(info, indent=2))
+    if is_main():
+        print(json.dumps(info, indent=2))
     return 0
 
 
@@ -502,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C: checkpoints and final results are written atomically (temporary directory + rename).
         print(f"hydra-rlhf {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)
         return 130
+    finally:
+        if "hydra_kernels.rlhf.distributed" in sys.modules:      # a run under a launcher: its process group
+            sys.modules["hydra_kernels.rlhf.distributed"].shutdown()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ SFT_MODES = ("full", "lora")
 DTYPES = ("float32", "bfloat16", "float16")
 # Where metrics are reported (rlhf.logging): as transformers' TrainingArguments.report_to.
 REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
+# run.parallel: how the processes a launcher started share a run (rlhf.distributed).
+PARALLEL = ("none", "ddp")
 INT_MAX = 2 ** 31 - 1        # int settings lie within ±INT_MAX unless they say otherwise: a larger count is a typo
 SEED_MAX = 2 ** 64 - 1       # torch.manual_seed's upper limit
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
@@ -228,6 +230,9 @@ class RunConfig(_Section):
     resume: bool = setting(True, "continue from the last checkpoint in output_dir; false: start over, and this "
                                  "run's checkpoints replace the old ones")
     progress: bool = setting(True, "tqdm progress bars (the CLI's --no-progress sets false)")
+    parallel: Literal[PARALLEL] | None = setting(
+        None, "none: one process; ddp: data parallel over the processes a launcher (torchrun, accelerate launch) "
+              "started, batch sizes global (rlhf.distributed); null = ddp when WORLD_SIZE > 1, else none")
     metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir (and inside it)")
     threads: int | None = setting(None, "torch's CPU threads (torch.set_num_threads, for the whole process); null = "
                                         "1 for a model under 20M parameters on the CPU (faster, and no collapse when "

@@ -9,6 +9,11 @@ so a resumed run continues bit for bit; a batch with non-finite rewards or score
 (skipped/nonfinite_reward), a minibatch whose loss or gradient norm is not finite is not applied
 (skipped/nonfinite_loss). Metrics carry TRL's GRPOTrainer names (reward, reward_std, frac_reward_zero_std, kl,
 entropy, clip_ratio/*, completions/*, num_tokens, loss, grad_norm).
+
+Several processes as PPO's: batch_size and mini_batch_size are global; rank r samples, scores and rewards its
+block of the rows, then every rank gathers the whole batch, so groups are whole wherever their rows were
+sampled and every group or batch statistic is one process's; each rank's minibatch loss is its share of the
+minibatch's (GRPOTrainer._global_minibatch) and the engine sums the gradients.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.ops import sampled_kl
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import inputs_digest, save_policy
 from hydra_kernels.rlhf.config import GRPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
@@ -33,7 +39,7 @@ from hydra_kernels.rlhf.models import resolve_device
 from hydra_kernels.rlhf.ppo import batch_indices
 from hydra_kernels.rlhf.rewards import RewardInputs, Rewards, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
-from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, row_generators, seed_everything
 from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import CriticFree, PolicyScores, build_critic_free
 
@@ -96,12 +102,15 @@ class GRPOTrainer:
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
         if models.hydra.tokenizer is None:
             models.hydra.tokenizer = tokenizer
+        self.mini_batch_size = cfg.mini_batch_size or cfg.batch_size
+        distributed.block(cfg.batch_size, "batch_size")           # both split evenly over the processes
+        distributed.block(self.mini_batch_size, "mini_batch_size")
         self.params = models.named_trainable()
+        self.engine = distributed.wrap(list(self.params.values()), cfg.run)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.counters = {"skipped/nonfinite_reward": 0, "skipped/nonfinite_loss": 0}
         self.num_tokens = 0
         self.device = models.device
-        self.mini_batch_size = cfg.mini_batch_size or cfg.batch_size
         # What the scoring pass must supply. Old log-probs: only when the policy moves before a minibatch is
         # used (μ > 1 or several optimizer steps per rollout), or when the KL goes into the reward (it is needed
         # before the update); otherwise they are the detached current ones (TRL's num_iterations = 1 shortcut).
@@ -123,19 +132,22 @@ class GRPOTrainer:
         self.num_tokens = int(state["num_tokens"])
 
     def rollout(self, step: int) -> tuple[list[int], Rollout]:
-        """The prompt index of every row (batch_size / G prompts of `step`, each repeated G times: rows
-        g·G … g·G + G − 1 are one group) and the completions sampled from the actor with the step's generator."""
+        """The prompt index of every row of this rank's block (all rows in one process) of the step's batch
+        (batch_size / G prompts of `step`, each repeated G times: rows g·G … g·G + G − 1 are one group) and the
+        completions sampled from the actor, each row with its own generator (seeded by run.seed, step and its
+        row) and padded to the batch's longest prompt: a row's completion does not depend on the world size."""
         cfg, G = self.cfg, self.cfg.num_generations
         idx = [i for i in batch_indices(len(self.prompts), cfg.batch_size // G, cfg.run.seed, step)
                for _ in range(G)]
-        width = max(map(len, self.prompt_tokens)) if cfg.compile_rollout else None
-        ids, mask = left_pad([self.prompt_tokens[i] for i in idx], self.tokenizer.pad_token_id, width)
-        gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.run.seed, step, 2))
+        width = max(len(self.prompt_tokens[i]) for i in (range(len(self.prompts)) if cfg.compile_rollout else idx))
+        lo, hi = distributed.block(cfg.batch_size)
+        ids, mask = left_pad([self.prompt_tokens[i] for i in idx[lo:hi]], self.tokenizer.pad_token_id, width)
+        gens = row_generators(cfg.run.seed, step, range(lo, hi), self.device)
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                      generator=gen, compile=cfg.compile_rollout)
-        return idx, ro
+                      generator=gens, compile=cfg.compile_rollout)
+        return idx[lo:hi], ro
 
     def score(self, ro: Rollout) -> PolicyScores | None:
         """The no-grad scoring pass, only what this configuration needs (None: nothing)."""
@@ -151,22 +163,28 @@ class GRPOTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        # 1. Rollout: G completions of each of the step's batch_size / G prompts.
+        # 1. Rollout: G completions of each of the step's batch_size / G prompts (this rank's block of them).
         idx, ro = self.rollout(step)
-        mask, lengths = ro.response_mask, ro.lengths
         t1 = time.perf_counter()
         # 2. Scoring, no grad, one forward of only the streams needed (CriticFree.score_policies).
         scores = self.score(ro) or PolicyScores()
         # 3. Rewards: the source's (functions, reward model or reward head), DAPO's overlong shaping, and −β·KL
         #    summed over the completion when the KL goes into a sequence-level reward.
         r_src, per_source, inputs = self._rewards(idx, ro, scores)
+        gold = None if self.gold_reward_fn is None else call_reward_fn(self.gold_reward_fn, inputs)
+        # From here on every rank holds the whole batch (whole groups: group statistics are one process's).
+        ro = distributed.gather_dataclass(ro, {"response_ids": self.tokenizer.pad_token_id})
+        scores = distributed.gather_dataclass(scores)
+        r_src, gold = distributed.gather_rows(r_src), distributed.gather_rows(gold)
+        per_source = {k: distributed.gather_rows(v) for k, v in per_source.items()}
+        mask, lengths = ro.response_mask, ro.lengths
         r = r_src + overlong_penalty(lengths, cfg.max_new_tokens, s.overlong_buffer, s.overlong_penalty).to(r_src)
         kl_in_reward = s.beta > 0 and s.kl_in == "reward"
         seq_r = r - s.beta * scores.kl.sum(1) if kl_in_reward and cfg.estimator in SEQUENCE_LEVEL else r
         t2 = time.perf_counter()
         self.num_tokens += int(ro.attention_mask.sum())
         metrics = {"step": step + 1, "episode": (step + 1) * B, "time/rollout": t1 - t0, "time/score": t2 - t1,
-                   **self._reward_metrics(r, per_source, ro, inputs)}
+                   **self._reward_metrics(r, per_source, ro, gold)}
         if not _finite(seq_r, scores.logprobs, scores.ref_logprobs, scores.kl):
             self.counters["skipped/nonfinite_reward"] += 1
             warnings.warn(f"GRPO step {step + 1}: non-finite reward or scores; batch skipped "
@@ -199,6 +217,7 @@ class GRPOTrainer:
         params = list(self.params.values())
         sums: dict[str, float] = {}
         n = 0
+        lo, hi = distributed.block(self.mini_batch_size)     # this rank's rows of each minibatch
         for _ in range(cfg.num_iterations):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, self.mini_batch_size):
@@ -206,12 +225,15 @@ class GRPOTrainer:
                 lmask = loss_mask[rows]
                 if not bool(lmask.any()):
                     continue                               # every completion here is masked: nothing to learn
-                loss, st = self._loss(ro.select(rows), rows, adv, lmask, scores)
+                mine = rows[lo:hi]
+                loss, st = self._loss(ro.select(mine), mine, adv, loss_mask[mine], scores)
+                loss, st = self._global_minibatch(loss, st, loss_mask[mine], lmask)
                 self.optimizer.zero_grad(set_to_none=True)
-                if not _finite(loss):
+                if not _finite(st["loss"]):
                     self._skip_minibatch(step, "loss")
                     continue
                 loss.backward()
+                self.engine.sync_grads()
                 st["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not _finite(st["grad_norm"]):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -251,9 +273,10 @@ class GRPOTrainer:
             loss, st = sequence_clipped_loss(logp, old, adv[rows], lmask, s.cliprange_low, s.cliprange_high)
             if kl is not None:
                 loss = loss + s.beta * aggregate_loss(kl, lmask, "seq-mean-token-mean")
-            has = lmask.any(1)
-            clip = {k: st[k].float()[has].mean() for k in ("low_clipped", "high_clipped")}
-            clip["region"] = (st["low_clipped"] | st["high_clipped"]).float()[has].mean()
+            # Over the rows with tokens (a rank's block of a minibatch may have none: then 0, not NaN).
+            has = lmask.any(1).float()
+            clip = {k: (st[k].float() * has).sum() / has.sum().clamp_min(1) for k in ("low_clipped", "high_clipped")}
+            clip["region"] = ((st["low_clipped"] | st["high_clipped"]).float() * has).sum() / has.sum().clamp_min(1)
         else:
             per_token, st = clipped_token_loss(logp, old, adv[rows], s.cliprange_low, s.cliprange_high)
             if kl is not None:
@@ -267,7 +290,24 @@ class GRPOTrainer:
             out["kl"] = _mean(kl.detach(), lmask)
         return loss, out
 
-    def _reward_metrics(self, r: torch.Tensor, per_source: dict, ro: Rollout, inputs: RewardInputs) -> dict:
+    def _global_minibatch(self, loss: torch.Tensor, st: dict, lmask: torch.Tensor, minibatch_lmask: torch.Tensor):
+        """(this rank's share of the minibatch loss, the minibatch's statistics): each of _loss's means over
+        this rank's rows (lmask) scaled by this rank's share of what it averages over — rows for the
+        per-sequence aggregations, loss tokens for token-mean and the token statistics, rows with tokens for
+        the sequence loss's clip ratios — so the shares sum over ranks to one process's values; the loss's
+        gradients are summed by the engine."""
+        if distributed.world_size() == 1:
+            return loss, st
+        rows = lmask.shape[0] / minibatch_lmask.shape[0]
+        tokens = lmask.sum() / minibatch_lmask.sum().clamp_min(1)
+        seqs = lmask.any(1).sum() / minibatch_lmask.any(1).sum().clamp_min(1)
+        loss_share = tokens if self.s.loss_agg == "token-mean" else rows
+        clip_share = seqs if self.s.loss_agg == "sequence" else tokens
+        share = {"loss": loss_share, "entropy": tokens, "kl": tokens, "clip_ratio/low_mean": clip_share,
+                 "clip_ratio/high_mean": clip_share, "clip_ratio/region_mean": clip_share}
+        return loss * loss_share, distributed.sum_dict({k: v * share[k] for k, v in st.items()})
+
+    def _reward_metrics(self, r: torch.Tensor, per_source: dict, ro: Rollout, gold: torch.Tensor | None) -> dict:
         lengths, ended = ro.lengths.float(), ro.ended
         term = lengths[ended]
         out = {"reward": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0}
@@ -282,8 +322,8 @@ class GRPOTrainer:
                     "completions/min_terminated_length": term.min().item() if term.numel() else 0.0,
                     "completions/max_terminated_length": term.max().item() if term.numel() else 0.0,
                     "num_tokens": self.num_tokens})
-        if self.gold_reward_fn is not None:
-            out["objective/gold_reward"] = call_reward_fn(self.gold_reward_fn, inputs).mean().item()
+        if gold is not None:
+            out["objective/gold_reward"] = gold.mean().item()
         return out
 
     def _finish(self, metrics: dict) -> dict:
@@ -342,9 +382,10 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
     if source == "head" and reward_head is None:
         raise ValueError("reward_head: reward_source 'head' needs the Hydra-SFT reward head")
     check_reward_head_trained(source, reward_head_trained, cfg.allow_untrained_reward_head)
+    distributed.setup(cfg.run)
     run = Run(cfg, marker="policy.json", foreign=("sft.json",))
     seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    device = distributed.local_device(resolve_device(cfg.run.device))
     model.to(device)
     set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     if reward_head is not None:
@@ -374,7 +415,8 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
             run.tick(reward=metrics["reward"], kl=metrics.get("kl", 0.0))
             if callback is not None:
                 callback(step + 1, metrics)
-    run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters})
+    run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters,
+                                              "world_size": run.world_size})
     return GRPOResult(models, run.history, dict(trainer.counters), run.out)
 
 

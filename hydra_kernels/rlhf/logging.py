@@ -19,13 +19,17 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from hydra_kernels.rlhf.distributed import is_main
+
 CSV_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 
 
 def notice(message: str) -> None:
-    """One line for the person running the job, on stderr (never on stdout, which the CLI keeps for its JSON)."""
-    print(f"hydra-rlhf: {message}", file=sys.stderr, flush=True)
+    """One line for the person running the job, on stderr (never on stdout, which the CLI keeps for its JSON);
+    under several processes from rank 0 only (every rank would say the same)."""
+    if is_main():
+        print(f"hydra-rlhf: {message}", file=sys.stderr, flush=True)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

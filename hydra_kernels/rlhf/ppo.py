@@ -2,9 +2,16 @@
 minibatch losses → optimizer steps); the variant's models (rlhf.variants) score and run the forwards, and
 train_ppo runs the steps in an rlhf.run.Run (checkpoints, resume, metrics, the final policy).
 
-Determinism: the prompts of step s, the sampling generator and the minibatch order are all derived from
-(run.seed, s), never from a global RNG, so a run resumed from the checkpoint after step s continues exactly
-as the uninterrupted run would (same weights bit for bit on the same machine and thread count).
+Determinism: the prompts of step s, the sampling generators (one per row of the step's batch) and the
+minibatch order are all derived from (run.seed, s), never from a global RNG, so a run resumed from the
+checkpoint after step s continues exactly as the uninterrupted run would (same weights bit for bit on the same
+machine and thread count).
+
+Several processes (rlhf.distributed, run.parallel=ddp): batch_size and mini_batch_size are global. Rank r
+samples, scores and rewards its block of the step's prompts; then every rank gathers the whole batch, so
+whitening, the KL controller, the finite checks and every metric are those of one process. Each rank runs its
+block of every minibatch, its loss scaled to its share of the minibatch's response tokens, and the gradients
+are summed over ranks: the same update as one process, up to fp32 reduction order.
 
 Faults: a batch whose rewards or scores are not finite is skipped (warning + counter skipped/nonfinite_reward);
 a minibatch whose loss or gradient norm is not finite is not applied (warning + counter skipped/nonfinite_loss).
@@ -23,6 +30,7 @@ import torch
 
 from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.integrations.hydra_model import new_reward_head
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
 from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
@@ -33,7 +41,7 @@ from hydra_kernels.rlhf.models import PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
 from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
-from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, seed_everything
+from hydra_kernels.rlhf.run import Run, derived_seed, peak_memory, row_generators, seed_everything
 from hydra_kernels.rlhf.scoring import Scores
 from hydra_kernels.rlhf.threads import set_threads
 from hydra_kernels.rlhf.variants import build_ppo_models
@@ -73,6 +81,16 @@ def _finite(*tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _global_token_means(loss: torch.Tensor, stats: dict, mask: torch.Tensor, minibatch_mask: torch.Tensor):
+    """(this rank's share of the loss, the stats of the whole minibatch): ppo_loss's token means over this
+    rank's rows, scaled by their share of the minibatch's response tokens, sum over ranks to the minibatch's
+    token means; the stats are summed here, the loss's gradients by the engine."""
+    if distributed.world_size() == 1:
+        return loss, stats
+    share = mask.sum() / minibatch_mask.sum().clamp_min(1)
+    return loss * share, distributed.sum_dict({k: v * share for k, v in stats.items()})
+
+
 class PPOTrainer:
     """The models, optimizer and KL controller of a PPO run; `step(s)` runs PPO step s. `train_ppo` drives it."""
 
@@ -93,7 +111,10 @@ class PPOTrainer:
             raise ValueError("prompts: an empty prompt with no BOS token gives the model nothing to condition on")
         if models.hydra is not None and models.hydra.tokenizer is None:
             models.hydra.tokenizer = tokenizer      # so hydra.merge(...) writes a directory usable on its own
+        distributed.block(cfg.batch_size, "batch_size")           # both split evenly over the processes
+        distributed.block(cfg.mini_batch_size, "mini_batch_size")
         self.params = models.named_trainable()
+        self.engine = distributed.wrap(list(self.params.values()), cfg.run)
         self.roles = models.roles()
         self.optimizer = build_ppo_optimizer(self.roles, cfg)
         self.kl_ctl = kl_controller(cfg)
@@ -111,18 +132,21 @@ class PPOTrainer:
         self.counters.update(state["counters"])
 
     def rollout(self, step: int) -> tuple[list[str], Rollout]:
-        """The prompts of `step` and responses sampled from the actor with the step's own generator."""
+        """This rank's block of the prompts of `step` (all of them in one process) and responses sampled from
+        the actor, each row with its own generator (seeded by run.seed, step and its row in the batch) and
+        padded to the batch's longest prompt: a row's response does not depend on the number of processes."""
         cfg = self.cfg
         idx = batch_indices(len(self.prompts), cfg.batch_size, cfg.run.seed, step)
         # A compiled rollout pads every batch to the longest prompt of the data set: one shape, one compilation.
-        width = max(map(len, self.prompt_tokens)) if cfg.compile_rollout else None
-        ids, mask = left_pad([self.prompt_tokens[i] for i in idx], self.tokenizer.pad_token_id, width)
-        gen = torch.Generator(device=self.device).manual_seed(derived_seed(cfg.run.seed, step, 2))
+        width = max(map(len, self.prompt_tokens if cfg.compile_rollout else [self.prompt_tokens[i] for i in idx]))
+        lo, hi = distributed.block(cfg.batch_size)
+        ids, mask = left_pad([self.prompt_tokens[i] for i in idx[lo:hi]], self.tokenizer.pad_token_id, width)
+        gens = row_generators(cfg.run.seed, step, range(lo, hi), self.device)
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                      generator=gen, compile=cfg.compile_rollout)
-        return [self.prompts[i] for i in idx], ro
+                      generator=gens, compile=cfg.compile_rollout)
+        return [self.prompts[i] for i in idx[lo:hi]], ro
 
     def step(self, step: int) -> dict:
         """PPO step `step` (from 0) on the prompts batch_indices gives it; returns its metrics (TRL's names)."""
@@ -132,9 +156,8 @@ class PPOTrainer:
         t0 = time.perf_counter()
         if self._session_start is None:
             self._session_start = t0
-        # 1. Rollout: sample a response to each prompt from the actor.
+        # 1. Rollout: sample a response to each prompt (of this rank's block) from the actor.
         prompts, ro = self.rollout(step)
-        mask = ro.response_mask
         t1 = time.perf_counter()
         # 2. Scores, no grad: old and reference log-probs, per-token KL, entropy, values, reward-head scores.
         scores = models.score(ro, temperature=cfg.temperature, kl_estimator=cfg.kl_estimator)
@@ -144,13 +167,20 @@ class PPOTrainer:
         ids = [row[:k] for row, k in zip(ro.response_ids.tolist(), ro.lengths.tolist())]
         inputs = RewardInputs(prompts, texts, ids, ended, head_scores=scores.scores)
         r, per_source = self.rewards(inputs, self.device)
+        gold = None if self.gold_reward_fn is None else call_reward_fn(self.gold_reward_fn, inputs)
+        # From here on every rank holds the whole batch (the rows of every rank, in rank order).
+        ro = distributed.gather_dataclass(ro, {"response_ids": self.tokenizer.pad_token_id})
+        scores = distributed.gather_dataclass(scores)
+        r, gold = distributed.gather_rows(r), distributed.gather_rows(gold)
+        per_source = {k: distributed.gather_rows(v) for k, v in per_source.items()}
+        mask = ro.response_mask
         if self.rewards.kind != "head":
             if self.reward_head_trained:
                 extra["objective/reward_head"] = scores.scores.mean().item()
             extra.update({f"rewards/{k}/mean": v.nanmean().item() for k, v in per_source.items()})
         r = shape_scores(r, ro.ended, cfg.reward_clip, cfg.missing_eos_penalty)
-        if self.gold_reward_fn is not None:
-            extra["objective/gold_reward"] = call_reward_fn(self.gold_reward_fn, inputs).mean().item()
+        if gold is not None:
+            extra["objective/gold_reward"] = gold.mean().item()
         t2 = time.perf_counter()
         metrics = {"step": step + 1, "episode": (step + 1) * B, "time/rollout": t1 - t0, "time/score": t2 - t1,
                    **extra}
@@ -174,23 +204,27 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         ratios: list[float] = []                 # each applied minibatch's mean ratio, for val/ratio_var
         n = 0
+        lo, hi = distributed.block(cfg.mini_batch_size)      # this rank's rows of each minibatch
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
-                sub = ro.select(idx)
+                mine = idx[lo:hi]
+                sub = ro.select(mine)
                 # The entropy is always asked for: policy/entropy_avg is logged (TRL's), in the loss only with
                 # entropy_coef > 0.
                 logp, ent, values = models.forward(sub, temperature=cfg.temperature, need_entropy=True)
-                loss, st = ppo_loss(logp, scores.logprobs[idx], adv[idx], values, scores.values[idx], returns[idx],
-                                    sub.response_mask, ent, cliprange=cfg.cliprange,
+                loss, st = ppo_loss(logp, scores.logprobs[mine], adv[mine], values, scores.values[mine],
+                                    returns[mine], sub.response_mask, ent, cliprange=cfg.cliprange,
                                     cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
                                     entropy_coef=cfg.entropy_coef)
+                loss, st = _global_token_means(loss, st, sub.response_mask, mask[idx])
                 self.optimizer.zero_grad(set_to_none=True)
-                if not _finite(loss):
+                if not _finite(st["loss/total"]):
                     self._skip_minibatch(step, "loss")
                     continue
                 loss.backward()
+                self.engine.sync_grads()
                 if cfg.clip_grad_per_role:
                     norms = clip_grad_norm_per_role(self.roles, cfg.max_grad_norm)
                     st["policy/grad_norm"], st["val/grad_norm"] = norms["actor"], norms["critic"]
@@ -284,9 +318,10 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
     prompts = as_prompts(prompts, tokenizer, name="prompts").prompts
     report_truncation(tokenizer, prompts, cfg.data.max_prompt_len, name="prompts")
     # output_dir/final must be free or an earlier PPO result (e.g. not Hydra-SFT's).
+    distributed.setup(cfg.run)
     run = Run(cfg, marker="policy.json", foreign=("sft.json",))
     seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    device = distributed.local_device(resolve_device(cfg.run.device))
     model.to(device)
     set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     fresh_head = reward_head is None
@@ -319,7 +354,8 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
             run.tick(score=metrics["objective/scores"], kl=metrics["objective/kl"])
             if callback is not None:
                 callback(step + 1, metrics)
-    run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters})
+    run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters,
+                                              "world_size": run.world_size})
     return PPOResult(models, run.history, dict(trainer.counters), run.out)
 
 

@@ -67,11 +67,16 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from fp32 logits [B, V]; temperature 0 = greedy."""
+                generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One token per row from fp32 logits [B, V]; temperature 0 = greedy. generator: one for the batch, or one
+    per row (B of them), so that a row's tokens do not depend on which other rows share its batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = top_p_filter(logits / temperature, top_p).softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"generator: {len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -132,8 +137,10 @@ class StaticDecoding:
 @torch.no_grad()
 def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int, pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, compile: bool = False) -> Rollout:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             compile: bool = False) -> Rollout:
     """Sample up to max_new_tokens per prompt from `policy` (a models.PolicyHandle), with the KV cache.
+    generator: one for the batch or one per prompt (sample_next).
 
     Stops early once every row has emitted EOS. Tokens after a row's EOS are pad and masked out (they are
     fed with attention mask 0, so they change nothing for the rows still running).

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from hydra_kernels.integrations.checkpoint import check_replaceable, remove_leftovers
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import (CHECKPOINT_MARKER, Checkpoint, CheckpointSchedule, check_optimizer_state,
                                            check_resume_config, check_resume_inputs, copy_params_, latest_checkpoint,
                                            load_checkpoint, restore_rng, save_checkpoint)
@@ -33,6 +34,13 @@ from hydra_kernels.rlhf.logging import MetricsLogger, check_reporters, notice
 def derived_seed(seed: int, step: int, salt: int) -> int:
     """A seed for (run seed, step, purpose) without any global state."""
     return ((seed * 1_000_003 + step) * 16 + salt) % (2 ** 63)
+
+
+def row_generators(seed: int, step: int, rows: range, device: torch.device) -> list[torch.Generator]:
+    """The sampling generators of `rows` of step `step`'s batch, one per row, keyed by (seed, step, row): a row's
+    sample does not depend on which rows share its batch, hence on the number of processes."""
+    base = derived_seed(seed, step, 2)
+    return [torch.Generator(device=device).manual_seed(derived_seed(base, row, 2)) for row in rows]
 
 
 def seed_everything(seed: int) -> None:
@@ -58,6 +66,10 @@ class Run:
     """The files of one run under cfg.run.output_dir: checkpoints/ (resume), the metrics JSONL (one line per
     step or epoch), final/ (the result, written once the run completes); and the progress bar.
 
+    Under several processes (rlhf.distributed) every rank makes the same calls; rank 0 alone writes files,
+    reports metrics and shows the bar (a failure there raises on every rank), every rank keeps the history,
+    and the config saved with checkpoints and metrics records "world_size".
+
     cfg: an SFTConfig or PPOConfig. marker / foreign: the marker file of this kind of result and those of other
     kinds; an output_dir whose final/ holds something else than an earlier result of this kind raises
     ValueError (naming run.output_dir) here, before any work. Set `inputs` (checkpoint.inputs_digest) before
@@ -74,6 +86,8 @@ class Run:
         self.marker = marker
         check_reporters(cfg.run.report_to)
         self.inputs: dict[str, str] = {}
+        self.world_size = distributed.world_size()
+        self.config = {**config_to_dict(cfg), "world_size": self.world_size}
         self.history: list[dict] = []
         self.schedule: CheckpointSchedule | None = None
         self.last_checkpoint: Path | None = None
@@ -89,8 +103,9 @@ class Run:
         for a fresh start. The checkpoint schedule starts now."""
         self.out.mkdir(parents=True, exist_ok=True)
         # What a kill during an earlier session's directory swap left: never a result, never resumed from.
-        remove_leftovers(self.out, "final", marker=self.marker)
-        remove_leftovers(self.checkpoints, f"{CHECKPOINT_PREFIX}*", marker=CHECKPOINT_MARKER)
+        if distributed.is_main():
+            remove_leftovers(self.out, "final", marker=self.marker)
+            remove_leftovers(self.checkpoints, f"{CHECKPOINT_PREFIX}*", marker=CHECKPOINT_MARKER)
         start, state = 0, None
         last = latest_checkpoint(self.checkpoints) if self.cfg.run.resume else None
         if last is not None:
@@ -106,6 +121,8 @@ class Run:
             start, state = ck.step, ck.trainer_state
             self.last_resumed = last
             notice(f"resuming from step {start} ({last})")
+        distributed.agree(self.inputs, "model.path")
+        distributed.agree(start, "run.output_dir")
         self.schedule = CheckpointSchedule(self.cfg.run.checkpoint_every, self.cfg.run.checkpoint_minutes)
         return start, state
 
@@ -130,11 +147,14 @@ class Run:
         checkpoint, its records held until then, since the earlier run's checkpoints stay the ones to resume
         from (with the history they go with) until this run writes one; and on a normal exit."""
         self.history = list(history)
+        if not distributed.is_main():                   # rank 0 alone writes and reports
+            yield self
+            return
         self._defer = initial == 0 and self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0
         self._in_logging = True
         try:
             self._logger = MetricsLogger(self.cfg.run, self.out, history=self.history, initial_step=initial,
-                                         config=config_to_dict(self.cfg))
+                                         config=self.config)
             if self.cfg.run.progress:
                 from tqdm.auto import tqdm
                 self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
@@ -166,8 +186,12 @@ class Run:
         os.replace(tmp, self.metrics_path)          # replaces a symlink itself, never writes through it
 
     def log(self, metrics: dict) -> None:
-        """Append one metrics record to the file (flushed) and to `history`, and report it (run.report_to)."""
+        """Append one metrics record (with "world_size") to the file (flushed) and to `history`, and report it
+        (run.report_to; rank 0 only)."""
+        metrics["world_size"] = self.world_size
         self.history.append(metrics)
+        if self._logger is None:                        # another rank than 0
+            return
         if self._log is None and not self._defer:
             self._open_metrics()                    # holds `history`, this record included
         elif self._log is not None:
@@ -183,15 +207,16 @@ class Run:
                 self._bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else str(v) for k, v in postfix.items()})
 
     def due(self, done: int) -> bool:
-        """A checkpoint is due after `done` steps (run.checkpoint_every / run.checkpoint_minutes)."""
-        return self.schedule.due(done)
+        """A checkpoint is due after `done` steps (run.checkpoint_every / run.checkpoint_minutes; rank 0's
+        clock decides for every rank)."""
+        return distributed.from_rank0(self.schedule.due(done))
 
     def checkpoint(self, done: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                    trainer_state: dict) -> Path:
         """Write the checkpoint after `done` steps (with the config and `inputs`), keep the newest
         run.keep_checkpoints."""
-        path = save_checkpoint(self.checkpoints, done, params, optimizer, config_to_dict(self.cfg),
-                               {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
+        path = distributed.on_rank0(save_checkpoint, self.checkpoints, done, params, optimizer, self.config,
+                                    {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
         self.schedule.saved()
         self.last_checkpoint = path
         if self._in_logging and self._log is None:
@@ -199,13 +224,13 @@ class Run:
         return path
 
     def save_final(self, save: Callable[..., Path], *args, **kwargs) -> Path:
-        """save(output_dir/final, *args, **kwargs): the run's result, once it is complete. A write that fails
+        """save(output_dir/final, *args, **kwargs) on rank 0: the run's result, once it is complete. A write that fails
         (OSError, safetensors' error: a full disk, a file size limit) raises OSError naming final/ and the
         checkpoint the run resumes from; a ValueError (a non-finite weight, a directory that may not be
         replaced) passes unchanged."""
         from safetensors import SafetensorError
         try:
-            return save(self.final, *args, **kwargs)
+            return distributed.on_rank0(save, self.final, *args, **kwargs)
         except (OSError, SafetensorError) as e:
             if self.last_checkpoint is not None:
                 how = (f"the run is checkpointed after its last step ({str(self.last_checkpoint)!r}): run it "
@@ -253,4 +278,4 @@ def read_metrics_file(path: Path) -> list[dict]:
     return records
 
 
-__all__ = ["Run", "derived_seed", "seed_everything", "peak_memory"]
+__all__ = ["Run", "derived_seed", "row_generators", "seed_everything", "peak_memory"]

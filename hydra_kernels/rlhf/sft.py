@@ -8,6 +8,11 @@ mode "full": every weight of the model and the reward head train. mode "lora": a
 the reward head train; at the end the adapter is merged into the base weights and the model is unpatched,
 so the returned model IS the SFT model (PPO's "LoRA off" must be the SFT policy and reward model, not the
 pre-SFT one). Only the prompt/padding tokens are masked out of the LM loss: the response includes its EOS.
+
+Several processes (rlhf.distributed): batch_size is global; rank r runs its block of each step's
+demonstrations and pairs, L_lm is normalised by the batch's response-token count and L_bt by its pair count
+(over every rank), and the gradients are summed: the step of one process, up to fp32 reduction order. Every
+rank evaluates the whole held-out set (the same numbers); rank 0 writes checkpoints, metrics and final/.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from hydra_kernels.integrations.checkpoint import load_safetensors
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
+from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
 from hydra_kernels.rlhf.config import SFTConfig, config_to_dict
 from hydra_kernels.rlhf.data import (PreferencePair, SFTExample, TokenBatch, as_preference_pairs, as_sft_examples,
@@ -211,6 +217,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
     check_tokenizer(tokenizer)
     check_tokenizer_fits(tokenizer, model)
+    distributed.setup(cfg.run)
+    distributed.block(cfg.batch_size, "batch_size")          # the demonstrations split evenly over the processes
     # output_dir/final must be free or an earlier Hydra-SFT result (e.g. not PPO's).
     run = Run(cfg, marker="sft.json", foreign=("policy.json",))
     demonstrations = as_sft_examples(demonstrations, tokenizer, name="demonstrations")
@@ -232,7 +240,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                                data={"data.sft_path": demonstrations + eval_demos,
                                      "data.preference_path": pairs + eval_pairs})
     seed_everything(cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    device = distributed.local_device(resolve_device(cfg.run.device))
     model.to(device)
     set_threads(cfg.run.threads, device, model)          # run.threads; 1 for a tiny model on the CPU
     head = new_reward_head(model, torch.Generator(device=device).manual_seed(derived_seed(cfg.run.seed, 0, 6)))
@@ -255,6 +263,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         return min(1.0, (s + 1) / warm) if warm else 1.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     trainable = body + list(head.parameters())
+    engine = distributed.wrap(trainable, cfg.run)
 
     bs = cfg.batch_size
     steps_per_epoch = math.ceil(max(len(demonstrations), len(pairs)) / bs)
@@ -336,38 +345,49 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             run.log(rec)
 
     def train_step(epoch: int, s: int, demo_order: list[int], pair_order: list[int]):
-        """One optimizer step on batch s of the epoch: (lm, bt, acc), or None when it was skipped."""
+        """One optimizer step on batch s of the epoch (this rank's block of it): (lm, bt, acc) of the whole
+        batch, or None when it was skipped."""
         lp_sum = torch.zeros((), device=device)
         n_tok = 0
-        bt = torch.zeros((), device=device)
-        acc = float("nan")
+        bt_sum = torch.zeros((), device=device)
+        correct, n_pairs = 0.0, 0
         if demonstrations:
             idx = [demo_order[(s * bs + j) % len(demonstrations)] for j in range(bs)]
-            batch = _demo_batch(tokenizer, [demonstrations[i] for i in idx], cfg).to(device)
+            lo, hi = distributed.block(bs)
+            batch = _demo_batch(tokenizer, [demonstrations[i] for i in idx[lo:hi]], cfg).to(device)
             lp, n = _lm_logprob_sum(model, _forward(model, batch), batch)
             lp_sum, n_tok = lp_sum + lp, n_tok + n
         if pairs:
             idx = [pair_order[(s * bs + j) % len(pairs)] for j in range(min(bs, len(pairs)))]
-            chunk = [pairs[i] for i in idx]
-            batch = _pair_batch(tokenizer, chunk, cfg).to(device)
-            h = _forward(model, batch)
-            r = _rewards(head, h)
-            k = len(chunk)
-            bt = -F.logsigmoid(r[:k] - r[k:]).mean()
-            acc = float(_wins(r.detach(), batch).float().mean())
-            if cfg.lm_on_chosen:
-                chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
-                                                      batch.position_ids, batch.loss_mask)))
-                lp, n = _lm_logprob_sum(model, h[:k], chosen)
-                lp_sum, n_tok = lp_sum + lp, n_tok + n
+            n_pairs = len(idx)
+            lo, hi = distributed.block(n_pairs)          # fewer pairs than processes leave some ranks none
+            chunk = [pairs[i] for i in idx[lo:hi]]
+            if chunk:
+                batch = _pair_batch(tokenizer, chunk, cfg).to(device)
+                h = _forward(model, batch)
+                r = _rewards(head, h)
+                k = len(chunk)
+                bt_sum = -F.logsigmoid(r[:k] - r[k:]).sum()
+                correct = float(_wins(r.detach(), batch).float().sum())
+                if cfg.lm_on_chosen:
+                    chosen = TokenBatch(*(t[:k] for t in (batch.input_ids, batch.attention_mask,
+                                                          batch.position_ids, batch.loss_mask)))
+                    lp, n = _lm_logprob_sum(model, h[:k], chosen)
+                    lp_sum, n_tok = lp_sum + lp, n_tok + n
+        # Normalised by the whole batch's counts: each rank's loss is its share, the shares sum to the loss.
+        n_tok = int(distributed.sum_dict({"tokens": n_tok})["tokens"])
         lm = -lp_sum / max(n_tok, 1)
+        bt = bt_sum / max(n_pairs, 1)
         loss = lm + cfg.reward_coef * bt
+        total = distributed.sum_dict({"lm": lm, "bt": bt, "correct": correct})
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(total["lm"] + cfg.reward_coef * total["bt"]):
             warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite loss; step skipped",
                           RuntimeWarning, stacklevel=3)
             return None
-        loss.backward()
+        if loss.requires_grad:                           # a rank without rows of this step has no graph
+            loss.backward()
+        engine.sync_grads()
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
@@ -376,7 +396,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             return None
         optimizer.step()
         scheduler.step()
-        return float(lm.detach()), float(bt.detach()), acc
+        acc = float(total["correct"]) / n_pairs if n_pairs else float("nan")
+        return float(total["lm"]), float(total["bt"]), acc
 
     model.train()
     with run.logging(history, total, start, f"Hydra-SFT ({cfg.mode})"):
@@ -447,7 +468,7 @@ def save_sft(out_dir: str | os.PathLike, result: SFTResult, tokenizer=None, cfg:
                   str(tmp / "reward_head.safetensors"))
         meta = {"format": "hydra_kernels.rlhf.sft", "hidden_size": result.reward_head.in_features,
                 "metrics": result.metrics, "config": config_to_dict(cfg) if cfg is not None else None,
-                "reward_head_trained": bool(result.reward_head_trained)}
+                "reward_head_trained": bool(result.reward_head_trained), "world_size": distributed.world_size()}
         with open(tmp / "sft.json", "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
     return write_dir_atomically(out_dir, fill, marker="sft.json")

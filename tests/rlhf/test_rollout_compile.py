@@ -116,8 +116,8 @@ def test_ppo_steps_with_a_compiled_rollout(tmp_path):
 
 
 def trainer_generator(trainer, step):
-    from hydra_kernels.rlhf.run import derived_seed
-    return torch.Generator(device=trainer.device).manual_seed(derived_seed(trainer.cfg.run.seed, step, 2))
+    from hydra_kernels.rlhf.run import row_generators
+    return row_generators(trainer.cfg.run.seed, step, range(trainer.cfg.batch_size), trainer.device)
 
 
 @pytest.mark.gpu

@@ -54,7 +54,7 @@ def test_eval_steps_inside_an_epoch_and_the_held_out_loss_is_that_of_the_held_ou
                     eval_demonstrations=held)
     mid = [r for r in res.history if r["step"] == 2]
     assert len(mid) == 1 and set(mid[0]) == {"step", "epoch", "eval/lm_loss", "eval/reward_accuracy",
-                                             "eval/reward_margin", "eval/demo_lm_loss"}
+                                             "eval/reward_margin", "eval/demo_lm_loss", "world_size"}
     want = evaluate_demonstrations(res.model, TOK, held, _cfg(tmp_path))["lm_loss"]
     assert res.metrics["eval/demo_lm_loss"] == pytest.approx(want, rel=1e-5)
 
