@@ -32,19 +32,19 @@ def _trainer(tmp_path, variant="hydra", dtype=torch.bfloat16, extra=()):
 def test_no_rounded_adapter_copy_lives_through_the_update(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path)
     assert trainer.models.hydra.lora_parameters()[0].dtype == torch.float32     # master adapters, bf16 base
-    made, alive_at_step = [], []
+    made, alive_at_step = [], []                        # weak references to the copies and their scopes
     real_operands = context.RoundedScope.operands
 
     def operands(self, layer, dtype):
         out = real_operands(self, layer, dtype)
-        made.append(weakref.ref(out[0]))
+        made.extend([weakref.ref(out[0]), weakref.ref(self)])
         return out
     monkeypatch.setattr(context.RoundedScope, "operands", operands)
     real_step = trainer.optimizer.step
 
     def step(closure=None):
         gc.collect()
-        alive_at_step.append(sum(ref() is not None for ref in made) + len(context._SCOPES.get()))
+        alive_at_step.append(sum(ref() is not None for ref in made))
         return real_step(closure)
     monkeypatch.setattr(trainer.optimizer, "step", step)
     trainer.step(0)
