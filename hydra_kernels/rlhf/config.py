@@ -314,6 +314,9 @@ class PPOConfig(_Stage):
     kl_coef: float = setting(0.05, "β of the KL penalty (initial value when adaptive)", ge=0)
     kl_estimator: Literal[KL_ESTIMATORS] = setting("k1", "per-token KL in the reward (full: exact over the "
                                                          "vocabulary)")
+    old_logprobs: Literal["recompute", "rollout"] = setting(
+        "recompute", "the update's old log-probs (and entropy): recompute: scored after the rollout; rollout: "
+                     "recorded while sampling (as TRL), so scoring skips the actor (j-hydra: its values too)")
     adaptive_kl: bool = setting(False, "Ziegler et al.'s proportional controller for β")
     kl_target: float = setting(6.0, "nats per sequence the adaptive controller aims for", gt=0)
     kl_horizon: int = setting(10000, "samples over which the controller moves β by up to 20%", ge=1)
@@ -336,6 +339,9 @@ class PPOConfig(_Stage):
         if self.batch_size % self.mini_batch_size:
             _fail("mini_batch_size", f"must divide batch_size ({self.batch_size}), got {self.mini_batch_size}")
         _check_reward_settings(self)
+        if self.old_logprobs == "rollout" and self.kl_estimator == "full":
+            _fail("old_logprobs", "'rollout' records the sampled tokens' log-probs only; kl_estimator 'full' needs "
+                                  "the whole distribution (use k1, k2 or k3, or old_logprobs=recompute)")
 
 
 def _check_reward_settings(cfg) -> None:

@@ -29,10 +29,15 @@ class PolicyHandle:
 
     def logits(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
         """fp32 logits of the last position [B, V] and the KV cache (one decoding step)."""
+        logits, _, past = self.last(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        return logits, past
+
+    def last(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
+        """One decoding step: fp32 logits of the last position [B, V], its hidden state [B, D], the KV cache."""
         names = None if self.stream is None else (self.stream,)
         h, past = decoder_forward(self.model, input_ids, attention_mask, position_ids, names, past_key_values,
                                   use_cache)
-        return last_logits(self.model.get_output_embeddings(), h[0]), past
+        return last_logits(self.model.get_output_embeddings(), h[0]), h[0][:, -1], past
 
 
 def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -97,9 +102,16 @@ class PPOModels:
             (critic if name.startswith(("critic.", "value_head.")) else actor).append((p, None))
         return {"actor": actor, "critic": critic}
 
+    def sampled_value_head(self) -> nn.Linear | None:
+        """The value head when it reads the policy's own stream (j-hydra): generate can then record the values
+        while sampling (Rollout.values). None for a separate critic stream or model."""
+        return None
+
     def score(self, rollout, *, temperature: float, kl_estimator: str):
         """Score a rollout without grad: a scoring.Scores (old and reference log-probs, KL, entropy, values
-        [B, R], 0 off the response mask; reward-head scores [B]). kl_estimator: an ops.linear_logprobs KL name."""
+        [B, R], 0 off the response mask; reward-head scores [B]). kl_estimator: an ops.linear_logprobs KL name.
+        Where the rollout recorded the old log-probs and entropy (and values), they are taken from it and the
+        actor is not run (a sampled estimator only)."""
         raise NotImplementedError
 
     def forward(self, rollout, *, temperature: float, need_entropy: bool):

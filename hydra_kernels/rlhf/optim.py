@@ -7,6 +7,10 @@ lora_B [adapters, out, r]) because the fused kernel reads every adapter from one
 linear in the learning rate, decoupled weight decay included (p <- p - lr * (wd * p + m_hat / (sqrt(v_hat) +
 eps))), and each element's moments depend only on that element's gradients, so scaling the change of the
 critic's slice by critic_lr / lr after the step is AdamW with critic_lr on that slice, up to one rounding.
+
+Implementation (adamw_implementation): fused on CUDA (one kernel per parameter group, no temporaries); elsewhere
+the for-loop step, since torch's default foreach step on an accelerator holds temporaries the size of all
+trainable parameters at once.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ class SlicedLRAdamW(torch.optim.AdamW):
 
     def __init__(self, params, *, slice_ratios: Iterable[tuple[torch.Tensor, int, float]] = (), **kwargs):
         super().__init__(params, **kwargs)
+        self._implementation = {k: self.defaults[k] for k in ("fused", "foreach")}
         owned = {id(p) for g in self.param_groups for p in g["params"]}
         self.slice_ratios = []
         for p, i, ratio in slice_ratios:
@@ -36,6 +41,12 @@ class SlicedLRAdamW(torch.optim.AdamW):
             if ratio != 1.0:
                 self.slice_ratios.append((p, int(i), float(ratio)))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As AdamW's, but this optimizer keeps its own implementation (fused / foreach), not the saved one's:
+        a checkpoint written on another device or by another version resumes with the fast path of this one."""
+        groups = [{**g, **self._implementation} for g in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     @torch.no_grad()
     def step(self, closure=None):
         # The blend runs in fp32 at least, so bf16 / fp16 slices round once, at the final copy.
@@ -46,17 +57,29 @@ class SlicedLRAdamW(torch.optim.AdamW):
         return loss
 
 
+def adamw_implementation(device: torch.device) -> dict:
+    """AdamW's implementation flags for parameters on `device`: fused on CUDA, else the for-loop step (no
+    foreach temporaries; on a CPU that is torch's default anyway)."""
+    if torch.device(device).type == "cuda":
+        return {"fused": True, "foreach": False}
+    return {"fused": False, "foreach": False}
+
+
 def build_ppo_optimizer(roles: dict[str, Role], cfg) -> SlicedLRAdamW:
     """AdamW over the parameters of `roles` (models.PPOModels.roles()): the actor's at cfg.lr, the critic's at
     cfg.critic_lr (default cfg.lr); a stack shared by both roles sits in the actor's group with its critic
-    slice scaled."""
+    slice scaled. Fused on CUDA, the for-loop step elsewhere (adamw_implementation)."""
     critic_lr = cfg.lr if cfg.critic_lr is None else cfg.critic_lr
     actor = list({id(p): p for p, _ in roles["actor"]}.values())
     critic = [p for p, i in roles["critic"] if i is None]
     ratio = critic_lr / cfg.lr
     slices = [(p, i, ratio) for p, i in roles["critic"] if i is not None] if critic_lr != cfg.lr else []
     groups = [{"params": actor, "lr": cfg.lr}, {"params": critic, "lr": critic_lr}]
-    return SlicedLRAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, slice_ratios=slices)
+    devices = {p.device.type for p in actor + critic} or {"cpu"}
+    if len(devices) != 1:
+        raise ValueError(f"run.device: the trained parameters are on several device types {sorted(devices)}")
+    return SlicedLRAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, slice_ratios=slices,
+                         **adamw_implementation(torch.device(devices.pop())))
 
 
 def clip_grad_norm_per_role(roles: dict[str, Role], max_norm: float) -> dict[str, torch.Tensor]:
@@ -75,4 +98,4 @@ def clip_grad_norm_per_role(roles: dict[str, Role], max_norm: float) -> dict[str
     return norms
 
 
-__all__ = ["SlicedLRAdamW", "build_ppo_optimizer", "clip_grad_norm_per_role"]
+__all__ = ["SlicedLRAdamW", "adamw_implementation", "build_ppo_optimizer", "clip_grad_norm_per_role"]

@@ -145,7 +145,8 @@ class PPOTrainer:
         ro = generate(self.models.policy("actor"), ids.to(self.device), mask.to(self.device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p,
-                      generator=gens, compile=cfg.compile_rollout)
+                      generator=gens, compile=cfg.compile_rollout, logprobs=cfg.old_logprobs == "rollout",
+                      value_head=self.models.sampled_value_head() if cfg.old_logprobs == "rollout" else None)
         return [self.prompts[i] for i in idx[lo:hi]], ro
 
     def step(self, step: int) -> dict:
@@ -159,7 +160,8 @@ class PPOTrainer:
         # 1. Rollout: sample a response to each prompt (of this rank's block) from the actor.
         prompts, ro = self.rollout(step)
         t1 = time.perf_counter()
-        # 2. Scores, no grad: old and reference log-probs, per-token KL, entropy, values, reward-head scores.
+        # 2. Scores, no grad: old and reference log-probs, per-token KL, entropy, values, reward-head scores (old
+        # log-probs and entropy from the rollout with old_logprobs=rollout).
         scores = models.score(ro, temperature=cfg.temperature, kl_estimator=cfg.kl_estimator)
         # 3. The sequence reward from the reward source (rlhf.rewards: the reward head's score, reward functions
         # or a reward model), clipped and less a missing-EOS penalty.

@@ -22,12 +22,19 @@ from hydra_kernels.rlhf.models import last_logits
 @dataclass
 class Rollout:
     """prompt_ids / prompt_mask [B, P] (left-padded); response_ids / response_mask [B, R] (right-padded:
-    mask 1 on response tokens up to and including EOS); ended [B]: the response emitted EOS."""
+    mask 1 on response tokens up to and including EOS); ended [B]: the response emitted EOS.
+
+    What generate recorded while sampling (None unless asked for), fp32 [B, R], 0 off the response mask: the
+    sampling policy's log-probs of the response tokens and its entropy (both of the full tempered distribution,
+    top-p or not), and the values of a value head on the policy's own hidden states."""
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     ended: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -50,7 +57,7 @@ class Rollout:
         return position_ids_from_mask(self.attention_mask)
 
     def select(self, index: torch.Tensor) -> "Rollout":
-        return Rollout(*(getattr(self, f.name)[index] for f in fields(self)))
+        return Rollout(*(None if (t := getattr(self, f.name)) is None else t[index] for f in fields(self)))
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -116,7 +123,8 @@ class StaticDecoding:
         # one stream, its layout set around the call.
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=True, cache_position=cache_position, **{self.cache_kwarg: self.kv})
-        return last_logits(self.lm_head, out.last_hidden_state)
+        h = out.last_hidden_state
+        return last_logits(self.lm_head, h), h[:, -1]
 
     def _run(self, fn, *args):
         ctx = streams(self.model(), self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -124,7 +132,8 @@ class StaticDecoding:
             return fn(*args)
 
     def prefill(self, input_ids, attention_mask, position_ids):
-        """The prompt (eager, once per rollout); attention_mask spans the whole cache [B, length]."""
+        """The prompt (eager, once per rollout); attention_mask spans the whole cache [B, length]. Returns the
+        last position's fp32 logits [B, V] and hidden state [B, D], as decode does."""
         self.kv.reset()
         return self._run(self._forward, input_ids, attention_mask, position_ids,
                          self.positions[:input_ids.shape[1]])
@@ -138,13 +147,16 @@ class StaticDecoding:
 def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              eos_token_id: int, pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             compile: bool = False) -> Rollout:
+             compile: bool = False, logprobs: bool = False, value_head: torch.nn.Module | None = None) -> Rollout:
     """Sample up to max_new_tokens per prompt from `policy` (a models.PolicyHandle), with the KV cache.
     generator: one for the batch or one per prompt (sample_next).
 
     Stops early once every row has emitted EOS. Tokens after a row's EOS are pad and masked out (they are
     fed with attention mask 0, so they change nothing for the rows still running).
     compile: decode with a StaticDecoding (fixed-size cache, compiled step); the same tokens as without.
+    logprobs: record each sampled token's log-prob and the entropy under the tempered logits it was sampled
+    from (Rollout.logprobs / entropy; temperature > 0); value_head: record value_head on the policy's hidden
+    state before each token (Rollout.values), as the scoring forward reads it.
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_mask: shape {tuple(prompt_mask.shape)} must equal prompt_ids' "
@@ -153,31 +165,43 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if eos_token_id == pad_token_id:
         raise ValueError("pad_token_id: must differ from eos_token_id")
+    if logprobs and temperature == 0:
+        raise ValueError("temperature: recording log-probs needs a temperature > 0 (greedy decoding has none)")
     # fp32 adapters of a 16-bit model rounded once for the whole rollout (dropped at its end), not per token.
     with (rounded_adapters(policy.model) if policy.stream is not None else contextlib.nullcontext()):
         return _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
-                       top_p, generator, compile)
+                       top_p, generator, compile, logprobs, value_head)
+
+
+def _token_stats(logits: torch.Tensor, tok: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of tok [B], entropy [B]) under softmax(logits / temperature), fp32: what scoring computes."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, tok[:, None]).squeeze(-1), torch.special.entr(logp.exp()).sum(-1)
 
 
 def _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
-            generator, compile) -> Rollout:
+            generator, compile, record_logprobs=False, value_head=None) -> Rollout:
     device = prompt_ids.device
     (B, P), mask = prompt_ids.shape, prompt_mask.long()
     if compile:
         static = StaticDecoding.for_policy(policy, B, P + max_new_tokens, device)
         # The mask spans the whole cache from the start (later columns 0 until their token exists): one shape.
         mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)
-        logits = static.prefill(prompt_ids, mask, position_ids_from_mask(prompt_mask.long()))
+        logits, hidden = static.prefill(prompt_ids, mask, position_ids_from_mask(prompt_mask.long()))
     else:
-        logits, past = policy.logits(prompt_ids, mask, position_ids_from_mask(mask), None, True)
+        logits, hidden, past = policy.last(prompt_ids, mask, position_ids_from_mask(mask), None, True)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, alive_cols = [], []
+    tokens, alive_cols, stats, values = [], [], [], []
     for t in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
         alive = ~finished
         tok = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         tokens.append(tok)
         alive_cols.append(alive)
+        if record_logprobs:
+            stats.append(_token_stats(logits, tok, temperature))
+        if value_head is not None:
+            values.append(value_head(hidden.float()).squeeze(-1))
         finished = finished | (tok == eos_token_id)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
@@ -187,12 +211,15 @@ def _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_t
             mask = torch.cat([mask, alive.long()[:, None]], 1)
         pos = (mask.sum(-1, keepdim=True) - 1).clamp_min(0)
         if compile:
-            logits = static.decode(tok[:, None], mask, pos, P + t)
+            logits, hidden = static.decode(tok[:, None], mask, pos, P + t)
         else:
-            logits, past = policy.logits(tok[:, None], mask, pos, past, True)
+            logits, hidden, past = policy.last(tok[:, None], mask, pos, past, True)
     response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(alive_cols, 1).long()
-    return Rollout(prompt_ids, prompt_mask.long(), response_ids, response_mask, finished)
+    m = response_mask.float()
+    lp, ent = (torch.stack(col, 1) * m for col in zip(*stats)) if stats else (None, None)
+    vals = torch.stack(values, 1) * m if values else None
+    return Rollout(prompt_ids, prompt_mask.long(), response_ids, response_mask, finished, lp, ent, vals)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

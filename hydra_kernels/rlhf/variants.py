@@ -104,15 +104,28 @@ class SharedPPO(PPOModels):
 
     @torch.no_grad()
     def score(self, rollout, *, temperature: float, kl_estimator: str) -> Scores:
-        streams = (BASE, *self.adapters)
+        # Old log-probs recorded by the rollout: the actor stream runs only where the values need it (hydra: the
+        # critic's; j-hydra, values recorded too: base alone).
+        sampled = rollout.logprobs is not None
+        need_values = self.value_stream is not None and not (sampled and rollout.values is not None)
+        streams = (BASE, *self.adapters) if not sampled else (BASE, *((self.value_stream,) if need_values else ()))
         mask = rollout.attention_mask
         h = self.hydra.forward_streams(rollout.input_ids, mask, streams, rollout.position_ids)   # [S, B, L, D]
         hr = response_hidden(h, rollout)
-        # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
-        logp, ent, kl = self.hydra.logprobs([hr[streams.index(ACTOR)], hr[0]], response_targets(rollout),
-                                            temperature=temperature, kl=kl_estimator, ignore_index=IGNORE_INDEX)
+        targets = response_targets(rollout)
+        if sampled:
+            ref, _, _ = self.hydra.logprobs([hr[0]], targets, temperature=temperature, kl=None,
+                                            ignore_index=IGNORE_INDEX)
+            logp, ref_logp, ent = rollout.logprobs, ref[0], rollout.entropy
+            kl = ops.sampled_kl(ref_logp - logp, kl_estimator)
+        else:
+            # Stream 0 of the op is the policy, stream 1 the reference: one sweep of W_lm serves both.
+            lp, e, kl = self.hydra.logprobs([hr[streams.index(ACTOR)], hr[0]], targets, temperature=temperature,
+                                            kl=kl_estimator, ignore_index=IGNORE_INDEX)
+            logp, ref_logp, ent = lp[0], lp[1], e[0]
+        values = self._values(hr, streams) if need_values else rollout.values
         scores = self.hydra.reward(h[0], mask)                 # reward model = LoRA off + reward head
-        return Scores.masked(rollout, logp[0], logp[1], kl, ent[0], self._values(hr, streams), scores)
+        return Scores.masked(rollout, logp, ref_logp, kl, ent, values, scores)
 
     def forward(self, rollout, *, temperature: float, need_entropy: bool):
         h = self.hydra.forward_streams(rollout.input_ids, rollout.attention_mask, self.adapters, rollout.position_ids)
@@ -146,6 +159,9 @@ class JHydraPPO(SharedPPO):
     variant = "j-hydra"
     adapters = (ACTOR,)
     value_stream = ACTOR
+
+    def sampled_value_head(self) -> nn.Linear:
+        return self.value_head
 
 
 @dataclass
@@ -290,11 +306,17 @@ class SeparatePPO(PPOModels):
     def score(self, rollout, *, temperature: float, kl_estimator: str) -> Scores:
         targets = response_targets(rollout)
         ref_logits = logits_f32(self.reference, response_hidden(self._hidden(self.reference, rollout, None), rollout))
-        act_logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream),
-                                                            rollout))
-        logp, ref_logp, kl, ent = ops.logprobs_and_kl(act_logits, ref_logits, targets, temperature, kl_estimator,
-                                                      IGNORE_INDEX)
-        del ref_logits, act_logits
+        if rollout.logprobs is not None:                # recorded by the rollout: the actor copy does not run
+            logp, ent = rollout.logprobs, rollout.entropy
+            ref_logp = ops.token_logprobs(ref_logits, targets, temperature, IGNORE_INDEX)
+            kl = ops.sampled_kl(ref_logp - logp, kl_estimator)
+        else:
+            act_logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream),
+                                                                rollout))
+            logp, ref_logp, kl, ent = ops.logprobs_and_kl(act_logits, ref_logits, targets, temperature, kl_estimator,
+                                                          IGNORE_INDEX)
+            del act_logits
+        del ref_logits
         h_rm = self._hidden(self.reward_model, rollout, None)
         last = last_token_index(rollout.attention_mask)
         scores = apply_head(self.reward_head, h_rm[torch.arange(h_rm.shape[0], device=h_rm.device), last])

@@ -121,3 +121,53 @@ def test_per_role_clipping_runs_every_variant(tmp_path, variant):
     _, res = run(tmp_path, [f"variant={variant}", "steps=1", "clip_grad_per_role=true", "run.checkpoint_every=0"])
     h = res.history[0]
     assert h["policy/grad_norm"] > 0 and h["val/grad_norm"] > 0
+
+
+def test_the_ppo_optimizer_is_fused_on_cuda_and_a_for_loop_elsewhere():
+    """Fused on CUDA; elsewhere no foreach step, whose temporaries hold all trainable parameters at once."""
+    from types import SimpleNamespace
+    from hydra_kernels.rlhf.optim import adamw_implementation, build_ppo_optimizer
+    assert adamw_implementation(torch.device("cuda", 0)) == {"fused": True, "foreach": False}
+    assert adamw_implementation(torch.device("cpu")) == {"fused": False, "foreach": False}
+    assert adamw_implementation(torch.device("meta")) == {"fused": False, "foreach": False}
+    stack, head = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))
+    cfg = SimpleNamespace(lr=1e-3, critic_lr=None, weight_decay=0.0)
+    opt = build_ppo_optimizer({"actor": [(stack, 0)], "critic": [(stack, 1), (head, None)]}, cfg)
+    assert all(g["fused"] is False and g["foreach"] is False for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("impl", [{"fused": False, "foreach": False}, {"fused": True, "foreach": False}])
+def test_the_new_implementations_give_the_old_optimizers_numbers(impl):
+    """Against the old optimizer (torch's default, the foreach step on an accelerator): the for-loop step is
+    bitwise the same on a CPU, the fused one (CUDA's; torch has a CPU kernel too) equal to fp32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(2, 5, 7, generator=g), torch.randn(4, generator=g)]
+    new = [torch.nn.Parameter(t.clone()) for t in init]
+    old = [torch.nn.Parameter(t.clone()) for t in init]
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    opt_new = SlicedLRAdamW([{"params": new}], slice_ratios=[(new[0], 1, 0.5)], **kw, **impl)
+    opt_old = SlicedLRAdamW([{"params": old}], slice_ratios=[(old[0], 1, 0.5)], foreach=True, **kw)
+    for step in range(5):
+        grads = [x.float() for x in _grads(step, [(2, 5, 7), (4,)])]
+        for p, q, gr in zip(new, old, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt_new.step()
+        opt_old.step()
+    for p, q in zip(new, old):
+        if impl["fused"]:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(p, q)
+
+
+def test_a_loaded_state_keeps_this_optimizers_implementation():
+    """A checkpoint of the old (foreach) optimizer resumes on the for-loop one, same moments and steps."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    old = SlicedLRAdamW([a], lr=1e-2, foreach=True)
+    a.grad = torch.full((3,), 0.5)
+    old.step()
+    new = SlicedLRAdamW([b], lr=1e-2, fused=False, foreach=False)
+    new.load_state_dict(old.state_dict())
+    assert new.param_groups[0]["foreach"] is False and new.param_groups[0]["fused"] is False
+    assert torch.equal(new.state[b]["exp_avg"], old.state[a]["exp_avg"])
+    assert float(new.state[b]["step"]) == 1.0
