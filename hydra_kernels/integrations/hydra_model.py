@@ -24,6 +24,7 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.fsdp import gathered_call
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -267,7 +268,7 @@ class HydraModel(nn.Module):
         Materialises the logits; for log-probs over a large vocab use ops.linear_logprobs(hidden,
         self.lm_head_weight, ...) instead.
         """
-        return linear_f32(hidden, self.lm_head_weight, self.lm_head_bias)
+        return gathered_call(self, lambda: linear_f32(hidden, self.lm_head_weight, self.lm_head_bias))
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, kl: str | None = None,
                  ignore_index: int = -100):
@@ -277,8 +278,10 @@ class HydraModel(nn.Module):
         predicts targets = input_ids[:, 1:].
         """
         from hydra_kernels.ops import linear_logprobs
-        return linear_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature, kl=kl,
-                               ignore_index=ignore_index, bias=self.lm_head_bias)
+        # The LM head is read inside the call: under FSDP2 it is gathered there (and again in backward).
+        return gathered_call(self, lambda: linear_logprobs(hidden, self.lm_head_weight, targets,
+                                                           temperature=temperature, kl=kl,
+                                                           ignore_index=ignore_index, bias=self.lm_head_bias))
 
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]
@@ -289,11 +292,11 @@ class HydraModel(nn.Module):
         last = last_token_index(attention_mask)
         index = last.view(-1, 1, 1).expand(*hidden.shape[:-3], -1, 1, hidden.shape[-1])
         h = torch.gather(hidden, -2, index).squeeze(-2)                  # [..., B, D]
-        return self.reward_head(h.float()).squeeze(-1)
+        return gathered_call(self, self.reward_head, h.float()).squeeze(-1)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """Value head per token: hidden [..., T, D] → [..., T] (fp32). Pass the critic stream's hidden states."""
-        return self.value_head(hidden.float()).squeeze(-1)
+        return gathered_call(self, self.value_head, hidden.float()).squeeze(-1)
 
     def init_value_head_from_reward(self) -> None:
         """Copy the reward head into the value head (done at construction; call again after training the reward
@@ -311,7 +314,8 @@ class HydraModel(nn.Module):
         """
         validate_streams(self.model, (stream,))
         with hydra_streams(self.model, stream), rounded_adapters(self.model):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            return gathered_call(self, lambda: self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                                   **generate_kwargs))
 
     def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
         """Recompute every decoder layer's activations in backward (integrations.activation_checkpointing:
