@@ -121,3 +121,12 @@ def test_per_role_clipping_runs_every_variant(tmp_path, variant):
     _, res = run(tmp_path, [f"variant={variant}", "steps=1", "clip_grad_per_role=true", "run.checkpoint_every=0"])
     h = res.history[0]
     assert h["policy/grad_norm"] > 0 and h["val/grad_norm"] > 0
+
+
+def test_per_role_lr_and_clipping_act_on_fsdp2_shards():
+    # 2 gloo processes: critic_lr and clip_grad_norm_per_role on sharded parameters = one process.
+    from pathlib import Path
+
+    from tests._util import torchrun
+    out = torchrun(Path(__file__).with_name("_fsdp_optim_job.py"), 2, timeout=240)
+    assert out.count("OPTIM OK") == 2, out
