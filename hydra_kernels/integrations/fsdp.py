@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 
 __all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor", "local_rows", "on_rank0",
-           "decoder_layers", "any_sharded"]
+           "decoder_layers", "any_sharded",
+           "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part"]
 
 # Attributes shard() sets: on the root, the method FSDP runs as a forward (CALL) and where to look for one of
 # the root group's parameters (PROBE); on a causal LM inside a sharded HydraModel, a weak reference to that root.
@@ -192,24 +193,25 @@ def shard(model: nn.Module, *, mixed_precision: torch.dtype | None = None, layer
     return model
 
 
-def on_rank0(write: Callable[[], object], *, what: str = "write"):
-    """Run write() on rank 0 only and tell every rank how it went: its result on rank 0, None elsewhere; if it
-    raised on rank 0, every rank raises (the same exception type where it is a ValueError or OSError,
-    RuntimeError otherwise), so no rank waits for one that gave up. Collective: every rank calls it.
-    Without an initialised process group it is just write()."""
+def on_rank0(write: Callable[[], object], *, what: str = "write", share: bool = False):
+    """Run write() on rank 0 only and tell every rank how it went: its result on rank 0 (on every rank with
+    share=True: it must then pickle), None elsewhere; if it raised on rank 0, every rank raises (the same
+    exception type where it is a ValueError or OSError, RuntimeError otherwise), so no rank waits for one that
+    gave up. Collective: every rank calls it. Without an initialised process group it is just write()."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return write()
-    result, outcome = None, [None]
+    result, outcome = None, [None, None]
     if dist.get_rank() == 0:
         try:
             result = write()
+            outcome[1] = result if share else None
         except Exception as e:                   # reported to every rank, then re-raised here
-            outcome = [(type(e).__name__, str(e))]
+            outcome = [(type(e).__name__, str(e)), None]
             error = e
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is None:
-        return result
+        return result if dist.get_rank() == 0 else outcome[1]
     if dist.get_rank() == 0:
         raise error
     kind, message = outcome[0]
@@ -220,3 +222,52 @@ def on_rank0(write: Callable[[], object], *, what: str = "write"):
 def any_sharded(module: nn.Module) -> bool:
     """True if some parameter of `module` is a DTensor (FSDP2 holds it sharded)."""
     return any(is_sharded(p) for p in module.parameters())
+
+
+def keeps_files(module: nn.Module) -> bool:
+    """Whether this process writes `module`'s files: rank 0 of a sharded module, any process otherwise."""
+    return not any_sharded(module) or torch.distributed.get_rank() == 0
+
+
+def write_once(module: nn.Module, write: Callable[[], object], *, what: str = "write"):
+    """write() for a module's files: for a sharded `module` on rank 0 only, with its outcome on every rank
+    (on_rank0: every rank calls this), else here (a plain or DDP-replicated module: the caller picks the rank)."""
+    return on_rank0(write, what=what) if any_sharded(module) else write()
+
+
+def full_state_dict(tensors: Mapping[str, torch.Tensor], *, cpu: bool = True) -> dict[str, torch.Tensor]:
+    """{name: whole tensor} of a mapping such as PPOModels.named_trainable(): DTensors all-gathered (collective:
+    every rank calls it with the same names, in the same order), detached, on the CPU when `cpu`. What a
+    checkpoint written on rank 0 takes for the parameters."""
+    out = {}
+    for name, t in tensors.items():
+        full = full_tensor(t.detach())
+        out[name] = full.to("cpu", copy=True) if cpu else full
+    return out
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The piece of the whole tensor `full` that this rank holds of the DTensor `like` (torch.chunk along its
+    Shard dim; empty where this rank holds none); `full` itself when `like` is a plain tensor."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import Shard
+    placement = like.placements[0]
+    if len(like.placements) != 1 or not isinstance(placement, Shard):
+        raise ValueError("like: only 1-d Shard(dim) DTensors (FSDP2) are supported")
+    pieces = full.chunk(like.device_mesh.size(), dim=placement.dim)
+    rank = like.device_mesh.get_local_rank()
+    return pieces[rank] if rank < len(pieces) else full.narrow(placement.dim, 0, 0)
+
+
+def load_full_(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the whole tensor `full` into `target` in place: into this rank's shard when `target` is a DTensor
+    (its rows or columns of `full`; no communication), else as a plain copy_. ValueError on a shape mismatch."""
+    if tuple(full.shape) != tuple(target.shape):
+        raise ValueError(f"full: shape {tuple(full.shape)} does not match the target's {tuple(target.shape)}")
+    with torch.no_grad():
+        if not is_sharded(target):
+            target.copy_(full.to(device=target.device, dtype=target.dtype))
+            return
+        local = target.to_local()
+        local.copy_(local_part(full, target).to(device=local.device, dtype=local.dtype))

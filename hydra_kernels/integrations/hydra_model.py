@@ -24,7 +24,7 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import gathered_call
+from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, write_once
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -352,18 +352,24 @@ class HydraModel(nn.Module):
         The base weights are not written: load with from_pretrained(save_dir, base=...). If an adapter was merged
         into the base in place (merge_adapter_into_base), write that base with merge(None, dir) and load on it.
         The safetensors header repeats adapters, r and alpha, so a hydra_config.json edited afterwards is refused
-        on load rather than applied to the tensors.
+        on load rather than applied to the tensors. Sharded with integrations.fsdp.shard, every rank calls it and
+        rank 0 writes (a failure there raises on every rank).
         """
         save_dir = Path(save_dir)
         info = self.patch
         tensors = ckpt.adapter_tensors(self.model)
         for head in _HEAD_NAMES:
             for name, p in getattr(self, head).named_parameters():
-                tensors[f"{head}.{name}"] = p.detach()
+                tensors[f"{head}.{name}"] = full_tensor(p.detach())
         meta = {"format": "pt", _META_LORA: json.dumps({"adapters": list(info.adapters), "r": info.r,
                                                          "alpha": info.alpha})}
-        ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata=meta)
-        ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, self._config_dict())
+        config = self._config_dict()
+
+        def write():
+            ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata=meta)
+            ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, config)
+        # Under FSDP2 every rank calls this: the tensors are gathered above, rank 0 writes, all learn the outcome.
+        write_once(self, write, what="save_pretrained")
 
     @staticmethod
     def read_config(load_dir) -> dict:

@@ -38,3 +38,8 @@ def test_decoder_layers_of_each_architecture():
         model = make_model(arch)
         layers = fsdp.decoder_layers(model)
         assert len(layers) == 2 and len({type(m) for m in layers}) == 1, arch
+
+
+def test_two_process_saving_equals_one_process(tmp_path):
+    out = torchrun(HERE / "_fsdp_save_job.py", 2, str(tmp_path), timeout=240)
+    assert out.count("SAVE OK") == 2, out
