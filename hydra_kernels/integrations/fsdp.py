@@ -34,7 +34,8 @@ from torch import nn
 
 __all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor", "local_rows", "on_rank0",
            "decoder_layers", "any_sharded",
-           "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part"]
+           "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part",
+           "shard_like", "full_optimizer_state", "load_optimizer_state_"]
 
 # Attributes shard() sets: on the root, the method FSDP runs as a forward (CALL) and where to look for one of
 # the root group's parameters (PROBE); on a causal LM inside a sharded HydraModel, a weak reference to that root.
@@ -271,3 +272,35 @@ def load_full_(target: torch.Tensor, full: torch.Tensor) -> None:
             return
         local = target.to_local()
         local.copy_(local_part(full, target).to(device=local.device, dtype=local.dtype))
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor `full` as a DTensor laid out like the DTensor `like` (this rank's piece, no
+    communication); `full` itself when `like` is a plain tensor."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import DTensor
+    piece = local_part(full, like).to(device=like.to_local().device).contiguous()
+    return DTensor.from_local(piece, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every DTensor in its per-parameter state gathered (collective: every rank
+    calls it), so that rank 0 can write it and any world size can load it (load_optimizer_state_)."""
+    sd = optimizer.state_dict()
+    state = {i: {k: full_tensor(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
+    return {**sd, "state": state}
+
+
+def load_optimizer_state_(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """optimizer.load_state_dict for a state dict of whole tensors (full_optimizer_state, or one process's):
+    the state of a sharded parameter is sharded like it first (shard_like; no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, per in state_dict["state"].items():
+        p = params[int(i)]
+        state[i] = {k: shard_like(v, p) if is_sharded(p) and isinstance(v, torch.Tensor) and v.shape == p.shape
+                    else v for k, v in per.items()}
+    optimizer.load_state_dict({**state_dict, "state": state})
+

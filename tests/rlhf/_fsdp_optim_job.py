@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from hydra_kernels.integrations.fsdp import full_tensor, shard
+from hydra_kernels.integrations.fsdp import full_optimizer_state, full_tensor, load_full_, load_optimizer_state_, shard
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
 from tests.integrations._fsdp_job import B, batch, build, loss_of, rel
 
@@ -24,16 +24,28 @@ def roles_of(hydra):
             "critic": [(p, 1) for p in stacks] + [(p, None) for p in hydra.value_head.parameters()]}
 
 
-def run(hydra, ids, mask, critic_lr):
+def optimizer_of(hydra, critic_lr):
+    return build_ppo_optimizer(roles_of(hydra), SimpleNamespace(lr=1e-2, critic_lr=critic_lr, weight_decay=0.01))
+
+
+def steps(hydra, opt, ids, mask, n=2):
     roles = roles_of(hydra)
-    opt = build_ppo_optimizer(roles, SimpleNamespace(lr=1e-2, critic_lr=critic_lr, weight_decay=0.01))
     norms = []
-    for _ in range(2):
+    for _ in range(n):
         opt.zero_grad()
         loss_of(hydra, ids, mask).backward()
         norms.append({k: float(v) for k, v in clip_grad_norm_per_role(roles, 1e-2).items()})
         opt.step()
-    return norms, {n: full_tensor(p.detach()) for n, p in hydra.named_parameters() if p.requires_grad}
+    return norms
+
+
+def trained(hydra):
+    return {n: full_tensor(p.detach()) for n, p in hydra.named_parameters() if p.requires_grad}
+
+
+def run(hydra, ids, mask, critic_lr):
+    opt = optimizer_of(hydra, critic_lr)
+    return steps(hydra, opt, ids, mask), trained(hydra), opt
 
 
 def main():
@@ -41,9 +53,10 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     ids, mask = batch()
     rows = slice(rank * B // world, (rank + 1) * B // world)
-    norms_ref, ref = run(build(), ids, mask, critic_lr=1e-3)
-    norms, got = run(shard(build()), ids[rows], mask[rows], critic_lr=1e-3)
-    _, same_lr = run(build(), ids, mask, critic_lr=1e-2)
+    ref_model, model = build(), shard(build())
+    norms_ref, ref, ref_opt = run(ref_model, ids, mask, critic_lr=1e-3)
+    norms, got, opt = run(model, ids[rows], mask[rows], critic_lr=1e-3)
+    _, same_lr, _ = run(build(), ids, mask, critic_lr=1e-2)
     for want, have in zip(norms_ref, norms):
         assert set(want) == set(have) == {"actor", "critic"}, (want, have)
         for role in want:
@@ -55,6 +68,24 @@ def main():
     stack = "model.model.layers.0.self_attn.q_proj.lora_A"
     assert rel(ref[stack][1], same_lr[stack][1]) > 1e-3 and rel(ref[stack][0], same_lr[stack][0]) < 1e-6
     assert rel(ref["value_head.weight"], same_lr["value_head.weight"]) > 1e-3
+    # The optimizer state a checkpoint takes: gathered, it equals one process's; loaded into a fresh sharded
+    # model (parameters copied in by load_full_), the next step equals one process continuing.
+    full, want = full_optimizer_state(opt), ref_opt.state_dict()
+    assert full["state"].keys() == want["state"].keys()
+    for i in want["state"]:
+        for k, v in want["state"][i].items():
+            assert (rel(full["state"][i][k], v) < 1e-5) if v.dim() else torch.equal(full["state"][i][k], v), (i, k)
+    resumed = shard(build())
+    for n, p in resumed.named_parameters():
+        if p.requires_grad:
+            load_full_(p, got[n])
+    resumed_opt = optimizer_of(resumed, critic_lr=1e-3)
+    load_optimizer_state_(resumed_opt, full)
+    steps(ref_model, ref_opt, ids, mask, n=1)
+    steps(resumed, resumed_opt, ids[rows], mask[rows], n=1)
+    after, after_ref = trained(resumed), trained(ref_model)
+    resumed_worst = max(rel(after[n], after_ref[n]) for n in after_ref)
+    assert resumed_worst < 1e-5, resumed_worst
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank}: per-role clipping and critic_lr under FSDP2 match one process (worst {worst:.2e}); "
