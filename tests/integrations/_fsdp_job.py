@@ -3,7 +3,7 @@
 Each rank builds the same model, keeps an unsharded copy as the single-process reference (run on the whole
 batch), shards the other and runs its own half of the batch. Checked: the gradients of one streams
 forward + backward (base / actor / critic streams, fused log-probs with the KL, value and reward heads) in
-fp32 and with a bf16 base (fp32 adapter gradients), the no-grad scoring path, one optimizer step, greedy
+fp32, with a bf16 base (fp32 adapter gradients) and with activation checkpointing, the no-grad scoring path, one optimizer step, greedy
 generation (HydraModel.generate and the rollout's decoder), a plain patched causal LM (decoder_forward +
 fp32 logits), and the ValueError an op gives for a parameter FSDP has not gathered. Prints "FSDP OK" at the end.
 """
@@ -61,14 +61,18 @@ def grads(hydra):
     return {n: p.grad for n, p in hydra.named_parameters() if p.requires_grad}
 
 
-def check_streams(dtype, rank, world):
+def check_streams(dtype, rank, world, checkpointing=False):
     ref = build()
     if dtype != torch.float32:                           # what shard(mixed_precision=dtype) stores: frozen base only
         with torch.no_grad():
             for p in ref.model.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)
-    sharded = shard(build(), mixed_precision=None if dtype == torch.float32 else dtype)
+    sharded = build()
+    if checkpointing:                                    # recomputed layers: FSDP re-gathers before recomputing
+        ref.enable_activation_checkpointing()
+        sharded.enable_activation_checkpointing()
+    shard(sharded, mixed_precision=None if dtype == torch.float32 else dtype)
     ids, mask = batch()
     rows = slice(rank * B // world, (rank + 1) * B // world)
     loss_of(ref, ids, mask).backward()
@@ -82,7 +86,8 @@ def check_streams(dtype, rank, world):
         err = rel(got[name], want[name])
         worst = max(worst, err)
         assert err <= TOL[dtype], f"{dtype}: gradient of {name}: relative error {err:.3g}"
-    print(f"rank {rank}: {dtype} streams gradients match one process (worst {worst:.2e})", flush=True)
+    how = " with activation checkpointing" if checkpointing else ""
+    print(f"rank {rank}: {dtype} streams gradients{how} match one process (worst {worst:.2e})", flush=True)
     return ref, sharded, ids, mask
 
 
@@ -114,6 +119,12 @@ def check_generation(ref, sharded, ids, mask, rank):
     ro_ref = generate(PolicyHandle(ref.model, "critic"), ids, mask, **kw)
     ro = generate(PolicyHandle(sharded.model, "critic"), ids, mask, **kw)
     assert torch.equal(ro.response_ids, ro_ref.response_ids)
+    try:
+        generate(PolicyHandle(sharded.model, "critic"), ids, mask, compile=True, **kw)
+    except ValueError as e:
+        assert "compile" in str(e), e
+    else:
+        raise AssertionError("compiled decoding of a sharded model did not raise")
     print(f"rank {rank}: generate and the rollout decoder match one process", flush=True)
 
 
@@ -160,6 +171,7 @@ def main():
     check_generation(ref, sharded, ids, mask, rank)
     check_ungathered_op(sharded, rank)
     check_streams(torch.bfloat16, rank, world)
+    check_streams(torch.float32, rank, world, checkpointing=True)
     check_plain_model(rank, world)
     dist.barrier()
     dist.destroy_process_group()
