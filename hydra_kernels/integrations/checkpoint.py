@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.fsdp import full_tensor, is_sharded, keeps_files, write_once
+from hydra_kernels.integrations.fsdp import copy_row_, full_tensor, is_sharded, keeps_files, write_once
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
@@ -168,7 +168,7 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
                          "; it names no patched module / adapter of this model")
     with torch.no_grad():
         for param, i, t in plan:
-            param[i].copy_(t.to(device=param.device, dtype=param.dtype))
+            copy_row_(param, i, t)               # into this rank's part where FSDP2 shards the stack
 
 
 # -------------------------------------------------------------------------------------------------- merging

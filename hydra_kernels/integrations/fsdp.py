@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 
-__all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor", "local_rows", "on_rank0",
+__all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor", "local_rows", "copy_row_", "on_rank0",
            "decoder_layers", "any_sharded",
            "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part",
            "shard_like", "full_optimizer_state", "load_optimizer_state_"]
@@ -83,6 +83,21 @@ def local_rows(t: torch.Tensor, index: int) -> torch.Tensor:
     if start <= index < start + local.shape[0]:
         return local[index - start]
     return local.new_empty((0,) + tuple(t.shape[1:]))
+
+
+def copy_row_(t: torch.Tensor, index: int, value: torch.Tensor) -> None:
+    """t[index].copy_(value) (value: the whole row, cast to t's dtype and device), for a DTensor into the part of
+    the row this rank holds (local_rows; no communication)."""
+    part = local_rows(t, index)
+    if is_sharded(t):
+        dim = t.placements[0].dim
+        if dim != 0:                             # the row is split along dim - 1 of value, torch.chunk layout
+            pieces = value.chunk(t.device_mesh.size(), dim=dim - 1)
+            rank = t.device_mesh.get_local_rank()
+            value = pieces[rank] if rank < len(pieces) else value.narrow(dim - 1, 0, 0)
+        elif part.numel() == 0:                  # another rank holds this row
+            return
+    part.copy_(value.to(device=part.device, dtype=part.dtype))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

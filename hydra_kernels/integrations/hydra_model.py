@@ -24,7 +24,7 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, write_once
+from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, load_full_, write_once
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -492,9 +492,8 @@ class HydraModel(nn.Module):
         ckpt.load_adapter_tensors(self.model, tensors, info.adapters, source=where,
                                   extra_ok=lambda k: k.split(".", 1)[0] in _HEAD_NAMES and
                                   any(k == f"{h}.{n}" for h in _HEAD_NAMES for n in ("weight", "bias")))
-        with torch.no_grad():
-            for p, t in heads:
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
+        for p, t in heads:
+            load_full_(p, t)                     # into this rank's shard where FSDP2 shards the head
 
     @staticmethod
     def _check_header(meta: dict, cfg: dict, cfg_where: str, where: str) -> None:

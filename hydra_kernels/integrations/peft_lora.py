@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import any_sharded, full_tensor, on_rank0, write_once
+from hydra_kernels.integrations.fsdp import any_sharded, copy_row_, full_tensor, on_rank0, write_once
 from hydra_kernels.integrations.patch import hydra_modules, patch_info
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]
@@ -194,8 +194,9 @@ def import_peft(model: nn.Module, adapter: str, peft_dir) -> None:
     with torch.no_grad():
         for path, layer in layers.items():
             i = layer.stream_indices([adapter])[0]
+            # copy_row_: into this rank's part where FSDP2 shards the stack.
             if path in paths:
-                layer.lora_A[i].copy_(found[(path, "A")].to(layer.lora_A.device, layer.lora_A.dtype))
-                layer.lora_B[i].copy_(found[(path, "B")].to(layer.lora_B.device, layer.lora_B.dtype))
+                copy_row_(layer.lora_A, i, found[(path, "A")])
+                copy_row_(layer.lora_B, i, found[(path, "B")])
             else:
-                layer.lora_B[i].zero_()
+                copy_row_(layer.lora_B, i, torch.zeros(layer.lora_B.shape[1:]))

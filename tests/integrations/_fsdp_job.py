@@ -3,9 +3,10 @@
 Each rank builds the same model, keeps an unsharded copy as the single-process reference (run on the whole
 batch), shards the other and runs its own half of the batch. Checked: the gradients of one streams
 forward + backward (base / actor / critic streams, fused log-probs with the KL, value and reward heads) in
-fp32, with a bf16 base (fp32 adapter gradients) and with activation checkpointing, the no-grad scoring path, one optimizer step, greedy
-generation (HydraModel.generate and the rollout's decoder), a plain patched causal LM (decoder_forward +
-fp32 logits), and the ValueError an op gives for a parameter FSDP has not gathered. Prints "FSDP OK" at the end.
+fp32, with a bf16 base (fp32 adapter gradients) and with activation checkpointing; the no-grad scoring path,
+one optimizer step, greedy generation (HydraModel.generate and the rollout's decoder; compiled decoding is
+refused), a plain patched causal LM (decoder_forward + fp32 logits), and the ValueError an op gives for a
+parameter FSDP has not gathered. Prints "FSDP OK" at the end.
 """
 import copy
 import datetime

@@ -2,9 +2,10 @@
 
 argv[1]: a directory shared by the ranks. Rank 0 writes the unsharded reference's files; every rank calls the
 sharded model's save_pretrained, merge (the actor merged; the base as it is, tied embeddings included) and
-export_peft, which rank 0 writes. The files must hold the same tensors and JSON. A write that fails on rank 0
-(merge into a directory that is not the library's) raises ValueError on every rank instead of leaving the
-others waiting. Prints "SAVE OK" at the end.
+export_peft, which rank 0 writes. The files must hold the same tensors and JSON, and load back into a
+sharded model (load_adapters, load_peft: each rank copies its part) as the reference's tensors. A write that
+fails on rank 0 (merge into a directory that is not the library's) raises ValueError on every rank instead of
+leaving the others waiting. Prints "SAVE OK" at the end.
 """
 import datetime
 import json
@@ -65,6 +66,17 @@ def main():
             for what in ("hydra", "merged", "base"):
                 same_files(want / what, got / what)
             same_files(want / "peft", got / "peft", skip_keys=("base_model_name_or_path",))
+        # Loading into a sharded model: each rank copies its part (save_pretrained's and export_peft's files).
+        loaded = shard(make())
+        loaded.load_adapters(got / "hydra")
+        loaded.load_peft("actor", got / "peft")           # the critic's adapter, now in the actor's slot too
+        want_state, have_state = (full_state_dict({n: p for n, p in m.named_parameters() if p.requires_grad})
+                                  for m in (ref, loaded))
+        for n, t in want_state.items():
+            if ".lora_" in n:
+                t = t.clone()
+                t[0] = t[1]                               # slot 0 (actor) now holds the critic's export
+            assert torch.equal(have_state[n], t), n
         # The gather helper a training checkpoint takes, and its way back into the shards.
         state = full_state_dict({n: p for n, p in sharded.named_parameters() if p.requires_grad})
         for n, p in ref.named_parameters():
