@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from hydra_kernels.integrations.fsdp import copy_row_, full_tensor, is_sharded, keeps_files, write_once
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
@@ -122,13 +123,17 @@ def adapter_tensors(model: nn.Module, adapters=None) -> dict[str, torch.Tensor]:
     info = patch_info(model)
     names = info.adapters if adapters is None else tuple(adapters)
     out = {}
-    for path, layer in hydra_modules(model).items():
+    layers = hydra_modules(model)
+    for name in names:                        # checked before any collective, the same on every rank
+        if next(iter(layers.values())).stream_indices([name])[0] < 0:
+            raise ValueError(f"adapters: {name!r} is the base stream, which has no adapter weights")
+    for path, layer in layers.items():
+        # Whole stacks: FSDP2 holds them sharded (an all-gather per stack; every rank takes part).
+        A, B = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
         for name in names:
             i = layer.stream_indices([name])[0]
-            if i < 0:
-                raise ValueError(f"adapters: {name!r} is the base stream, which has no adapter weights")
-            out[adapter_key(name, path, "lora_A")] = layer.lora_A[i].detach()
-            out[adapter_key(name, path, "lora_B")] = layer.lora_B[i].detach()
+            out[adapter_key(name, path, "lora_A")] = A[i]
+            out[adapter_key(name, path, "lora_B")] = B[i]
     return out
 
 
@@ -164,14 +169,17 @@ def load_adapter_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], 
                          "; it names no patched module / adapter of this model")
     with torch.no_grad():
         for param, i, t in plan:
-            param[i].copy_(t.to(device=param.device, dtype=param.dtype))
+            copy_row_(param, i, t)               # into this rank's part where FSDP2 shards the stack
 
 
 # -------------------------------------------------------------------------------------------------- merging
 def _delta(layer, adapter: str | None) -> torch.Tensor | None:
     if adapter is None or adapter == "base":
         return None
-    return layer.delta_weight(adapter)
+    i = layer.stream_indices([adapter])[0]
+    # HydraLinear.delta_weight from the whole stacks (gathered where FSDP2 shards them).
+    A, B = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
+    return layer.scaling * (B[i].float() @ A[i].float())
 
 
 def merge_adapter_into_base(model: nn.Module, adapter: str) -> None:
@@ -224,19 +232,34 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> dict[str, torch.
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     tied_head = _output_embedding_key(model)
+    # Under FSDP2 every rank gathers each tensor in turn (collective: the same keys in the same order on every
+    # rank), and only the rank that writes keeps it.
+    keep = keeps_files(model)
     for key, t in state.items():
         if key in lora_keys:
             continue
+        if is_sharded(t):
+            # Tied parameters share the local shard's storage (state_dict detaches: new objects per name).
+            local = t.to_local()
+            ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape), t.dtype) \
+                if local.numel() else None
+            t = full_tensor(t.detach())
+        else:
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() \
+                else None
         if key in weight_keys:
             layer = layers[weight_keys[key]]
             delta = _delta(layer, adapter)
+            if not keep:
+                continue
             with torch.no_grad():
                 w = t if delta is None else (t.float() + delta).to(t.dtype)
                 if weight_keys[key] in info.conv1d:
                     w = w.t()
                 out[key] = w.detach().to("cpu").contiguous()
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if not keep:
+            continue
         if ident is not None and ident in seen:
             if key == tied_head:
                 continue                     # tied LM head: transformers re-ties it from the input embedding
@@ -449,7 +472,9 @@ def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,
             gen.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    out = write_dir_atomically(out_dir, fill, marker=MERGED_KIND, foreign=MERGE_FOREIGN)
+    # Under FSDP2: written by rank 0, its outcome on every rank (integrations.fsdp.write_once).
+    out = write_once(model, lambda: write_dir_atomically(out_dir, fill, marker=MERGED_KIND, foreign=MERGE_FOREIGN),
+                     what="save_merged") or Path(out_dir)
     if adapter in (None, "base"):
         config.name_or_path = str(out.resolve())
     return out

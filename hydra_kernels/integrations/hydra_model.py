@@ -24,6 +24,7 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, load_full_, write_once
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -267,7 +268,7 @@ class HydraModel(nn.Module):
         Materialises the logits; for log-probs over a large vocab use ops.linear_logprobs(hidden,
         self.lm_head_weight, ...) instead.
         """
-        return linear_f32(hidden, self.lm_head_weight, self.lm_head_bias)
+        return gathered_call(self, lambda: linear_f32(hidden, self.lm_head_weight, self.lm_head_bias))
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, kl: str | None = None,
                  ignore_index: int = -100):
@@ -277,8 +278,10 @@ class HydraModel(nn.Module):
         predicts targets = input_ids[:, 1:].
         """
         from hydra_kernels.ops import linear_logprobs
-        return linear_logprobs(hidden, self.lm_head_weight, targets, temperature=temperature, kl=kl,
-                               ignore_index=ignore_index, bias=self.lm_head_bias)
+        # The LM head is read inside the call: under FSDP2 it is gathered there (and again in backward).
+        return gathered_call(self, lambda: linear_logprobs(hidden, self.lm_head_weight, targets,
+                                                           temperature=temperature, kl=kl,
+                                                           ignore_index=ignore_index, bias=self.lm_head_bias))
 
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]
@@ -289,11 +292,11 @@ class HydraModel(nn.Module):
         last = last_token_index(attention_mask)
         index = last.view(-1, 1, 1).expand(*hidden.shape[:-3], -1, 1, hidden.shape[-1])
         h = torch.gather(hidden, -2, index).squeeze(-2)                  # [..., B, D]
-        return self.reward_head(h.float()).squeeze(-1)
+        return gathered_call(self, self.reward_head, h.float()).squeeze(-1)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """Value head per token: hidden [..., T, D] → [..., T] (fp32). Pass the critic stream's hidden states."""
-        return self.value_head(hidden.float()).squeeze(-1)
+        return gathered_call(self, self.value_head, hidden.float()).squeeze(-1)
 
     def init_value_head_from_reward(self) -> None:
         """Copy the reward head into the value head (done at construction; call again after training the reward
@@ -311,7 +314,8 @@ class HydraModel(nn.Module):
         """
         validate_streams(self.model, (stream,))
         with hydra_streams(self.model, stream), rounded_adapters(self.model):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            return gathered_call(self, lambda: self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                                   **generate_kwargs))
 
     def enable_activation_checkpointing(self, use_reentrant: bool = False) -> None:
         """Recompute every decoder layer's activations in backward (integrations.activation_checkpointing:
@@ -348,18 +352,24 @@ class HydraModel(nn.Module):
         The base weights are not written: load with from_pretrained(save_dir, base=...). If an adapter was merged
         into the base in place (merge_adapter_into_base), write that base with merge(None, dir) and load on it.
         The safetensors header repeats adapters, r and alpha, so a hydra_config.json edited afterwards is refused
-        on load rather than applied to the tensors.
+        on load rather than applied to the tensors. Sharded with integrations.fsdp.shard, every rank calls it and
+        rank 0 writes (a failure there raises on every rank).
         """
         save_dir = Path(save_dir)
         info = self.patch
         tensors = ckpt.adapter_tensors(self.model)
         for head in _HEAD_NAMES:
             for name, p in getattr(self, head).named_parameters():
-                tensors[f"{head}.{name}"] = p.detach()
+                tensors[f"{head}.{name}"] = full_tensor(p.detach())
         meta = {"format": "pt", _META_LORA: json.dumps({"adapters": list(info.adapters), "r": info.r,
                                                          "alpha": info.alpha})}
-        ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata=meta)
-        ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, self._config_dict())
+        config = self._config_dict()
+
+        def write():
+            ckpt.atomic_save_safetensors(save_dir / ckpt.WEIGHTS_NAME, tensors, metadata=meta)
+            ckpt.atomic_write_json(save_dir / ckpt.CONFIG_NAME, config)
+        # Under FSDP2 every rank calls this: the tensors are gathered above, rank 0 writes, all learn the outcome.
+        write_once(self, write, what="save_pretrained")
 
     @staticmethod
     def read_config(load_dir) -> dict:
@@ -482,9 +492,8 @@ class HydraModel(nn.Module):
         ckpt.load_adapter_tensors(self.model, tensors, info.adapters, source=where,
                                   extra_ok=lambda k: k.split(".", 1)[0] in _HEAD_NAMES and
                                   any(k == f"{h}.{n}" for h in _HEAD_NAMES for n in ("weight", "bias")))
-        with torch.no_grad():
-            for p, t in heads:
-                p.copy_(t.to(device=p.device, dtype=p.dtype))
+        for p, t in heads:
+            load_full_(p, t)                     # into this rank's shard where FSDP2 shards the head
 
     @staticmethod
     def _check_header(meta: dict, cfg: dict, cfg_where: str, where: str) -> None:

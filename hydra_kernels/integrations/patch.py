@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from hydra_kernels.integrations.fsdp import gathered_call
 from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
 from hydra_kernels.ops import check_lora_args, plain_eager
@@ -374,10 +375,16 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         if "position_ids" not in _forward_params(type(backbone)):
             raise ValueError(f"position_ids: {type(backbone).__name__} does not take position ids")
         kwargs["position_ids"] = position_ids.repeat(S, 1)
-    with (streams_context(model, *names) if names is not None else contextlib.nullcontext()):
-        out = backbone(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden.view(S, B, T, hidden.shape[-1]), (output_cache(out) if use_cache else None)
+
+    def run():
+        with (streams_context(model, *names) if names is not None else contextlib.nullcontext()):
+            out = backbone(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden, (output_cache(out) if use_cache else None)
+    # Under FSDP2 the backbone's embeddings and final norm belong to the root's group, which a call past the
+    # root does not gather: run it as part of the root's forward.
+    hidden, cache = gathered_call(model, run)
+    return hidden.view(S, B, T, hidden.shape[-1]), cache
 
 
 # torch.nn's dropout modules (the public subclasses of its private _DropoutNd base).

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.integrations import checkpoint as ckpt
+from hydra_kernels.integrations.fsdp import any_sharded, copy_row_, full_tensor, on_rank0, write_once
 from hydra_kernels.integrations.patch import hydra_modules, patch_info
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]
@@ -60,7 +61,9 @@ def export_peft(model: nn.Module, adapter: str, out_dir) -> Path:
     info = patch_info(model)
     if adapter not in info.adapters:
         raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
-    base, why = base_directory(model)
+    # Under FSDP2 rank 0's verdict (the rank that writes) holds for every rank, so all go on or all raise.
+    base, why = (on_rank0(lambda: base_directory(model), what="export_peft", share=True) if any_sharded(model)
+                 else base_directory(model))
     if base is None:
         raise ValueError(f"model: no directory on disk holds this model's base weights ({why}), so the exported "
                          "adapter could name none (or the wrong one); write the base first with "
@@ -68,8 +71,9 @@ def export_peft(model: nn.Module, adapter: str, out_dir) -> Path:
     tensors = {}
     for path, layer in hydra_modules(model).items():
         i = layer.stream_indices([adapter])[0]
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = layer.lora_A[i].detach()
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = layer.lora_B[i].detach()
+        # Whole stacks: FSDP2 holds them sharded (an all-gather per stack; every rank takes part).
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A.detach())[i]
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B.detach())[i]
     alpha = int(info.alpha) if float(info.alpha).is_integer() else info.alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -90,7 +94,10 @@ def export_peft(model: nn.Module, adapter: str, out_dir) -> Path:
         with open(tmp / PEFT_CONFIG_NAME, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-    return ckpt.write_dir_atomically(out_dir, fill, marker=PEFT_CONFIG_NAME, foreign=PEFT_FOREIGN)
+    # Under FSDP2: written by rank 0, its outcome on every rank (integrations.fsdp.write_once).
+    return write_once(model, lambda: ckpt.write_dir_atomically(out_dir, fill, marker=PEFT_CONFIG_NAME,
+                                                               foreign=PEFT_FOREIGN),
+                      what="export_peft") or Path(out_dir)
 
 
 def _config_error(where: str, key: str, value, what: str) -> ValueError:
@@ -187,8 +194,9 @@ def import_peft(model: nn.Module, adapter: str, peft_dir) -> None:
     with torch.no_grad():
         for path, layer in layers.items():
             i = layer.stream_indices([adapter])[0]
+            # copy_row_: into this rank's part where FSDP2 shards the stack.
             if path in paths:
-                layer.lora_A[i].copy_(found[(path, "A")].to(layer.lora_A.device, layer.lora_A.dtype))
-                layer.lora_B[i].copy_(found[(path, "B")].to(layer.lora_B.device, layer.lora_B.dtype))
+                copy_row_(layer.lora_A, i, found[(path, "A")])
+                copy_row_(layer.lora_B, i, found[(path, "B")])
             else:
-                layer.lora_B[i].zero_()
+                copy_row_(layer.lora_B, i, torch.zeros(layer.lora_B.shape[1:]))

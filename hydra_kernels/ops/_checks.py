@@ -14,10 +14,20 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None,
                  contiguous: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if _is_dtensor(t):
+        raise ValueError(f"{name}: a sharded DTensor (a parameter FSDP2 has not gathered); call the op inside the "
+                         "module's forward, or through integrations.fsdp.gathered_call, which gathers it")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.integrations import decoder_forward, load_causal_lm
+from hydra_kernels.integrations.fsdp import gathered_call
 from hydra_kernels.integrations.hydra_model import HydraModel
 from hydra_kernels.ops.matmul import linear_f32
 
@@ -35,9 +36,13 @@ class PolicyHandle:
     def last(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True):
         """One decoding step: fp32 logits of the last position [B, V], its hidden state [B, D], the KV cache."""
         names = None if self.stream is None else (self.stream,)
-        h, past = decoder_forward(self.model, input_ids, attention_mask, position_ids, names, past_key_values,
-                                  use_cache)
-        return last_logits(self.model.get_output_embeddings(), h[0]), h[0][:, -1], past
+
+        def step():
+            h, past = decoder_forward(self.model, input_ids, attention_mask, position_ids, names, past_key_values,
+                                      use_cache)
+            return last_logits(self.model.get_output_embeddings(), h[0]), h[0][:, -1], past
+        # One gathered call under FSDP2 (integrations.fsdp): the decoder and the LM head's weight.
+        return gathered_call(self.model, step)
 
 
 def last_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ critic's slice by critic_lr / lr after the step is AdamW with critic_lr on that 
 Implementation (adamw_implementation): fused on CUDA (one kernel per parameter group, no temporaries); elsewhere
 the for-loop step, since torch's default foreach step on an accelerator holds temporaries the size of all
 trainable parameters at once.
+
+Both work on parameters FSDP2 holds sharded (DTensors, integrations.fsdp): a slice is the part of it this rank
+holds (fsdp.local_rows), and the per-role gradient norm sums the ranks' shares (an all-reduce).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from hydra_kernels.integrations.fsdp import is_sharded, local_rows
 from hydra_kernels.rlhf.models import Role
 
 
@@ -50,10 +54,13 @@ class SlicedLRAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         # The blend runs in fp32 at least, so bf16 / fp16 slices round once, at the final copy.
-        before = [p[i].to(torch.promote_types(p.dtype, torch.float32), copy=True) for p, i, _ in self.slice_ratios]
+        # A sharded parameter's slice is this rank's part of it (empty where another rank holds it all).
+        before = [local_rows(p, i).to(torch.promote_types(p.dtype, torch.float32), copy=True)
+                  for p, i, _ in self.slice_ratios]
         loss = super().step(closure)
         for (p, i, ratio), b in zip(self.slice_ratios, before):
-            p[i].copy_(torch.lerp(b, p[i].to(b.dtype), ratio))
+            part = local_rows(p, i)
+            part.copy_(torch.lerp(b, part.to(b.dtype), ratio))
         return loss
 
 
@@ -82,17 +89,35 @@ def build_ppo_optimizer(roles: dict[str, Role], cfg) -> SlicedLRAdamW:
                          **adamw_implementation(torch.device(devices.pop())))
 
 
+def _local_grad(p: torch.Tensor, i: int | None):
+    """(this rank's part of p.grad, or of its slice p.grad[i], as a plain tensor that views it; the process group
+    over which a sharded gradient's parts are spread, None for a plain one)."""
+    g = p.grad
+    if is_sharded(g):
+        return (g.to_local() if i is None else local_rows(g, i)), g.device_mesh.get_group()
+    return (g if i is None else g[i]), None
+
+
 def clip_grad_norm_per_role(roles: dict[str, Role], max_norm: float) -> dict[str, torch.Tensor]:
     """torch.nn.utils.clip_grad_norm_ applied to each role on its own (slices of a shared stack included):
     {role: its gradient norm before clipping}."""
     norms = {}
     for role, items in roles.items():
-        grads = [p.grad if i is None else p.grad[i] for p, i in items if p.grad is not None]
-        if not grads:
+        parts = [_local_grad(p, i) for p, i in items if p.grad is not None]
+        if not parts:
             continue
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        each = [torch.linalg.vector_norm(g.float()) for g, _ in parts]
+        shards = [n for n, (_, group) in zip(each, parts) if group is not None]
+        if not shards:
+            total = torch.linalg.vector_norm(torch.stack(each))
+        else:
+            # Every rank holds a share of a sharded gradient: the squares add up over the ranks.
+            sq = torch.stack(shards).square().sum()
+            torch.distributed.all_reduce(sq, group=next(group for _, group in parts if group is not None))
+            plain = [n for n, (_, group) in zip(each, parts) if group is None]
+            total = (sq + torch.stack(plain).square().sum() if plain else sq).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
+        for g, _ in parts:
             g.mul_(coef.to(g.dtype))
         norms[role] = total
     return norms

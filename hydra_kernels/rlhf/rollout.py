@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from hydra_kernels.integrations import cache_kwarg
+from hydra_kernels.integrations.fsdp import sharded_root
 from hydra_kernels.nn.streams import rounded_adapters, streams
 from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
 from hydra_kernels.rlhf.models import last_logits
@@ -99,6 +100,10 @@ class StaticDecoding:
     def __init__(self, policy, length: int, device: torch.device):
         from transformers import StaticCache
         model = policy.model
+        if sharded_root(model) is not None:
+            # The compiled step calls the backbone and reads the LM head directly, past FSDP's gathers.
+            raise ValueError("compile: the compiled decoding step does not run on a model sharded with FSDP2 "
+                             "(integrations.fsdp.shard); decode eagerly (compile=False)")
         # Submodules and a weak reference only: the per-model cache below must not keep the model alive.
         self.model, self.stream = weakref.ref(model), policy.stream
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()

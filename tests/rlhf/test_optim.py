@@ -171,3 +171,12 @@ def test_a_loaded_state_keeps_this_optimizers_implementation():
     assert new.param_groups[0]["foreach"] is False and new.param_groups[0]["fused"] is False
     assert torch.equal(new.state[b]["exp_avg"], old.state[a]["exp_avg"])
     assert float(new.state[b]["step"]) == 1.0
+
+
+def test_per_role_lr_and_clipping_act_on_fsdp2_shards():
+    # 2 gloo processes: critic_lr and clip_grad_norm_per_role on sharded parameters = one process.
+    from pathlib import Path
+
+    from tests._util import torchrun
+    out = torchrun(Path(__file__).with_name("_fsdp_optim_job.py"), 2, timeout=240)
+    assert out.count("OPTIM OK") == 2, out
