@@ -1,10 +1,8 @@
 """`hydra-rlhf sft` then `hydra-rlhf ppo` without run.output_dir, and ppo pointed at an SFT run's output_dir.
 
-Both stages defaulted to run.output_dir=runs/hydra-rlhf. A newcomer who sets only the model and data paths ran
-PPO in the SFT run's directory: PPO overwrote the SFT metrics.jsonl and then replaced final/ (the SFT model and
-reward head, PPO's own input) with its policy; since save_policy refuses foreign directories it trained the
-whole run and failed at the end. Now the defaults differ (runs/hydra-sft, runs/hydra-ppo, as the python/
-recipes), and a stage refuses up front an output_dir whose final/ is another stage's result.
+The defaults differ (runs/hydra-sft, runs/hydra-ppo, as the python/ recipes), so a newcomer who sets only the
+model and data paths never runs PPO over the SFT result it reads; and a stage refuses up front, before writing
+anything, an output_dir whose final/ is another stage's result.
 """
 import hashlib
 import json
@@ -25,12 +23,13 @@ def test_sft_then_ppo_with_default_output_dirs(tmp_path):
     assert sft.returncode == 0, sft.stderr[-3000:]
     sft_out = work / json.loads(sft.stdout)["output_dir"]           # <default output_dir>/final
     kept = _digest(sft_out.parent / "metrics.jsonl", sft_out / "model.safetensors", sft_out / "reward_head.safetensors")
+    checkpoints = sorted(p.name for p in (sft_out.parent / "checkpoints").iterdir())      # SFT's own
 
     # PPO told explicitly to write into the SFT run's directory: refused before anything is written.
     proc = cli("ppo", f"model.path={sft_out}", f"data.prompt_path={paths['prompts']}",
                f"run.output_dir={sft_out.parent}", *PPO_SMALL, cwd=work)
     assert_one_line_error(proc, "run.output_dir", "sft.json")
-    assert not (sft_out.parent / "checkpoints").exists()
+    assert sorted(p.name for p in (sft_out.parent / "checkpoints").iterdir()) == checkpoints
 
     # With the defaults, PPO has a directory of its own.
     ppo = cli("ppo", f"model.path={sft_out}", f"data.prompt_path={paths['prompts']}", *PPO_SMALL, cwd=work)
