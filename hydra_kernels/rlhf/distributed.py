@@ -80,6 +80,7 @@ def setup(run_cfg, timeout: datetime.timedelta | None = None) -> str:
 def shutdown() -> None:
     """Destroy the default process group, if one exists (at the end of a CLI command)."""
     if dist.is_initialized():
+        dist.barrier()                      # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

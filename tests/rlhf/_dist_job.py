@@ -150,6 +150,7 @@ def main(mode: str, out: str) -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(f"JOB OK rank {distributed.rank()} of {distributed.world_size()}", flush=True)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
