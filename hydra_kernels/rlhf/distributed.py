@@ -167,7 +167,7 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
 def sum_dict(values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
     """{name: sum over ranks} of scalars, in one collective (fp64, so a count stays exact)."""
     if world_size() == 1:
-        return {k: torch.as_tensor(v) for k, v in values.items()}
+        return {k: torch.as_tensor(v).detach() for k, v in values.items()}      # values, never part of a graph
     x = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(()) for v in values.values()])
     x = all_sum(x.to(_comm_device()))
     return dict(zip(values, x.cpu()))
