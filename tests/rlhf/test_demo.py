@@ -79,6 +79,11 @@ def test_demo_overrides():
         apply_demo_overrides(DemoConfig(), ["ppo.variant=nope"])
     with pytest.raises(ValueError, match="seed"):
         apply_demo_overrides(DemoConfig(), ["seed=-1"])
+    # an optional field (`int | None`) takes an int or null
+    assert apply_demo_overrides(DemoConfig(), ["threads=2"]).threads == 2
+    assert apply_demo_overrides(DemoConfig(threads=2), ["threads=null"]).threads is None
+    with pytest.raises(ValueError, match="threads"):
+        apply_demo_overrides(DemoConfig(), ["threads=abc"])
 
 
 def test_demo_cli_reports_bad_override(capsys):

@@ -141,7 +141,13 @@ def quick_config(algo: str = "ppo") -> DemoConfig:
 
 # ------------------------------------------------------------------------------------------------ overrides
 def _coerce(name: str, value, tp):
-    """Convert a YAML-parsed override to a plain field type (int, float, bool, str); ValueError names the key."""
+    """Convert a YAML-parsed override to a plain field type (int, float, bool, str, or one of them | None);
+    ValueError names the key."""
+    options = typing.get_args(tp)
+    if type(None) in options:        # `int | None`: null stays None, anything else converts to the other type
+        if value is None:
+            return None
+        (tp,) = [t for t in options if t is not type(None)]
     if tp is bool:
         if isinstance(value, bool):
             return value
