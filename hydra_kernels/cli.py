@@ -496,6 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}{_setting_hint(args.command, stray, argv)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    hf_bars = None
+    if getattr(args, "no_progress", False):
+        # transformers draws its own bars (writing and loading weights); --no-progress means none at all
+        from transformers.utils import logging as hf_bars
+        if hf_bars.is_progress_bar_enabled():
+            hf_bars.disable_progress_bar()
+        else:
+            hf_bars = None
     try:
         return int(args.func(args) or 0)
     except ValueError as e:
@@ -510,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hydra-rlhf {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)
         return 130
     finally:
+        if hf_bars is not None:            # main() may be called in-process: leave the setting as it was
+            hf_bars.enable_progress_bar()
         if "hydra_kernels.rlhf.distributed" in sys.modules:      # a run under a launcher: its process group
             sys.modules["hydra_kernels.rlhf.distributed"].shutdown()
 

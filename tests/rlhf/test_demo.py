@@ -89,3 +89,13 @@ def test_demo_overrides():
 def test_demo_cli_reports_bad_override(capsys):
     assert main(["demo", "--quick", "--no-progress", "task.demo_error_rate=2"]) == 2
     assert "demo_error_rate" in capsys.readouterr().err
+
+
+def test_no_progress_silences_transformers_bars(tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "pretrain_steps=0",
+                 "ppo.steps=1"]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert hf_logging.is_progress_bar_enabled()          # main() leaves the process-wide setting as it was

@@ -506,7 +506,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, stream=None) -> dict:
     def pm(m, s):
         return f"{m:+.3f} ± {s:.3f}" if m < 0 else f"{m:.3f} ± {s:.3f}"
 
-    z = d_mean / d_se if d_se > 0 else float("inf")
+    z = d_mean / d_se if d_se > 0 else (0.0 if d_mean == 0 else float("inf"))
     dec = "sampled, T=%g" % cfg.eval_temperature if cfg.eval_temperature > 0 else "greedy"
     name = "PPO" if label == "ppo" else rl_cfg.estimator.upper().replace("_", " ")
     rows = [
