@@ -1,4 +1,5 @@
-"""Checkpoint files: mismatches fail naming the tensor, writes are atomic, merged directories, PEFT errors."""
+"""Checkpoint files: mismatches fail naming the tensor, writes are atomic and fsynced, merged directories, PEFT
+errors."""
 import copy
 import json
 import os
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hydra_kernels.integrations import HydraModel, checkpoint as ckpt, export_peft, import_peft
+from hydra_kernels.integrations.checkpoint import write_dir_atomically
 
 from tests.integrations._models import ALPHA, R, batch, logits, make_model, merged_copy, randomize_adapters
 
@@ -118,6 +120,27 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     h.save_pretrained(d)
     assert (d / "hydra_model.safetensors").read_bytes() != before
+
+
+# Without the directory fsync before the rename, a power loss could keep the renamed directory but lose entries
+# such as a checkpoint's state.json; the parent is fsynced after the rename.
+def test_directory_entries_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(ckpt, "fsync_path", lambda p: events.append(("fsync", os.fspath(p))))
+    real_replace = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: events.append(("rename", os.fspath(a))) or real_replace(a, b))
+
+    def fill(tmp):
+        (tmp / "a.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"x")
+    out = write_dir_atomically(tmp_path / "final", fill)
+    rename = next(i for i, e in enumerate(events) if e[0] == "rename")
+    tmp = events[rename][1]
+    before = {p for kind, p in events[:rename] if kind == "fsync"}
+    assert {os.path.join(tmp, "a.json"), os.path.join(tmp, "sub", "b.bin"), os.path.join(tmp, "sub"), tmp} <= before
+    assert ("fsync", os.fspath(tmp_path)) in events[rename:]
+    assert (out / "sub" / "b.bin").read_bytes() == b"x"
 
 
 def test_merged_directory_sharded_and_overwritten(tmp_path):

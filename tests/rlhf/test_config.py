@@ -66,6 +66,13 @@ def test_every_kl_estimator_of_the_ops_is_accepted(kl):
     assert load_config(PPOConfig, None, [f"kl_estimator={kl}"]).kl_estimator == kl
 
 
+def test_new_settings_are_checked():
+    with pytest.raises(ValueError, match="^logging_steps:"):
+        load_config(SFTConfig, None, ["logging_steps=-1"])
+    with pytest.raises(ValueError, match="^data.sft_eval_fraction:"):
+        load_config(SFTConfig, None, ["data.sft_eval_fraction=1"])
+
+
 def test_bad_files_and_pairs(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):

@@ -1,4 +1,4 @@
-"""JSONL schemas and errors; tokenization and collation."""
+"""JSONL schemas, encodings and errors; tokenization and collation."""
 import json
 
 import pytest
@@ -43,6 +43,28 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         load_prompt_jsonl(tmp_path / "e.jsonl")
+
+
+# Invalid UTF-8 and lone surrogates are bad records like any other; a UTF-8 byte-order mark is accepted.
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: not valid UTF-8"):
+        load_sft_jsonl(path)
+
+
+def test_lone_surrogate_names_file_line_and_field(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "\\ud800"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1: field 'rejected': "):
+        load_preference_jsonl(path)
+
+
+def test_bom_unicode_crlf_blank_lines_and_extra_fields(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes('\ufeff{"prompt": "café 😀", "completion": "\\u00e9\\ud83d\\ude00", "x": {"y": [1]}}\r\n'
+                     '\r\n   \n{"prompt": "", "completion": "z"}'.encode("utf-8"))
+    assert load_sft_jsonl(path) == [SFTExample("café 😀", "é😀"), SFTExample("", "z")]
 
 
 def test_pad_token_policy():

@@ -1,7 +1,7 @@
-"""Hydra-SFT (full and LoRA-merged), its masks and saved result; checkpoint files, optimizer state, RNG;
-checkpoints every N steps and a killed run resuming (also mid-epoch) to bitwise the same result."""
+"""Hydra-SFT's checkpoints and resume: checkpoints every N steps and by time, which checkpoint a run resumes
+from and what it may resume into, a failed final save, and a killed run (also mid-epoch, also by SIGKILL)
+resuming to bitwise the same result."""
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -12,140 +12,13 @@ from safetensors.torch import load_file
 
 import hydra_kernels.rlhf.run as run_module
 import hydra_kernels.rlhf.sft as sft_module
-from hydra_kernels.nn import HydraLinear
-from hydra_kernels.rlhf.checkpoint import (CheckpointSchedule, capture_rng, latest_checkpoint, list_checkpoints,
-                                           load_checkpoint, restore_rng, save_checkpoint)
+from hydra_kernels.rlhf.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from hydra_kernels.rlhf.config import SFTConfig, load_config
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample
-from hydra_kernels.rlhf.sft import _demo_batch, _forward, _lm_logprob_sum, evaluate_pairs, hydra_sft, load_sft
+from hydra_kernels.rlhf.sft import hydra_sft
 from tests._util import kill_job_when
-from tests.rlhf._tiny import CharTokenizer, tiny_model
-
-
-TOK = CharTokenizer()
-RNG = random.Random(0)
-DEMOS = [SFTExample(f"{a}+{b}=", str(a + b)) for a in range(8) for b in range(5)]
-# Chosen answers are numbers, rejected ones are not: separable within a few dozen steps.
-PAIRS = [PreferencePair(f"{a}+{b}=", str(a + b), RNG.choice(["+", "==", " +", "+="])) for a in range(8) for b in range(8)]
-
-
-def _cfg(tmp_path, mode, *extra):
-    return load_config(SFTConfig, None, [f"mode={mode}", "epochs=3", "batch_size=8", "lr=0.01", "lora.r=4",
-                                         "lora.alpha=8", "run.progress=false", f"run.output_dir={tmp_path}",
-                                         "data.eval_fraction=0.25", *extra])
-
-
-def test_full_sft_learns_lm_and_reward_and_saves(tmp_path):
-    model = tiny_model(len(TOK))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = hydra_sft(model, TOK, DEMOS, PAIRS, _cfg(tmp_path, "full"))
-    h = res.history
-    assert h[-1]["train/lm_loss"] < h[0]["train/lm_loss"]
-    assert res.metrics["eval/reward_accuracy"] >= 0.9 and res.metrics["eval/reward_margin"] > 0
-    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not any(p.requires_grad for p in model.parameters()) and not model.training
-    loaded, head = load_sft(res.output_dir)
-    sd = model.state_dict()
-    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
-    assert torch.equal(head.weight, res.reward_head.weight) and torch.equal(head.bias, res.reward_head.bias)
-    again = evaluate_pairs(loaded, head, TOK, PAIRS[:16], _cfg(tmp_path, "full"))
-    ref = evaluate_pairs(model, res.reward_head, TOK, PAIRS[:16], _cfg(tmp_path, "full"))
-    assert again == pytest.approx(ref, rel=1e-5)
-
-
-def test_lora_sft_is_merged_into_the_base(tmp_path):
-    model = tiny_model(len(TOK))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = _cfg(tmp_path, "lora", "epochs=1")
-    seen = {}
-    eval_pairs = PAIRS[:12]
-    # The callback's evaluation runs with the adapter switched on, before the merge.
-    res = hydra_sft(model, TOK, DEMOS, PAIRS[12:], cfg, eval_pairs=eval_pairs,
-                    callback=lambda e, m: seen.update(m))
-    assert not any(isinstance(m, HydraLinear) for m in model.modules())
-    assert set(model.state_dict()) == set(before)
-    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed and all(k.endswith("proj.weight") for k in changed)      # only the adapted projections
-    after = evaluate_pairs(model, res.reward_head, TOK, eval_pairs, cfg)
-    assert after["lm_loss"] == pytest.approx(seen["eval/lm_loss"], abs=1e-4)
-    assert after["reward_margin"] == pytest.approx(seen["eval/reward_margin"], abs=1e-4)
-
-
-def test_lm_loss_counts_response_tokens_only():
-    model = tiny_model(len(TOK))
-    cfg = SFTConfig()
-    batch = _demo_batch(TOK, DEMOS[:3], cfg)
-    with torch.no_grad():
-        lp, n = _lm_logprob_sum(model, _forward(model, batch), batch)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits.float()
-    assert n == sum(len(e.completion) + 1 for e in DEMOS[:3])        # completion characters + EOS
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    assert lp.item() == pytest.approx(float((logp * batch.loss_mask[:, 1:]).sum()), rel=1e-5)
-
-
-def test_failed_sft_saves_nothing(tmp_path):
-    def boom(epoch, metrics):
-        raise RuntimeError("interrupted")
-    with pytest.raises(RuntimeError, match="interrupted"):
-        hydra_sft(tiny_model(len(TOK)), TOK, DEMOS[:8], PAIRS[:8], _cfg(tmp_path, "full", "epochs=1"), callback=boom)
-    assert not (tmp_path / "final").exists()
-    with pytest.raises(ValueError, match="demonstrations"):
-        hydra_sft(tiny_model(len(TOK)), TOK, [], [], _cfg(tmp_path, "full"))
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _trained_optimizer(steps=3):
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(4, 3))
-    b = torch.nn.Parameter(torch.randn(3))
-    opt = torch.optim.AdamW([w, b], lr=0.1, weight_decay=0.01)
-    for _ in range(steps):
-        opt.zero_grad()
-        ((w.sum(0) * b) ** 2).sum().backward()
-        opt.step()
-    return {"w": w, "b": b}, opt
-
-
-def test_checkpoint_round_trip_continues_identically(tmp_path):
-    params, opt = _trained_optimizer()
-    save_checkpoint(tmp_path, 3, params, opt, {"variant": "hydra"}, {"kl_ctl": {"value": 0.1}})
-    ck = load_checkpoint(latest_checkpoint(tmp_path))
-    assert ck.step == 3 and ck.config == {"variant": "hydra"} and ck.trainer_state["kl_ctl"]["value"] == 0.1
-    p2 = {k: torch.nn.Parameter(v.clone()) for k, v in ck.params.items()}
-    opt2 = torch.optim.AdamW([p2["w"], p2["b"]], lr=0.5)
-    opt2.load_state_dict(ck.optimizer_state)
-    for ps, o in ((params, opt), (p2, opt2)):
-        o.zero_grad()
-        ((ps["w"].sum(0) * ps["b"]) ** 2).sum().backward()
-        o.step()
-    assert torch.equal(params["w"], p2["w"]) and torch.equal(params["b"], p2["b"])
-    assert (tmp_path / "step-00000003" / "tensors.safetensors").is_file()
-    assert not list(tmp_path.glob("**/*.pt")) and not list(tmp_path.glob("**/*.bin"))
-
-
-def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
-    params, opt = _trained_optimizer(1)
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, params, opt, {}, {}, keep=2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    (tmp_path / "step-00000009").mkdir()                      # a kill before state.json was written
-    (tmp_path / ".step-00000010.tmp-x").mkdir()               # a kill mid-write
-    assert latest_checkpoint(tmp_path).name == "step-00000003"
-    with torch.no_grad():
-        params["w"][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="not finite"):
-        save_checkpoint(tmp_path, 4, params, opt, {}, {})
-    assert latest_checkpoint(tmp_path).name == "step-00000003"
-
-
-def test_rng_states_restore():
-    import numpy as np
-    meta, tensors = capture_rng()
-    a = (torch.rand(3), random.random(), np.random.rand())
-    restore_rng(meta, tensors)
-    b = (torch.rand(3), random.random(), np.random.rand())
-    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+from tests.rlhf._tiny import tiny_model
+from tests.rlhf.test_sft import DEMOS, PAIRS, TOK, _cfg
 
 
 # --------------------------------------------------------------- Hydra-SFT checkpoints every N steps, resume
@@ -254,20 +127,6 @@ def test_sft_resume_refuses_changed_settings(tmp_path):
         _job(tmp_path, "full", "epochs=2", "run.checkpoint_every=3")
 
 
-def test_checkpoint_schedule_by_count_and_by_time():
-    now = [0.0]
-    sched = CheckpointSchedule(every=3, minutes=0.5, clock=lambda: now[0])
-    assert [d for d in range(1, 7) if sched.due(d)] == [3, 6]           # no time has passed
-    now[0] = 29.0
-    assert not sched.due(1)
-    now[0] = 30.0
-    assert sched.due(1)                                                  # 30 s since the start
-    sched.saved()
-    now[0] = 59.0
-    assert not sched.due(4) and sched.due(6)
-    assert not any(CheckpointSchedule(0, 0.0, clock=lambda: 1e9).due(d) for d in range(1, 10))
-
-
 def test_sft_checkpoints_by_time(tmp_path, monkeypatch):
     saved = []
     real = run_module.save_checkpoint
@@ -278,6 +137,60 @@ def test_sft_checkpoints_by_time(tmp_path, monkeypatch):
     assert saved == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="run.checkpoint_minutes"):
         _cfg(tmp_path, "full", "run.checkpoint_minutes=-1")
+
+# ----------------------------------------------------------- which checkpoint a run resumes, and into what
+FEW_DEMOS = [SFTExample(f"{a}+{b}=", str(a + b)) for a in range(4) for b in range(2)]      # 8: 2 steps/epoch
+FEW_PAIRS = [PreferencePair(f"{a}+{b}=", str(a + b), "+") for a in range(4) for b in range(2)]
+
+
+def _run(out, *extra):
+    cfg = load_config(SFTConfig, None, ["batch_size=4", "lr=0.01", "data.eval_fraction=0", "run.progress=false",
+                                        "run.checkpoint_minutes=0", f"run.output_dir={out}", *extra])
+    return hydra_sft(tiny_model(len(TOK)), TOK, FEW_DEMOS, FEW_PAIRS, cfg)
+
+
+# Pruning once deleted a fresh run's own checkpoint in an output_dir with an earlier run's higher steps.
+def test_fresh_run_in_a_used_output_dir_resumes_its_own_checkpoint(tmp_path):
+    _run(tmp_path, "epochs=3", "run.checkpoint_every=1")           # leaves step-5 and step-6 (of 6)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000005", "step-00000006"]
+    # A fresh run (resume=false, another seed) killed after its checkpoint of step 1 ...
+    real = run_module.save_checkpoint
+
+    def killing(root, step, *a, **k):
+        real(root, step, *a, **k)
+        raise KeyboardInterrupt("killed")
+    run_module.save_checkpoint = killing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "epochs=3", "run.checkpoint_every=1", "run.seed=1", "run.resume=false")
+    finally:
+        run_module.save_checkpoint = real
+    # ... is continued from that checkpoint, not from the earlier run's step 6.
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last.name == "step-00000001" and load_checkpoint(last).config["run"]["seed"] == 1
+
+
+# A resume with fewer epochs than the checkpoint has done would return weights trained longer than asked.
+def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
+    real = run_module.save_checkpoint
+
+    def killing(root, step, *a, **k):
+        path = real(root, step, *a, **k)
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return path
+    run_module.save_checkpoint = killing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "epochs=2", "run.checkpoint_every=3")     # killed after step 3 of 4
+    finally:
+        run_module.save_checkpoint = real
+    with pytest.raises(ValueError, match="^epochs: "):
+        _run(tmp_path, "epochs=1", "run.checkpoint_every=3")
+    assert not (tmp_path / "final").exists()
+    res = _run(tmp_path, "epochs=2", "run.checkpoint_every=3")          # the same length resumes
+    assert len(res.history) == 2
+
 
 
 @pytest.mark.parametrize("every, kill, start", [(3, 3, 3), (2, 4, 4), (3, "final", 8)],
