@@ -8,6 +8,9 @@ equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps), GRPO (4 estimators; 2 s
               step 1 (OUT/stopped: its checkpoint), and the rank-0 gate's error broadcast; every rank checks that
               all ranks hold the same trained tensors; the rank-0 gate and the gradient engine's checks.
 resume DIR    continue DIR (a stopped run of `equiv`, at any world size) to 2 steps; result into DIR/result.
+fsdp2 OUT     as equiv for PPO (hydra, j-hydra, lora, full), Hydra-SFT (lora) and the stopped hydra run, with
+              run.parallel=fsdp2 at 2 processes and none at 1 (the reference); trained tensors gathered first.
+resume-fsdp2 DIR   as resume, with run.parallel=fsdp2 at 2 processes and none at 1.
 fail OUT      PPO whose reward function raises on the last rank only: the job must fail, not hang.
 
 The process group is initialised here with a short timeout, so a rank left waiting fails within it.
@@ -28,6 +31,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from hydra_kernels.integrations.fsdp import full_state_dict  # noqa: E402
 from hydra_kernels.rlhf import distributed  # noqa: E402
 from hydra_kernels.rlhf.config import SFTConfig, load_config  # noqa: E402
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample  # noqa: E402
@@ -57,7 +61,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _save(out: Path, tensors: dict[str, torch.Tensor], history: list[dict]) -> None:
-    """Rank 0 writes; every rank first checks that all of them hold the same tensors."""
+    """Rank 0 writes; every rank first checks that all of them hold the same tensors (FSDP2's gathered)."""
+    tensors = full_state_dict(tensors)
     distributed.agree(_digest(tensors), f"trained tensors of {out.name}")
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -71,10 +76,10 @@ def _ppo(out: Path, *overrides: str):
     return result
 
 
-def _sft(out: Path, mode: str):
+def _sft(out: Path, mode: str, *overrides: str):
     cfg = load_config(SFTConfig, None, [f"mode={mode}", "epochs=1", "batch_size=4", "lr=0.01", "lora.r=4",
                                         "data.eval_fraction=0.34", "run.progress=false", "run.checkpoint_minutes=0",
-                                        f"run.output_dir={out}"])
+                                        f"run.output_dir={out}", *overrides])
     result = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS, PAIRS, cfg)
     tensors = {f"model.{k}": v for k, v in result.model.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in result.reward_head.state_dict().items()})
@@ -138,8 +143,17 @@ def main(mode: str, out: str) -> None:
             tensors, history = _sft(out / f"sft-{mode_}", mode_)
             _save(out / f"sft-{mode_}" / "result", tensors, history)
         _ppo(out / "stopped", "steps=1")
-    elif mode == "resume":
-        res = _ppo(out, "steps=2")
+    elif mode == "fsdp2":
+        parallel = f"run.parallel={'fsdp2' if distributed.world_size() > 1 else 'none'}"
+        for variant in VARIANTS:
+            res = _ppo(out / variant, f"variant={variant}", parallel)
+            _save(out / variant / "result", res.models.named_trainable(), res.history)
+        tensors, history = _sft(out / "sft-lora", "lora", parallel)
+        _save(out / "sft-lora" / "result", tensors, history)
+        _ppo(out / "stopped", "steps=1", parallel)
+    elif mode in ("resume", "resume-fsdp2"):
+        parallel = "fsdp2" if mode == "resume-fsdp2" and distributed.world_size() > 1 else "null"
+        res = _ppo(out, "steps=2", f"run.parallel={parallel}")
         _save(out / "result", res.models.named_trainable(), res.history)
     elif mode == "fail":
         def reward(prompts, completions, ended):
