@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from hydra_kernels.integrations.fsdp import full_state_dict  # noqa: E402
+from hydra_kernels.integrations.fsdp import any_sharded, full_state_dict  # noqa: E402
 from hydra_kernels.rlhf import distributed  # noqa: E402
 from hydra_kernels.rlhf.config import SFTConfig, load_config  # noqa: E402
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample  # noqa: E402
@@ -147,6 +147,8 @@ def main(mode: str, out: str) -> None:
         parallel = f"run.parallel={'fsdp2' if distributed.world_size() > 1 else 'none'}"
         for variant in VARIANTS:
             res = _ppo(out / variant, f"variant={variant}", parallel)
+            # Sharded indeed at 2 processes: every base copy's parameters are DTensors.
+            assert all(any_sharded(m) == (distributed.world_size() > 1) for m in res.models.shardable()), variant
             _save(out / variant / "result", res.models.named_trainable(), res.history)
         tensors, history = _sft(out / "sft-lora", "lora", parallel)
         _save(out / "sft-lora" / "result", tensors, history)
