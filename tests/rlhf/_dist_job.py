@@ -8,7 +8,8 @@ equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps), GRPO (4 estimators; 2 s
               step 1 (OUT/stopped: its checkpoint), and the rank-0 gate's error broadcast; every rank checks that
               all ranks hold the same trained tensors; the rank-0 gate and the gradient engine's checks.
 resume DIR    continue DIR (a stopped run of `equiv`, at any world size) to 2 steps; result into DIR/result.
-fsdp2 OUT     as equiv for PPO (hydra, j-hydra, lora, full), Hydra-SFT (lora) and the stopped hydra run, with
+fsdp2 OUT     as equiv for PPO (hydra, j-hydra, lora, full; each also exported as the CLI does: merged policy,
+              PEFT adapter, samples), GRPO, Hydra-SFT (lora, full) and the stopped hydra run, with
               run.parallel=fsdp2 at 2 processes and none at 1 (the reference); trained tensors gathered first.
 resume-fsdp2 DIR   as resume, with run.parallel=fsdp2 at 2 processes and none at 1.
 fail OUT      PPO whose reward function raises on the last rank only: the job must fail, not hang.
@@ -86,6 +87,23 @@ def _sft(out: Path, mode: str, *overrides: str):
     return tensors, result.history
 
 
+def _exports(out: Path, models) -> None:
+    """What the CLI writes after training (--merge-to, --export-peft, --samples), as it calls them (cli._once:
+    collective under fsdp2, rank 0 writes): into out/merged, out/base + out/peft (shared variants), and
+    out/samples.json."""
+    from hydra_kernels.cli import _once, _samples
+    from hydra_kernels.integrations.checkpoint import save_merged
+    from hydra_kernels.rlhf.config import PPOConfig
+    path = _once(models, models.export_policy, out / "merged", None)
+    assert path == out / "merged", path
+    if models.shared:
+        _once(models, save_merged, models.model, None, out / "base")      # export_peft names a base on disk
+        _once(models, models.hydra.export_peft, "actor", out / "peft")
+    samples = _once(models, _samples, models, TOK, ["1+1=", "2+0="], PPOConfig(max_new_tokens=3))
+    if distributed.is_main():
+        (out / "samples.json").write_text(json.dumps(samples))
+
+
 def _gate_check() -> None:
     """on_rank0: a ValueError on rank 0 reaches every rank as a ValueError with its message."""
     def fail():
@@ -150,8 +168,12 @@ def main(mode: str, out: str) -> None:
             # Sharded indeed at 2 processes: every base copy's parameters are DTensors.
             assert all(any_sharded(m) == (distributed.world_size() > 1) for m in res.models.shardable()), variant
             _save(out / variant / "result", res.models.named_trainable(), res.history)
-        tensors, history = _sft(out / "sft-lora", "lora", parallel)
-        _save(out / "sft-lora" / "result", tensors, history)
+            _exports(out / variant, res.models)
+        _, res = _grpo_job.run(out / "grpo", [*GRPO, "estimator=grpo", *ESTIMATORS["grpo"], parallel])
+        _save(out / "grpo" / "result", res.models.named_trainable(), res.history)
+        for mode_ in ("lora", "full"):
+            tensors, history = _sft(out / f"sft-{mode_}", mode_, parallel)
+            _save(out / f"sft-{mode_}" / "result", tensors, history)
         _ppo(out / "stopped", "steps=1", parallel)
     elif mode in ("resume", "resume-fsdp2"):
         parallel = "fsdp2" if mode == "resume-fsdp2" and distributed.world_size() > 1 else "null"

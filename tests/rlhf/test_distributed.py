@@ -110,7 +110,7 @@ def test_resume_at_another_world_size(runs, tmp_path, saved, resumed):
 # ------------------------------------------------------------------------------------------- fsdp2
 # run.parallel=fsdp2 at 2 processes against none at 1 (tolerances as above; measured: 2.2e-5 in full PPO,
 # <= 1.2e-6 elsewhere, metrics <= 9e-5 relative).
-FSDP2_RUNS = (*VARIANTS, "sft-lora")
+FSDP2_RUNS = (*VARIANTS, "grpo", "sft-lora", "sft-full")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +126,19 @@ def test_fsdp2_two_processes_train_as_one(fsdp2_runs, name):
     _assert_same(fsdp2_runs / "w2" / name, fsdp2_runs / "w1" / name)
     lines = [json.loads(x) for x in (fsdp2_runs / "w2" / name / "metrics.jsonl").read_text().splitlines()]
     assert lines == _result(fsdp2_runs / "w2" / name)[1] and {r["world_size"] for r in lines} == {2}
+    if name not in VARIANTS:
+        return
+    # Exported as the CLI does (collective, rank 0 writes): the same files and weights as one process.
+    one, two = fsdp2_runs / "w1" / name, fsdp2_runs / "w2" / name
+    dirs = ["merged", "base", "peft"] if name in ("hydra", "j-hydra") else ["merged"]
+    for d in dirs:
+        files = sorted(p.name for p in (one / d).iterdir())
+        assert files == sorted(p.name for p in (two / d).iterdir()) and files, d
+        for f in files:
+            if f.endswith(".safetensors"):
+                a, b = load_file(str(one / d / f)), load_file(str(two / d / f))
+                assert set(a) == set(b) and all((a[k] - b[k]).abs().max() <= ATOL for k in a), (d, f)
+    assert json.loads((one / "samples.json").read_text()) == json.loads((two / "samples.json").read_text())
 
 
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
