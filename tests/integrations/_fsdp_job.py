@@ -160,6 +160,20 @@ def check_ungathered_op(sharded, rank):
         assert "DTensor" in str(e) and "weight" in str(e), e
     else:
         raise AssertionError("an op on an ungathered FSDP parameter did not raise")
+    # The LM head's ops, handed the root's weight outside a gathered call (the fp32 logits of sampling and
+    # scoring, the fused log-probs of scoring, the update and Hydra-SFT).
+    from hydra_kernels.ops import linear_logprobs
+    from hydra_kernels.ops.matmul import linear_f32
+    w = sharded.lm_head_weight
+    h = torch.randn(1, 3, w.shape[1])
+    for name, call in (("linear_f32", lambda: linear_f32(h[0], w)),
+                       ("linear_logprobs", lambda: linear_logprobs(h, w, torch.zeros(3, dtype=torch.long)))):
+        try:
+            call()
+        except ValueError as e:
+            assert "DTensor" in str(e) and "weight" in str(e), (name, e)
+        else:
+            raise AssertionError(f"{name} on an ungathered LM head did not raise")
     print(f"rank {rank}: an op on an ungathered parameter raises ValueError", flush=True)
 
 
