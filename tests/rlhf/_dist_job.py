@@ -12,7 +12,7 @@ fsdp2 OUT     as equiv for PPO (hydra, j-hydra, lora, full; each also exported a
               PEFT adapter, samples), GRPO, Hydra-SFT (lora, full) and the stopped hydra run, with
               run.parallel=fsdp2 at 2 processes and none at 1 (the reference); trained tensors gathered first.
 resume-fsdp2 DIR   as resume, with run.parallel=fsdp2 at 2 processes and none at 1.
-fail OUT      PPO whose reward function raises on the last rank only: the job must fail, not hang.
+fail OUT [k=v ...]  PPO whose reward function raises on the last rank only: the job must fail, not hang.
 
 The process group is initialised here with a short timeout, so a rank left waiting fails within it.
 """
@@ -137,7 +137,7 @@ def _engine_check() -> None:
     assert unused.grad is None
 
 
-def main(mode: str, out: str) -> None:
+def main(mode: str, out: str, *extra: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     out = Path(out)
@@ -184,7 +184,7 @@ def main(mode: str, out: str) -> None:
             if distributed.rank() == distributed.world_size() - 1:
                 raise RuntimeError(f"reward function failed on rank {distributed.rank()}")
             return [0.0] * len(prompts)
-        _ppo_job.run(out, [*PPO, "reward_source=function"], reward_fn=reward)
+        _ppo_job.run(out, [*PPO, "reward_source=function", *extra], reward_fn=reward)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(f"JOB OK rank {distributed.rank()} of {distributed.world_size()}", flush=True)
@@ -192,4 +192,4 @@ def main(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

@@ -167,10 +167,12 @@ def test_fsdp2_refuses_what_cannot_work(monkeypatch):
     assert distributed.parallel_mode(PPOConfig(run={"parallel": "fsdp2"}).run) == "fsdp2"
 
 
-def test_a_failure_on_one_rank_fails_the_job(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_failure_on_one_rank_fails_the_job(tmp_path, parallel):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(JOB), "fail", str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           str(JOB), "fail", str(tmp_path / "run"), f"run.parallel={parallel}"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=180)
     assert proc.returncode != 0, proc.stdout[-3000:]
     assert "reward function failed on rank 1" in proc.stdout
