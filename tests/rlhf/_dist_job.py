@@ -169,6 +169,9 @@ def main(mode: str, out: str, *extra: str) -> None:
             assert all(any_sharded(m) == (distributed.world_size() > 1) for m in res.models.shardable()), variant
             _save(out / variant / "result", res.models.named_trainable(), res.history)
             _exports(out / variant, res.models)
+        # j-hydra sampling the old log-probs and values (the value head gathered while decoding).
+        res = _ppo(out / "j-hydra-sampled", "variant=j-hydra", "old_logprobs=rollout", parallel)
+        _save(out / "j-hydra-sampled" / "result", res.models.named_trainable(), res.history)
         _, res = _grpo_job.run(out / "grpo", [*GRPO, "estimator=grpo", *ESTIMATORS["grpo"], parallel])
         _save(out / "grpo" / "result", res.models.named_trainable(), res.history)
         for mode_ in ("lora", "full"):

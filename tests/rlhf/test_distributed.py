@@ -110,7 +110,7 @@ def test_resume_at_another_world_size(runs, tmp_path, saved, resumed):
 # ------------------------------------------------------------------------------------------- fsdp2
 # run.parallel=fsdp2 at 2 processes against none at 1 (tolerances as above; measured: 2.2e-5 in full PPO,
 # <= 1.2e-6 elsewhere, metrics <= 9e-5 relative).
-FSDP2_RUNS = (*VARIANTS, "grpo", "sft-lora", "sft-full")
+FSDP2_RUNS = (*VARIANTS, "j-hydra-sampled", "grpo", "sft-lora", "sft-full")
 
 
 @pytest.fixture(scope="module")
