@@ -3,6 +3,7 @@ statistics, the rank-0 gate, and the one dispatch point from run.parallel to the
 
     mode = setup(cfg.run)                    # init from RANK / WORLD_SIZE / LOCAL_RANK if a launcher set them
     device = local_device(resolve_device(cfg.run.device))
+    shard(models, cfg.run)                   # fsdp2 only: FSDP2 over each model, before the optimizer
     engine = wrap(params, cfg.run)           # ddp: rank 0's weights everywhere; engine.sync_grads() after backward
     lo, hi = block(n)                        # this rank's rows of a global batch of n
     batch = gather_rows(t)                   # the rows of every rank, in rank order
@@ -11,6 +12,10 @@ statistics, the rank-0 gate, and the one dispatch point from run.parallel to the
 Semantics (README "Several GPUs"): batch sizes are global, rank r computes its block of each batch, and every
 statistic is global, so a run gives the same result at any world size up to fp32 reduction order. With one
 process every helper is the identity and no collective runs.
+
+Under "fsdp2" the models are sharded first (shard: integrations.fsdp, before the optimizer is built), FSDP
+reduce-scatters their gradients as sums in backward, and the engine all-reduces only the tensors left whole
+(the heads of the separate-model variants); everything else is as under ddp.
 
 The engine of "ddp" all-reduces the trainable parameters' gradients itself (one sum per dtype bucket, after
 backward), not through torch's DistributedDataParallel: the steps run several modules and streams per forward,
@@ -243,7 +248,7 @@ class Replicated:
                     p.copy_(x)
 
     def sync_grads(self) -> None:
-        if world_size() == 1:
+        if world_size() == 1 or not self.params:          # fsdp2 with every trained tensor sharded: FSDP's job
             return
         dev = _comm_device()
         has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=dev)

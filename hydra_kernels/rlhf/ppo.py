@@ -11,7 +11,8 @@ Several processes (rlhf.distributed, run.parallel=ddp): batch_size and mini_batc
 samples, scores and rewards its block of the step's prompts; then every rank gathers the whole batch, so
 whitening, the KL controller, the finite checks and every metric are those of one process. Each rank runs its
 block of every minibatch, its loss scaled to its share of the minibatch's response tokens, and the gradients
-are summed over ranks: the same update as one process, up to fp32 reduction order.
+are summed over ranks: the same update as one process, up to fp32 reduction order. run.parallel=fsdp2 shards
+the variant's base copies (models.shardable) over the ranks as well; the step is the same.
 
 Faults: a batch whose rewards or scores are not finite is skipped (warning + counter skipped/nonfinite_reward);
 a minibatch whose loss or gradient norm is not finite is not applied (warning + counter skipped/nonfinite_loss).

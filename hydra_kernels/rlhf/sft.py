@@ -214,6 +214,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
     another model or other data (same settings) is refused with a ValueError naming run.output_dir.
+    With run.parallel=fsdp2 `model` is sharded over the processes for training, and result.model is a new plain
+    model with the whole trained weights on every rank (integrations.checkpoint.gathered_copy).
     """
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
