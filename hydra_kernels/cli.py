@@ -230,27 +230,38 @@ def _ppo(args) -> int:
         rlhf.add_pad_token(tok, model)
     result = rlhf.train_ppo(model, head, tok, prompts, cfg, reward_fn=reward_fn,
                             reward_head_trained=head_trained)
-    from hydra_kernels.rlhf.distributed import is_main, on_rank0
+    from hydra_kernels.rlhf.distributed import is_main
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     # Files and output once, from rank 0 (a failure there fails every rank).
     if args.merge_to:
-        info["merged_policy"] = str(on_rank0(result.models.export_policy, args.merge_to, tok))
+        info["merged_policy"] = str(_once(result.models, result.models.export_policy, args.merge_to, tok))
     if args.export_peft:
         result.models.hydra.tokenizer = tok
-        info["peft_adapter"] = str(on_rank0(result.models.hydra.export_peft, "actor", args.export_peft))
+        info["peft_adapter"] = str(_once(result.models, result.models.hydra.export_peft, "actor", args.export_peft))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("objective/scores", "objective/kl", "objective/rlhf_reward")})
     if args.samples:
-        info["samples"] = on_rank0(_samples, result.models, tok, prompts[:args.samples], cfg)
+        info["samples"] = _once(result.models, _samples, result.models, tok, prompts[:args.samples], cfg)
     if is_main():
         print(json.dumps(info, indent=2))
     return 0
+
+
+def _once(models, fn, *args):
+    """fn(*args) once: on rank 0, its outcome on every rank; for models FSDP2 shards (run.parallel=fsdp2), on
+    every rank, since fn then gathers the weights (collective) and rank 0 alone writes (integrations.fsdp)."""
+    from hydra_kernels.integrations.fsdp import any_sharded
+    from hydra_kernels.rlhf.distributed import on_rank0
+    if any(any_sharded(m) for m in models.shardable()):
+        return fn(*args)
+    return on_rank0(fn, *args)
 
 
 def _samples(models, tok, prompts, cfg) -> list[dict]:
     """Greedy completions of `prompts` by the reference (the SFT model) and the trained policy, printed on
     stderr as a few readable lines and returned as [{"prompt", "reference", "policy"}]."""
     from hydra_kernels import rlhf
+    from hydra_kernels.rlhf.distributed import is_main
     kw = dict(temperature=0, max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed,
               max_prompt_len=cfg.data.max_prompt_len)
     ref, _ = rlhf.sample_completions(models, tok, prompts, policy="reference", **kw)
@@ -259,7 +270,8 @@ def _samples(models, tok, prompts, cfg) -> list[dict]:
     lines = [f"sample completions (greedy, the first {len(out)} prompts):"]
     for s in out:
         lines += [f"  prompt:    {s['prompt']!r}", f"  reference: {s['reference']!r}", f"  policy:    {s['policy']!r}"]
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if is_main():                        # under FSDP2 every rank samples (collective); one prints
+        print("\n".join(lines), file=sys.stderr, flush=True)
     return out
 
 
@@ -300,10 +312,10 @@ def _grpo(args) -> int:
     prompts = load_prompt_data(prompt_path, tok).records
     result = rlhf.train_grpo(model, tok, prompts, cfg, reward_fn=fns or None, reward_head=head,
                              reward_head_trained=head is None or read_reward_head_trained(path))
-    from hydra_kernels.rlhf.distributed import is_main, on_rank0
+    from hydra_kernels.rlhf.distributed import is_main
     info = {"output_dir": str(result.output_dir), "steps": len(result.history), **result.counters}
     if args.merge_to:
-        info["merged_policy"] = str(on_rank0(result.models.export_policy, args.merge_to, tok))
+        info["merged_policy"] = str(_once(result.models, result.models.export_policy, args.merge_to, tok))
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("reward", "reward_std", "kl", "completions/mean_length")})
     if is_main():

@@ -23,7 +23,7 @@ from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, p
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
            "adapter_tensors", "load_adapter_tensors", "merged_state_dict", "merge_adapter_into_base",
-           "save_merged", "check_replaceable", "write_dir_atomically", "read_dir_marker", "remove_leftovers",
+           "gathered_copy", "save_merged", "check_replaceable", "write_dir_atomically", "read_dir_marker", "remove_leftovers",
            "CONFIG_NAME",
            "WEIGHTS_NAME", "DIR_MARKER", "MERGED_KIND"]
 
@@ -215,9 +215,10 @@ def _output_embedding_key(model: nn.Module) -> str | None:
     return None
 
 
-def merged_state_dict(model: nn.Module, adapter: str | None) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, adapter: str | None, *, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict as the unpatched architecture has it, with `adapter` folded into the weights
-    (None or "base": the base weights as they are), on the CPU.
+    (None or "base": the base weights as they are), on the CPU. Under FSDP2 only the rank that writes keeps
+    the tensors, every rank with `everywhere`.
 
     LoRA stacks are dropped, Conv1D weights transposed back to [in, out], and a tied output embedding left out
     (transformers re-ties it on load). Merging is done layer by layer in fp32 and rounded once to the weight dtype.
@@ -234,7 +235,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None) -> dict[str, torch.
     tied_head = _output_embedding_key(model)
     # Under FSDP2 every rank gathers each tensor in turn (collective: the same keys in the same order on every
     # rank), and only the rank that writes keeps it.
-    keep = keeps_files(model)
+    keep = everywhere or keeps_files(model)
     for key, t in state.items():
         if key in lora_keys:
             continue
@@ -421,6 +422,35 @@ def write_dir_atomically(out_dir: str | os.PathLike, fill, marker: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def gathered_copy(model: nn.Module, adapter: str | None = None) -> nn.Module:
+    """A new plain model (unsharded, unpatched) of `model`'s transformers architecture and config, on the CPU,
+    holding its weights with `adapter` folded in (None: as they are; a patched model: merged_state_dict): what
+    a run that trained a model sharded by FSDP2 returns. Collective under FSDP2: every rank calls it and gets
+    the whole model."""
+    from torch.distributed.fsdp import FSDPModule
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"model: {type(model).__name__} has no transformers config to rebuild it from")
+    # fully_shard swaps in a subclass of (FSDPModule, architecture): the first other class is the architecture.
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    config = copy.deepcopy(config)
+    if getattr(model, "hydra_patch", None) is not None:
+        state = merged_state_dict(model, adapter, everywhere=True)
+        if adapter not in (None, "base"):        # as merge_adapter_into_base records it
+            setattr(config, MERGED_CONFIG_KEY, list(patch_info(model).merged + (adapter,)))
+    else:
+        state = {k: full_tensor(v.detach()).to("cpu", copy=True) for k, v in model.state_dict().items()}
+    with torch.device("cpu"):
+        plain = cls(config)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    head = _output_embedding_key(plain)
+    if unexpected or [k for k in missing if k != head]:
+        raise ValueError(f"model: its weights do not fit a fresh {cls.__name__} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    plain.tie_weights()                           # a tied LM head left out of the state: shared again
+    return plain.eval()
 
 
 def save_merged(model: nn.Module, adapter: str | None, out_dir, tokenizer=None,

@@ -141,11 +141,18 @@ def gathered_call(model: nn.Module, fn: Callable, *args, **kwargs):
     """fn(*args, **kwargs) with the root parameters of `model` gathered (see the module docstring): through the
     root's FSDP forward when `model` (or the HydraModel holding it) is sharded and not already inside one; a
     plain call otherwise. fn must read the parameters it uses inside the call (they are DTensors outside) and
-    return the tensors that depend on them (backward re-gathers for those)."""
+    return the tensors that depend on them (backward re-gathers for those). If fn raises, FSDP's state is reset
+    (every parameter its shard again) before the exception propagates, so the next call works."""
     root = sharded_root(model)
     if root is None or _root_gathered(root):
         return fn(*args, **kwargs)
-    return getattr(root, CALL)(fn, *args, **kwargs)
+    try:
+        return getattr(root, CALL)(fn, *args, **kwargs)
+    except BaseException:
+        # An exception skips FSDP's post-forward: the gathered parameters would stay registered (the next call
+        # would read them, stale, while the optimizer updates the shards). Reshard and clear the iteration.
+        root.reset_iter_state()
+        raise
 
 
 def _check_dtype(mixed_precision) -> torch.dtype | None:

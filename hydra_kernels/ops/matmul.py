@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from hydra_kernels.ops._checks import check_tensor
+
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D a, b with fp32 output and fp32 accumulation (inputs may be 16-bit); differentiable (with
@@ -27,7 +29,11 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) in fp32 ([..., in] -> [..., out]) through mm_f32."""
+    """F.linear(x, weight, bias) in fp32 ([..., in] -> [..., out]) through mm_f32. ValueError for a weight or
+    bias FSDP2 has not gathered (a DTensor: read it inside integrations.fsdp.gathered_call)."""
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
     out = mm_f32(x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias.float()
 

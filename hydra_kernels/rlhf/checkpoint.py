@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hydra_kernels.integrations.checkpoint import write_dir_atomically   # re-exported: rlhf writes its results with it
+from hydra_kernels.integrations.fsdp import full_state_dict, load_full_
 from hydra_kernels.rlhf.config import config_to_dict
 
 FORMAT = "hydra_kernels.rlhf.checkpoint"
@@ -72,9 +73,10 @@ def _tupled(x):
 
 
 # ------------------------------------------------------------------------------------ optimizer state
-def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON part, tensors) of optimizer.state_dict(): tensors go to safetensors, everything else to JSON."""
-    sd = optimizer.state_dict()
+def flatten_optimizer(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensors) of optimizer.state_dict() (or of that state dict itself, e.g. gathered by
+    integrations.fsdp.full_optimizer_state): tensors go to safetensors, everything else to JSON."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
@@ -110,11 +112,13 @@ class Checkpoint:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, params: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, config: dict, trainer_state: dict, keep: int = 2) -> Path:
+                    optimizer: torch.optim.Optimizer | dict, config: dict, trainer_state: dict,
+                    keep: int = 2) -> Path:
     """Write checkpoint `root/step-<step>` atomically and delete all but the newest `keep`. Checkpoints of later
     steps than `step` are deleted too: they belong to an earlier run in the same root (a run writes increasing
     steps, and a resumed one continues from the latest), and would otherwise outrank this one, which pruning
-    by step would delete at once and `latest_checkpoint` would pass over on the next resume."""
+    by step would delete at once and `latest_checkpoint` would pass over on the next resume. params and
+    optimizer (or its state dict) hold whole tensors: under FSDP2 gather them first (Run.checkpoint)."""
     if keep < 1:
         raise ValueError(f"keep: must be >= 1, got {keep}")
     for name, p in params.items():
@@ -350,20 +354,27 @@ def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.T
         if tuple(saved[k].shape) != tuple(p.shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {tuple(saved[k].shape)}, the model expects "
                              f"{tuple(p.shape)}")
-    with torch.no_grad():
-        for k, p in target.items():
-            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+    for k, p in target.items():
+        load_full_(p, saved[k])                 # a parameter FSDP2 shards: this rank's part of it
 
 
 # ------------------------------------------------------------------------------------- PPO's result
-def save_policy(out_dir: str | os.PathLike, models, cfg, extra: dict | None = None) -> Path:
+def policy_tensors(models) -> dict[str, torch.Tensor]:
+    """What save_policy writes: named_trainable() and the reward head, whole (collective under FSDP2: every
+    rank calls it), on the CPU."""
+    tensors = dict(models.named_trainable())
+    tensors.update({f"reward_head.{n}": p for n, p in models.reward_head.named_parameters()})
+    return {k: v.contiguous() for k, v in full_state_dict(tensors).items()}
+
+
+def save_policy(out_dir: str | os.PathLike, models, cfg, extra: dict | None = None, *,
+                tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """The trained PPO state of `models` (a models.PPOModels: its named_trainable() tensors, i.e. the
     actor/critic adapters or weights and the value head, and the reward head) as policy.safetensors +
     policy.json (variant, config `cfg`, `extra`), written atomically. Load it with `load_policy`. Raises
-    ValueError for a non-finite tensor (nothing is written)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in models.named_trainable().items()}
-    for name, p in models.reward_head.named_parameters():
-        tensors[f"reward_head.{name}"] = p.detach().cpu().contiguous()
+    ValueError for a non-finite tensor (nothing is written). tensors: policy_tensors(models), when gathered
+    beforehand (under FSDP2 on every rank, before rank 0 alone writes)."""
+    tensors = policy_tensors(models) if tensors is None else tensors
     for k, v in tensors.items():
         if not torch.isfinite(v).all():
             raise ValueError(f"models: {k!r} is not finite; refusing to save NaN/inf weights")
@@ -400,4 +411,4 @@ def load_policy(path: str | os.PathLike, models) -> dict:
 __all__ = ["CHECKPOINT_MARKER", "Checkpoint", "save_checkpoint", "load_checkpoint", "check_optimizer_state",
            "latest_checkpoint", "list_checkpoints", "capture_rng", "restore_rng", "flatten_optimizer", "unflatten_optimizer", "copy_params_",
            "write_dir_atomically", "CheckpointSchedule", "check_resume_config", "RESUMABLE_CHANGES",
-           "inputs_digest", "check_resume_inputs", "save_policy", "load_policy"]
+           "inputs_digest", "check_resume_inputs", "policy_tensors", "save_policy", "load_policy"]

@@ -42,7 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Where metrics are reported (rlhf.logging): as transformers' TrainingArguments.report_to.
 REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
 # run.parallel: how the processes a launcher started share a run (rlhf.distributed).
-PARALLEL = ("none", "ddp")
+PARALLEL = ("none", "ddp", "fsdp2")
 INT_MAX = 2 ** 31 - 1        # int settings lie within ±INT_MAX unless they say otherwise: a larger count is a typo
 SEED_MAX = 2 ** 64 - 1       # torch.manual_seed's upper limit
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
@@ -232,7 +232,8 @@ class RunConfig(_Section):
     progress: bool = setting(True, "tqdm progress bars (the CLI's --no-progress sets false)")
     parallel: Literal[PARALLEL] | None = setting(
         None, "none: one process; ddp: data parallel over the processes a launcher (torchrun, accelerate launch) "
-              "started, batch sizes global (rlhf.distributed); null = ddp when WORLD_SIZE > 1, else none")
+              "started, batch sizes global (rlhf.distributed); fsdp2: as ddp, with the models sharded over the "
+              "processes (FSDP2, integrations.fsdp; 2 processes or more); null = ddp when WORLD_SIZE > 1, else none")
     metrics_file: str = setting("metrics.jsonl", "metrics log, relative to output_dir (and inside it)")
     threads: int | None = setting(None, "torch's CPU threads (torch.set_num_threads, for the whole process); null = "
                                         "1 for a model under 20M parameters on the CPU (faster, and no collapse when "
@@ -336,12 +337,20 @@ class PPOConfig(_Stage):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-ppo"))
 
     def _relations(self, prefix: str) -> None:
+        _check_compile_rollout(self)
         if self.batch_size % self.mini_batch_size:
             _fail("mini_batch_size", f"must divide batch_size ({self.batch_size}), got {self.mini_batch_size}")
         _check_reward_settings(self)
         if self.old_logprobs == "rollout" and self.kl_estimator == "full":
             _fail("old_logprobs", "'rollout' records the sampled tokens' log-probs only; kl_estimator 'full' needs "
                                   "the whole distribution (use k1, k2 or k3, or old_logprobs=recompute)")
+
+
+def _check_compile_rollout(cfg) -> None:
+    """A compiled decoding step reads the whole weights outside FSDP2's forward: not with run.parallel=fsdp2."""
+    if cfg.compile_rollout and cfg.run.parallel == "fsdp2":
+        _fail("compile_rollout", "true is not supported with run.parallel=fsdp2 (the compiled decoding step "
+                                 "cannot gather sharded weights); decode eagerly (compile_rollout=false) or use ddp")
 
 
 def _check_reward_settings(cfg) -> None:
@@ -426,6 +435,7 @@ class GRPOConfig(_Stage):
     run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/hydra-grpo"))
 
     def _relations(self, prefix: str) -> None:
+        _check_compile_rollout(self)
         B, G = self.batch_size, self.num_generations
         if B % G:
             _fail("batch_size", f"must be divisible by num_generations ({G}): batch_size counts completions, "

@@ -3,6 +3,7 @@ statistics, the rank-0 gate, and the one dispatch point from run.parallel to the
 
     mode = setup(cfg.run)                    # init from RANK / WORLD_SIZE / LOCAL_RANK if a launcher set them
     device = local_device(resolve_device(cfg.run.device))
+    shard(models, cfg.run)                   # fsdp2 only: FSDP2 over each model, before the optimizer
     engine = wrap(params, cfg.run)           # ddp: rank 0's weights everywhere; engine.sync_grads() after backward
     lo, hi = block(n)                        # this rank's rows of a global batch of n
     batch = gather_rows(t)                   # the rows of every rank, in rank order
@@ -11,6 +12,10 @@ statistics, the rank-0 gate, and the one dispatch point from run.parallel to the
 Semantics (README "Several GPUs"): batch sizes are global, rank r computes its block of each batch, and every
 statistic is global, so a run gives the same result at any world size up to fp32 reduction order. With one
 process every helper is the identity and no collective runs.
+
+Under "fsdp2" the models are sharded first (shard: integrations.fsdp, before the optimizer is built), FSDP
+reduce-scatters their gradients as sums in backward, and the engine all-reduces only the tensors left whole
+(the heads of the separate-model variants); everything else is as under ddp.
 
 The engine of "ddp" all-reduces the trainable parameters' gradients itself (one sum per dtype bucket, after
 backward), not through torch's DistributedDataParallel: the steps run several modules and streams per forward,
@@ -28,6 +33,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from hydra_kernels.integrations.fsdp import is_sharded
+from hydra_kernels.integrations.fsdp import shard as fsdp_shard
 from hydra_kernels.rlhf.config import PARALLEL
 
 # Elements per all-reduce of gradients: big enough to amortise a collective, small enough not to double the
@@ -51,21 +58,26 @@ def parallel_mode(run_cfg) -> str:
     """run.parallel, or (null) ddp when WORLD_SIZE > 1 and none otherwise. ValueError for none under a
     launcher that started several processes: each would train alone and write the same output_dir."""
     mode = run_cfg.parallel or ("ddp" if env_world_size() > 1 else "none")
-    if mode == "none" and max(env_world_size(), world_size()) > 1:
-        raise ValueError(f"run.parallel: 'none' but {max(env_world_size(), world_size())} processes were started "
+    n = max(env_world_size(), world_size())
+    if mode == "none" and n > 1:
+        raise ValueError(f"run.parallel: 'none' but {n} processes were started "
                          f"(WORLD_SIZE); use run.parallel=ddp or start one process")
+    # One process holds every weight anyway; sharding over one would only add FSDP's bookkeeping.
+    if mode == "fsdp2" and n < 2:
+        raise ValueError("run.parallel: 'fsdp2' shards the models over several processes, but 1 was started; "
+                         "start 2 or more (torchrun --nproc_per_node N) or use run.parallel=none")
     return mode
 
 
 def setup(run_cfg, timeout: datetime.timedelta | None = None) -> str:
-    """The parallel mode of `run_cfg` (parallel_mode); under ddp, initialise the default process group from the
+    """The parallel mode of `run_cfg` (parallel_mode); under ddp and fsdp2, initialise the default process group from the
     environment unless one exists already: nccl when the run uses CUDA, else gloo. timeout: of every collective
     (torch's default when None), so a rank that died makes the others fail instead of wait forever."""
     mode = parallel_mode(run_cfg)
-    if mode == "ddp" and max(env_world_size(), world_size()) > 1 and ":" in run_cfg.device:
+    if mode in ("ddp", "fsdp2") and max(env_world_size(), world_size()) > 1 and ":" in run_cfg.device:
         raise ValueError(f"run.device: {run_cfg.device!r} puts every process on one GPU; use cuda (or auto): "
                          f"process r runs on cuda:LOCAL_RANK")
-    if mode == "ddp" and not dist.is_initialized() and env_world_size() > 1:
+    if mode in ("ddp", "fsdp2") and not dist.is_initialized() and env_world_size() > 1:
         for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise ValueError(f"WORLD_SIZE: is {env_world_size()} but {var} is not set; start the job with "
@@ -236,7 +248,7 @@ class Replicated:
                     p.copy_(x)
 
     def sync_grads(self) -> None:
-        if world_size() == 1:
+        if world_size() == 1 or not self.params:          # fsdp2 with every trained tensor sharded: FSDP's job
             return
         dev = _comm_device()
         has = torch.tensor([p.grad is not None for p in self.params], dtype=torch.int32, device=dev)
@@ -264,16 +276,45 @@ class Replicated:
                 bucket, size = ([p], p.numel()) if p is not None else ([], 0)
 
 
+def shard(modules: Sequence[torch.nn.Module], run_cfg) -> bool:
+    """Under run.parallel=fsdp2, integrations.fsdp.shard each of `modules` (every rank, same order, after the
+    models are built and before the optimizer is) and return True; otherwise leave them alone, False. FSDP's
+    reduce-scatter then sums the gradients over ranks (each rank's loss is its share of the global loss), as
+    Replicated.sync_grads does, instead of averaging them."""
+    if parallel_mode(run_cfg) != "fsdp2":
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    for module in modules:
+        fsdp_shard(module)
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)     # a plain sum (gloo has no pre-scaled sum)
+    return True
+
+
 def wrap(params: Sequence[torch.Tensor], run_cfg) -> Replicated:
-    """The engine run.parallel asks for, over the trainable parameters: Replicated for none and ddp. The one
-    place a sharded engine (FSDP2: fully_shard over the modules, gradients reduce-scattered in backward, so
-    its sync_grads has nothing left to do) is chosen."""
+    """The engine run.parallel asks for, over the trainable parameters: Replicated for none and ddp; for fsdp2,
+    Replicated over the parameters FSDP does not hold (heads kept outside the sharded models: all-reduced like
+    ddp's), since FSDP reduce-scatters its own in backward (shard)."""
     mode = parallel_mode(run_cfg)
     if mode in ("none", "ddp"):
         return Replicated(params)
+    if mode == "fsdp2":
+        return Replicated([p for p in params if not is_sharded(p)])
     raise ValueError(f"run.parallel: must be one of {', '.join(PARALLEL)}, got {mode!r}")
+
+
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also over parameters some of which FSDP2 holds sharded (DTensors mixed
+    with plain ones, which torch's cannot stack): their shares of the norm are summed over the ranks."""
+    if not any(is_sharded(p) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    from hydra_kernels.rlhf.optim import clip_grad_norm_per_role
+    norms = clip_grad_norm_per_role({"all": [(p, None) for p in params]}, max_norm)
+    return norms.get("all", torch.zeros(()))
 
 
 __all__ = ["PARALLEL", "env_world_size", "parallel_mode", "setup", "shutdown", "world_size", "rank", "local_rank",
            "is_main", "local_device", "block", "gather_rows", "gather_dataclass", "all_sum", "sum_dict",
-           "agree", "from_rank0", "on_rank0", "Replicated", "wrap"]
+           "agree", "from_rank0", "on_rank0", "Replicated", "shard", "wrap", "clip_grad_norm_"]

@@ -29,7 +29,7 @@ import torch
 from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.ops import sampled_kl
 from hydra_kernels.rlhf import distributed
-from hydra_kernels.rlhf.checkpoint import inputs_digest, save_policy
+from hydra_kernels.rlhf.checkpoint import inputs_digest, policy_tensors, save_policy
 from hydra_kernels.rlhf.config import GRPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
 from hydra_kernels.rlhf.estimators import (SEQUENCE_LEVEL, aggregate_loss, clipped_token_loss, grpo_advantages,
@@ -105,6 +105,7 @@ class GRPOTrainer:
         self.mini_batch_size = cfg.mini_batch_size or cfg.batch_size
         distributed.block(cfg.batch_size, "batch_size")           # both split evenly over the processes
         distributed.block(self.mini_batch_size, "mini_batch_size")
+        distributed.shard(models.shardable(), cfg.run)        # fsdp2: before the optimizer sees the parameters
         self.params = models.named_trainable()
         self.engine = distributed.wrap(list(self.params.values()), cfg.run)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -234,7 +235,7 @@ class GRPOTrainer:
                     continue
                 loss.backward()
                 self.engine.sync_grads()
-                st["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                st["grad_norm"] = distributed.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not _finite(st["grad_norm"]):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._skip_minibatch(step, "gradient norm")
@@ -416,7 +417,7 @@ def train_grpo(model, tokenizer, prompts: Sequence, cfg: GRPOConfig, *, reward_f
             if callback is not None:
                 callback(step + 1, metrics)
     run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters,
-                                              "world_size": run.world_size})
+                                              "world_size": run.world_size}, tensors=policy_tensors(models))
     return GRPOResult(models, run.history, dict(trainer.counters), run.out)
 
 

@@ -91,6 +91,10 @@ class PPOModels:
         """{checkpoint-key prefix: module} of the modules that hold trained parameters."""
         raise NotImplementedError
 
+    def shardable(self) -> list[nn.Module]:
+        """The modules run.parallel=fsdp2 shards (rlhf.distributed.shard): each holds a copy of the base."""
+        raise NotImplementedError
+
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """Every parameter the optimizer updates (requires_grad), by a stable name "<prefix>.<name>": the keys of
         checkpoints and of save_policy."""

@@ -11,7 +11,8 @@ Several processes (rlhf.distributed, run.parallel=ddp): batch_size and mini_batc
 samples, scores and rewards its block of the step's prompts; then every rank gathers the whole batch, so
 whitening, the KL controller, the finite checks and every metric are those of one process. Each rank runs its
 block of every minibatch, its loss scaled to its share of the minibatch's response tokens, and the gradients
-are summed over ranks: the same update as one process, up to fp32 reduction order.
+are summed over ranks: the same update as one process, up to fp32 reduction order. run.parallel=fsdp2 shards
+the variant's base copies (models.shardable) over the ranks as well; the step is the same.
 
 Faults: a batch whose rewards or scores are not finite is skipped (warning + counter skipped/nonfinite_reward);
 a minibatch whose loss or gradient norm is not finite is not applied (warning + counter skipped/nonfinite_loss).
@@ -32,7 +33,7 @@ from hydra_kernels.integrations import check_tokenizer_fits
 from hydra_kernels.integrations.hydra_model import new_reward_head
 from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.advantages import gae, kl_controller, masked_mean, per_token_rewards, shape_scores, whiten
-from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, save_policy
+from hydra_kernels.rlhf.checkpoint import inputs_digest, load_policy, policy_tensors, save_policy
 from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
 from hydra_kernels.rlhf.logging import notice
@@ -113,6 +114,7 @@ class PPOTrainer:
             models.hydra.tokenizer = tokenizer      # so hydra.merge(...) writes a directory usable on its own
         distributed.block(cfg.batch_size, "batch_size")           # both split evenly over the processes
         distributed.block(cfg.mini_batch_size, "mini_batch_size")
+        distributed.shard(models.shardable(), cfg.run)        # fsdp2: before the optimizer sees the parameters
         self.params = models.named_trainable()
         self.engine = distributed.wrap(list(self.params.values()), cfg.run)
         self.roles = models.roles()
@@ -231,7 +233,7 @@ class PPOTrainer:
                     norms = clip_grad_norm_per_role(self.roles, cfg.max_grad_norm)
                     st["policy/grad_norm"], st["val/grad_norm"] = norms["actor"], norms["critic"]
                 else:
-                    st["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    st["policy/grad_norm"] = distributed.clip_grad_norm_(params, cfg.max_grad_norm)
                 if not all(_finite(v) for k, v in st.items() if k.endswith("/grad_norm")):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._skip_minibatch(step, "gradient norm")
@@ -357,7 +359,7 @@ def train_ppo(model, reward_head, tokenizer, prompts: Sequence[str], cfg: PPOCon
             if callback is not None:
                 callback(step + 1, metrics)
     run.save_final(save_policy, models, cfg, {"steps": cfg.steps, "counters": trainer.counters,
-                                              "world_size": run.world_size})
+                                              "world_size": run.world_size}, tensors=policy_tensors(models))
     return PPOResult(models, run.history, dict(trainer.counters), run.out)
 
 

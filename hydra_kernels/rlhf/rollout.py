@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from hydra_kernels.integrations import cache_kwarg
-from hydra_kernels.integrations.fsdp import sharded_root
+from hydra_kernels.integrations.fsdp import gathered_call, sharded_root
 from hydra_kernels.nn.streams import rounded_adapters, streams
 from hydra_kernels.rlhf.data import position_ids_from_mask, tokenize_prompts
 from hydra_kernels.rlhf.models import last_logits
@@ -206,7 +206,8 @@ def _sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_t
         if record_logprobs:
             stats.append(_token_stats(logits, tok, temperature))
         if value_head is not None:
-            values.append(value_head(hidden.float()).squeeze(-1))
+            # Under FSDP2 the value head sits in the base's root group: gathered for the call.
+            values.append(gathered_call(policy.model, value_head, hidden.float()).squeeze(-1))
         finished = finished | (tok == eos_token_id)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from hydra_kernels.integrations.checkpoint import check_replaceable, remove_leftovers
+from hydra_kernels.integrations.fsdp import full_optimizer_state, full_state_dict, is_sharded, load_optimizer_state_
 from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import (CHECKPOINT_MARKER, Checkpoint, CheckpointSchedule, check_optimizer_state,
                                            check_resume_config, check_resume_inputs, copy_params_, latest_checkpoint,
@@ -116,7 +117,7 @@ class Run:
                 check(ck)
             copy_params_(params, ck.params, str(last))
             check_optimizer_state(ck.optimizer_state, optimizer, last)
-            optimizer.load_state_dict(ck.optimizer_state)
+            load_optimizer_state_(optimizer, ck.optimizer_state)      # sharded like its parameter under FSDP2
             restore_rng(ck.rng_meta, ck.rng_tensors)
             start, state = ck.step, ck.trainer_state
             self.last_resumed = last
@@ -215,7 +216,10 @@ class Run:
                    trainer_state: dict) -> Path:
         """Write the checkpoint after `done` steps (with the config and `inputs`), keep the newest
         run.keep_checkpoints."""
-        path = distributed.on_rank0(save_checkpoint, self.checkpoints, done, params, optimizer, self.config,
+        opt_state = optimizer
+        if any(is_sharded(p) for p in params.values()):      # FSDP2: gathered on every rank, rank 0 writes
+            params, opt_state = full_state_dict(params), full_optimizer_state(optimizer)
+        path = distributed.on_rank0(save_checkpoint, self.checkpoints, done, params, opt_state, self.config,
                                     {**trainer_state, "inputs": self.inputs}, keep=self.cfg.run.keep_checkpoints)
         self.schedule.saved()
         self.last_checkpoint = path

@@ -31,7 +31,8 @@ from torch import nn
 from hydra_kernels import ops
 from hydra_kernels.integrations import (check_tokenizer_fits, decoder_forward, load_causal_lm, merge_adapter_into_base,
                                         patch_model, unpatch_model)
-from hydra_kernels.integrations.checkpoint import load_safetensors
+from hydra_kernels.integrations.checkpoint import gathered_copy, load_safetensors
+from hydra_kernels.integrations.fsdp import gathered_call
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
@@ -93,9 +94,10 @@ def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Te
     """(Σ log π(response token), number of response tokens): position t predicts token t + 1."""
     targets = batch.input_ids[:, 1:].masked_fill(batch.loss_mask[:, 1:] == 0, IGNORE_INDEX)
     x = h[:, :-1]
-    logp, _, _ = ops.linear_logprobs(x.reshape(1, -1, x.shape[-1]), lm_head_weight(model, allow_bias=True),
-                                     targets.reshape(-1), kl=None, ignore_index=IGNORE_INDEX,
-                                     bias=lm_head_bias(model))
+    # The head is read inside the call: under FSDP2 (integrations.fsdp) it is gathered there.
+    logp, _, _ = gathered_call(model, lambda: ops.linear_logprobs(
+        x.reshape(1, -1, x.shape[-1]), lm_head_weight(model, allow_bias=True), targets.reshape(-1), kl=None,
+        ignore_index=IGNORE_INDEX, bias=lm_head_bias(model)))
     return logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -212,6 +214,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     sft.json, atomically) only when training completes. With run.resume, the latest checkpoint is continued,
     also from the middle of an epoch, to the same result as a run never stopped; a checkpoint of a run on
     another model or other data (same settings) is refused with a ValueError naming run.output_dir.
+    With run.parallel=fsdp2 `model` is sharded over the processes for training, and result.model is a new plain
+    model with the whole trained weights on every rank (integrations.checkpoint.gathered_copy).
     """
     if not isinstance(cfg, SFTConfig):
         raise ValueError(f"cfg: expected an SFTConfig, got {type(cfg).__name__}")
@@ -248,12 +252,17 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
     if cfg.mode == "lora":
         patch_model(model, adapters=(SFT_ADAPTER,), r=cfg.lora.r, alpha=cfg.lora.alpha,
                     target_modules=cfg.lora.target_modules, allow_untested=cfg.model.allow_untested)
-        body = [p for p in model.parameters() if p.requires_grad]
     else:
         model.requires_grad_(True)
-        body = list(model.parameters())
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)      # training forwards recompute layers; no_grad evaluation does not
+    sharded = distributed.shard([model], cfg.run)     # fsdp2; the head stays whole on every rank
+    step_pairs = min(cfg.batch_size, len(pairs))
+    if sharded and step_pairs % distributed.world_size():
+        # Every rank must run the same forwards (FSDP gathers in each): no rank may be left without pairs.
+        raise ValueError(f"batch_size: with run.parallel=fsdp2 the pairs of a step (min(batch_size, {len(pairs)} "
+                         f"pairs) = {step_pairs}) must split evenly over the {distributed.world_size()} processes")
+    body = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": body, "lr": cfg.lr},
               {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -388,7 +397,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         if loss.requires_grad:                           # a rank without rows of this step has no graph
             loss.backward()
         engine.sync_grads()
-        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        norm = distributed.clip_grad_norm_(trainable, cfg.max_grad_norm)
         if not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             warnings.warn(f"Hydra-SFT epoch {epoch + 1} step {s + 1}: non-finite gradient; step skipped",
@@ -436,7 +445,10 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
             if callback is not None:
                 callback(epoch + 1, metrics)
 
-    if cfg.mode == "lora":
+    if sharded:
+        # A new plain model of the whole weights on every rank (the adapter folded in), as without FSDP.
+        model = gathered_copy(model, SFT_ADAPTER if cfg.mode == "lora" else None).to(device)
+    elif cfg.mode == "lora":
         # Fold the adapter into the base, then drop the LoRA layers: the base now IS the SFT model.
         merge_adapter_into_base(model, SFT_ADAPTER)
         unpatch_model(model)

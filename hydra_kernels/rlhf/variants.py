@@ -25,6 +25,7 @@ from hydra_kernels import ops
 from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
 from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
+from hydra_kernels.integrations.fsdp import any_sharded, full_state_dict, write_once
 from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, new_reward_head
 from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
 from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
@@ -92,6 +93,9 @@ class SharedPPO(PPOModels):
     def export_policy(self, out_dir, tokenizer=None) -> Path:
         """The actor adapter folded into the shared base (HydraModel.merge); see PPOModels.export_policy."""
         return save_merged(self.model, ACTOR, out_dir, tokenizer=_writable(tokenizer or self.hydra.tokenizer))
+
+    def shardable(self) -> list[nn.Module]:
+        return [self.hydra]                      # the base, with the reward and value heads in its root group
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         out = {"model": self.model}
@@ -286,11 +290,21 @@ class SeparatePPO(PPOModels):
         if self.actor_stream is not None:
             return save_merged(self.actor, self.actor_stream, out_dir, tokenizer=tokenizer)
 
+        # Under FSDP2 the weights are gathered on every rank (collective), and rank 0 writes them.
+        state = full_state_dict(self.actor.state_dict()) if any_sharded(self.actor) else None
+
         def fill(tmp: Path) -> None:
-            self.actor.save_pretrained(str(tmp))          # safetensors, the config and generation config
+            # safetensors, the config and generation config
+            self.actor.save_pretrained(str(tmp), **({} if state is None else {"state_dict": state}))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-        return write_dir_atomically(out_dir, fill, marker="config.json", foreign=MERGE_FOREIGN)
+        return write_once(self.actor, lambda: write_dir_atomically(out_dir, fill, marker="config.json",
+                                                                   foreign=MERGE_FOREIGN),
+                          what="export_policy") or Path(out_dir)
+
+    def shardable(self) -> list[nn.Module]:
+        # The heads stay whole on every rank (small; their gradients are all-reduced).
+        return [self.reference, self.reward_model, self.actor, self.critic]
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "critic": self.critic, "value_head": self.value_head}

@@ -5,8 +5,8 @@ batch), shards the other and runs its own half of the batch. Checked: the gradie
 forward + backward (base / actor / critic streams, fused log-probs with the KL, value and reward heads) in
 fp32, with a bf16 base (fp32 adapter gradients) and with activation checkpointing; the no-grad scoring path,
 one optimizer step, greedy generation (HydraModel.generate and the rollout's decoder; compiled decoding is
-refused), a plain patched causal LM (decoder_forward + fp32 logits), and the ValueError an op gives for a
-parameter FSDP has not gathered. Prints "FSDP OK" at the end.
+refused), a plain patched causal LM (decoder_forward + fp32 logits), the ValueError an op gives for a
+parameter FSDP has not gathered, and a gathered call that raises midway leaving FSDP usable. Prints "FSDP OK" at the end.
 """
 import copy
 import datetime
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hydra_kernels.integrations import HydraModel, patch_model
-from hydra_kernels.integrations.fsdp import full_tensor, shard
+from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, is_sharded, shard
 from hydra_kernels.rlhf.models import PolicyHandle
 from hydra_kernels.rlhf.rollout import generate
 from hydra_kernels.rlhf.scoring import logits_f32
@@ -160,7 +160,41 @@ def check_ungathered_op(sharded, rank):
         assert "DTensor" in str(e) and "weight" in str(e), e
     else:
         raise AssertionError("an op on an ungathered FSDP parameter did not raise")
+    # The LM head's ops, handed the root's weight outside a gathered call (the fp32 logits of sampling and
+    # scoring, the fused log-probs of scoring, the update and Hydra-SFT).
+    from hydra_kernels.ops import linear_logprobs
+    from hydra_kernels.ops.matmul import linear_f32
+    w = sharded.lm_head_weight
+    h = torch.randn(1, 3, w.shape[1])
+    for name, call in (("linear_f32", lambda: linear_f32(h[0], w)),
+                       ("linear_logprobs", lambda: linear_logprobs(h, w, torch.zeros(3, dtype=torch.long)))):
+        try:
+            call()
+        except ValueError as e:
+            assert "DTensor" in str(e) and "weight" in str(e), (name, e)
+        else:
+            raise AssertionError(f"{name} on an ungathered LM head did not raise")
     print(f"rank {rank}: an op on an ungathered parameter raises ValueError", flush=True)
+
+
+def check_reset_on_error(ref, sharded, ids, mask, rank):
+    """A gathered call that raises midway (after the decoder ran) leaves every parameter its shard again, and
+    the next call gives the single-process result."""
+    def fail():
+        sharded.forward_streams(ids, mask, ("actor",))
+        raise RuntimeError("midway")
+    try:
+        with torch.no_grad():
+            gathered_call(sharded, fail)
+    except RuntimeError as e:
+        assert "midway" in str(e), e
+    else:
+        raise AssertionError("the failing call did not raise")
+    assert all(is_sharded(p) for p in sharded.parameters())
+    with torch.no_grad():
+        got, want = sharded.forward_streams(ids, mask, ("actor",)), ref.forward_streams(ids, mask, ("actor",))
+    assert rel(got, want) < 1e-5, rel(got, want)
+    print(f"rank {rank}: a gathered call that raised left FSDP usable", flush=True)
 
 
 def main():
@@ -171,6 +205,7 @@ def main():
     check_scoring_and_step(ref, sharded, ids, mask, rank)
     check_generation(ref, sharded, ids, mask, rank)
     check_ungathered_op(sharded, rank)
+    check_reset_on_error(ref, sharded, ids, mask, rank)
     check_streams(torch.bfloat16, rank, world)
     check_streams(torch.float32, rank, world, checkpointing=True)
     check_plain_model(rank, world)

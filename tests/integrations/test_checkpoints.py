@@ -257,3 +257,23 @@ def test_merge_history_travels_with_the_base_and_guards_loading(tmp_path):
     unpatch_model(model)
     assert merged_adapters(model) == ("sft",)
     assert patch_model(model, r=R).hydra_patch.merged == ("sft",)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])         # untied, tied, tied with Conv1D layers
+def test_gathered_copy_is_the_plain_merged_model(arch):
+    """gathered_copy (what Hydra-SFT returns under FSDP2; here one process, plain tensors): a new unpatched
+    model of the architecture with the adapter folded in, its head tied where the config ties it."""
+    from hydra_kernels.integrations import patch_model
+    unpatched = make_model(arch)
+    patched = patch_model(copy.deepcopy(unpatched), adapters=("sft",), r=R, alpha=ALPHA)
+    randomize_adapters(patched)
+    plain = ckpt.gathered_copy(patched, "sft")
+    assert type(plain) is type(unpatched) and getattr(plain, "hydra_patch", None) is None
+    assert getattr(plain.config, "hydra_merged_adapters") == ["sft"]
+    ids, mask = batch()
+    want = logits(merged_copy(unpatched, patched, "sft"), ids, mask)
+    assert (logits(plain, ids, mask) - want).abs().max() < 1e-5
+    tied = plain.config.tie_word_embeddings
+    assert (plain.get_output_embeddings().weight is plain.get_input_embeddings().weight) == tied
+    base = ckpt.gathered_copy(unpatched)                   # unpatched: the weights as they are
+    assert torch.equal(logits(base, ids, mask), logits(unpatched, ids, mask))

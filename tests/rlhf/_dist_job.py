@@ -8,7 +8,11 @@ equiv OUT     PPO (hydra, j-hydra, lora, full; 2 steps), GRPO (4 estimators; 2 s
               step 1 (OUT/stopped: its checkpoint), and the rank-0 gate's error broadcast; every rank checks that
               all ranks hold the same trained tensors; the rank-0 gate and the gradient engine's checks.
 resume DIR    continue DIR (a stopped run of `equiv`, at any world size) to 2 steps; result into DIR/result.
-fail OUT      PPO whose reward function raises on the last rank only: the job must fail, not hang.
+fsdp2 OUT     as equiv for PPO (hydra, j-hydra, lora, full; each also exported as the CLI does: merged policy,
+              PEFT adapter, samples), GRPO, Hydra-SFT (lora, full) and the stopped hydra run, with
+              run.parallel=fsdp2 at 2 processes and none at 1 (the reference); trained tensors gathered first.
+resume-fsdp2 DIR   as resume, with run.parallel=fsdp2 at 2 processes and none at 1.
+fail OUT [k=v ...]  PPO whose reward function raises on the last rank only: the job must fail, not hang.
 
 The process group is initialised here with a short timeout, so a rank left waiting fails within it.
 """
@@ -28,6 +32,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from hydra_kernels.integrations.fsdp import any_sharded, full_state_dict  # noqa: E402
 from hydra_kernels.rlhf import distributed  # noqa: E402
 from hydra_kernels.rlhf.config import SFTConfig, load_config  # noqa: E402
 from hydra_kernels.rlhf.data import PreferencePair, SFTExample  # noqa: E402
@@ -57,7 +62,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _save(out: Path, tensors: dict[str, torch.Tensor], history: list[dict]) -> None:
-    """Rank 0 writes; every rank first checks that all of them hold the same tensors."""
+    """Rank 0 writes; every rank first checks that all of them hold the same tensors (FSDP2's gathered)."""
+    tensors = full_state_dict(tensors)
     distributed.agree(_digest(tensors), f"trained tensors of {out.name}")
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -71,14 +77,31 @@ def _ppo(out: Path, *overrides: str):
     return result
 
 
-def _sft(out: Path, mode: str):
+def _sft(out: Path, mode: str, *overrides: str):
     cfg = load_config(SFTConfig, None, [f"mode={mode}", "epochs=1", "batch_size=4", "lr=0.01", "lora.r=4",
                                         "data.eval_fraction=0.34", "run.progress=false", "run.checkpoint_minutes=0",
-                                        f"run.output_dir={out}"])
+                                        f"run.output_dir={out}", *overrides])
     result = hydra_sft(tiny_model(len(TOK)), TOK, DEMOS, PAIRS, cfg)
     tensors = {f"model.{k}": v for k, v in result.model.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in result.reward_head.state_dict().items()})
     return tensors, result.history
+
+
+def _exports(out: Path, models) -> None:
+    """What the CLI writes after training (--merge-to, --export-peft, --samples), as it calls them (cli._once:
+    collective under fsdp2, rank 0 writes): into out/merged, out/base + out/peft (shared variants), and
+    out/samples.json."""
+    from hydra_kernels.cli import _once, _samples
+    from hydra_kernels.integrations.checkpoint import save_merged
+    from hydra_kernels.rlhf.config import PPOConfig
+    path = _once(models, models.export_policy, out / "merged", None)
+    assert path == out / "merged", path
+    if models.shared:
+        _once(models, save_merged, models.model, None, out / "base")      # export_peft names a base on disk
+        _once(models, models.hydra.export_peft, "actor", out / "peft")
+    samples = _once(models, _samples, models, TOK, ["1+1=", "2+0="], PPOConfig(max_new_tokens=3))
+    if distributed.is_main():
+        (out / "samples.json").write_text(json.dumps(samples))
 
 
 def _gate_check() -> None:
@@ -114,7 +137,7 @@ def _engine_check() -> None:
     assert unused.grad is None
 
 
-def main(mode: str, out: str) -> None:
+def main(mode: str, out: str, *extra: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     out = Path(out)
@@ -138,15 +161,33 @@ def main(mode: str, out: str) -> None:
             tensors, history = _sft(out / f"sft-{mode_}", mode_)
             _save(out / f"sft-{mode_}" / "result", tensors, history)
         _ppo(out / "stopped", "steps=1")
-    elif mode == "resume":
-        res = _ppo(out, "steps=2")
+    elif mode == "fsdp2":
+        parallel = f"run.parallel={'fsdp2' if distributed.world_size() > 1 else 'none'}"
+        for variant in VARIANTS:
+            res = _ppo(out / variant, f"variant={variant}", parallel)
+            # Sharded indeed at 2 processes: every base copy's parameters are DTensors.
+            assert all(any_sharded(m) == (distributed.world_size() > 1) for m in res.models.shardable()), variant
+            _save(out / variant / "result", res.models.named_trainable(), res.history)
+            _exports(out / variant, res.models)
+        # j-hydra sampling the old log-probs and values (the value head gathered while decoding).
+        res = _ppo(out / "j-hydra-sampled", "variant=j-hydra", "old_logprobs=rollout", parallel)
+        _save(out / "j-hydra-sampled" / "result", res.models.named_trainable(), res.history)
+        _, res = _grpo_job.run(out / "grpo", [*GRPO, "estimator=grpo", *ESTIMATORS["grpo"], parallel])
+        _save(out / "grpo" / "result", res.models.named_trainable(), res.history)
+        for mode_ in ("lora", "full"):
+            tensors, history = _sft(out / f"sft-{mode_}", mode_, parallel)
+            _save(out / f"sft-{mode_}" / "result", tensors, history)
+        _ppo(out / "stopped", "steps=1", parallel)
+    elif mode in ("resume", "resume-fsdp2"):
+        parallel = "fsdp2" if mode == "resume-fsdp2" and distributed.world_size() > 1 else "null"
+        res = _ppo(out, "steps=2", f"run.parallel={parallel}")
         _save(out / "result", res.models.named_trainable(), res.history)
     elif mode == "fail":
         def reward(prompts, completions, ended):
             if distributed.rank() == distributed.world_size() - 1:
                 raise RuntimeError(f"reward function failed on rank {distributed.rank()}")
             return [0.0] * len(prompts)
-        _ppo_job.run(out, [*PPO, "reward_source=function"], reward_fn=reward)
+        _ppo_job.run(out, [*PPO, "reward_source=function", *extra], reward_fn=reward)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(f"JOB OK rank {distributed.rank()} of {distributed.world_size()}", flush=True)
@@ -154,4 +195,4 @@ def main(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
