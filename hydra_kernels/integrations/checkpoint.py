@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.fsdp import copy_row_, full_tensor, is_sharded, keeps_files, write_once
+from hydra_kernels.integrations.fsdp import (copy_row_, full_tensor, is_sharded, is_zero3, keeps_files, state_tensors,
+                                             write_once)
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
@@ -129,7 +130,7 @@ def adapter_tensors(model: nn.Module, adapters=None) -> dict[str, torch.Tensor]:
             raise ValueError(f"adapters: {name!r} is the base stream, which has no adapter weights")
     for path, layer in layers.items():
         # Whole stacks: FSDP2 holds them sharded (an all-gather per stack; every rank takes part).
-        A, B = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
+        A, B = full_tensor(layer.lora_A).detach(), full_tensor(layer.lora_B).detach()
         for name in names:
             i = layer.stream_indices([name])[0]
             out[adapter_key(name, path, "lora_A")] = A[i]
@@ -178,7 +179,7 @@ def _delta(layer, adapter: str | None) -> torch.Tensor | None:
         return None
     i = layer.stream_indices([adapter])[0]
     # HydraLinear.delta_weight from the whole stacks (gathered where FSDP2 shards them).
-    A, B = full_tensor(layer.lora_A.detach()), full_tensor(layer.lora_B.detach())
+    A, B = full_tensor(layer.lora_A).detach(), full_tensor(layer.lora_B).detach()
     return layer.scaling * (B[i].float() @ A[i].float())
 
 
@@ -229,7 +230,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None, *, everywhere: bool
     layers = hydra_modules(model)
     weight_keys = {f"{p}.weight": p for p in layers}
     lora_keys = {f"{p}.{w}" for p in layers for w in ("lora_A", "lora_B")}
-    state = model.state_dict()
+    state = state_tensors(model)
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     tied_head = _output_embedding_key(model)
@@ -245,6 +246,9 @@ def merged_state_dict(model: nn.Module, adapter: str | None, *, everywhere: bool
             ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape), t.dtype) \
                 if local.numel() else None
             t = full_tensor(t.detach())
+        elif is_zero3(t):                        # the parameter itself (state_tensors): tied names share it
+            ident = ("zero3", id(t))
+            t = full_tensor(t)
         else:
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() \
                 else None
@@ -441,7 +445,7 @@ def gathered_copy(model: nn.Module, adapter: str | None = None) -> nn.Module:
         if adapter not in (None, "base"):        # as merge_adapter_into_base records it
             setattr(config, MERGED_CONFIG_KEY, list(patch_info(model).merged + (adapter,)))
     else:
-        state = {k: full_tensor(v.detach()).to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state = {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in state_tensors(model).items()}
     with torch.device("cpu"):
         plain = cls(config)
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)

@@ -21,6 +21,13 @@ computed and reduced in bf16.
 
 Saving under FSDP2 (HydraModel.save_pretrained, merge, export_peft) is collective: every rank calls it, the
 tensors are gathered (`full_tensor`), rank 0 writes (`on_rank0`) and every rank learns its outcome.
+
+DeepSpeed ZeRO-3 (an engine from deepspeed.initialize over the model) is handled by the same helpers: its
+partitioned parameters (told apart by their `ds_id` attribute, without importing deepspeed) are gathered one
+by one by `full_tensor` (deepspeed.zero.GatheredParameters), so saving is collective and written once in the
+same way. In the forward, ZeRO-3's module hooks gather what each module's forward reads; `gathered_call`
+gathers the LM head, which the library reads outside its module, and `whole` gives the ops a copy of it that
+outlives the gather (backward reads it after ZeRO-3 has partitioned the parameter again).
 """
 from __future__ import annotations
 
@@ -35,7 +42,8 @@ from torch import nn
 __all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor", "local_rows", "copy_row_", "on_rank0",
            "decoder_layers", "any_sharded",
            "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part",
-           "shard_like", "full_optimizer_state", "load_optimizer_state_"]
+           "shard_like", "full_optimizer_state", "load_optimizer_state_",
+           "is_zero3", "full_shape", "whole", "state_tensors", "local_tensor"]
 
 # Attributes shard() sets: on the root, the method FSDP runs as a forward (CALL) and where to look for one of
 # the root group's parameters (PROBE); on a causal LM inside a sharded HydraModel, a weak reference to that root.
@@ -57,10 +65,42 @@ def is_sharded(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def is_zero3(t) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 manages (partitioned across ranks, or gathered right now)."""
+    return getattr(t, "ds_id", None) is not None
+
+
+def _zero3_gathered(params: list):
+    import deepspeed                             # optional: only reached for parameters ZeRO-3 already manages
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The whole tensor's shape: a ZeRO-3 parameter's own (ds_shape; locally it is empty), t.shape otherwise."""
+    return tuple(t.ds_shape) if is_zero3(t) else tuple(t.shape)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a DTensor all-gathered (collective: every rank of its mesh must call it, in the same
-    order), anything else as it is."""
-    return t.full_tensor() if is_sharded(t) else t
+    """The whole tensor: a DTensor all-gathered, a ZeRO-3 parameter gathered and copied out, detached
+    (collective in both cases: every rank must call it, in the same order); anything else as it is."""
+    if is_sharded(t):
+        return t.full_tensor()
+    if is_zero3(t):
+        with _zero3_gathered([t]):
+            return t.detach().clone()
+    return t
+
+
+def whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as an op may keep it for backward: for a frozen ZeRO-3 parameter gathered right now (inside
+    gathered_call), a copy, since ZeRO-3 partitions the parameter again before backward reads it; else t.
+    Raises ValueError for a trainable one (its gradient would bypass ZeRO-3's reduction)."""
+    if t is None or not is_zero3(t):
+        return t
+    if t.requires_grad:
+        raise ValueError(f"t: a trainable parameter ZeRO-3 partitions (shape {full_shape(t)}), read outside its "
+                         "module's forward; only a frozen LM head is supported there")
+    return t.detach().clone()
 
 
 def local_rows(t: torch.Tensor, index: int) -> torch.Tensor:
@@ -137,12 +177,29 @@ def _root_gathered(root: nn.Module) -> bool:
     return not is_sharded(getattr(module, name))
 
 
-def gathered_call(model: nn.Module, fn: Callable, *args, **kwargs):
+def _zero3_head(model: nn.Module) -> list:
+    """The LM head's ZeRO-3 parameters that are partitioned now (gathered_call gathers them), [] otherwise."""
+    lm = getattr(model, "model", model)          # a HydraModel holds its causal LM as .model
+    get = getattr(lm, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return []
+    return [p for p in head.parameters() if is_zero3(p) and p.ds_status.name == "NOT_AVAILABLE"]
+
+
+def gathered_call(model: nn.Module, fn: Callable, *args, lm_head: bool = False, **kwargs):
     """fn(*args, **kwargs) with the root parameters of `model` gathered (see the module docstring): through the
     root's FSDP forward when `model` (or the HydraModel holding it) is sharded and not already inside one; a
     plain call otherwise. fn must read the parameters it uses inside the call (they are DTensors outside) and
     return the tensors that depend on them (backward re-gathers for those). If fn raises, FSDP's state is reset
-    (every parameter its shard again) before the exception propagates, so the next call works."""
+    (every parameter its shard again) before the exception propagates, so the next call works.
+    lm_head=True: fn reads the LM head's weight outside the head's forward (ops.linear_logprobs); under ZeRO-3
+    it is gathered for the call (pass it to the op as whole(weight)). Modules fn calls are gathered by ZeRO-3's
+    own hooks."""
+    head = _zero3_head(model) if lm_head else []
+    if head:
+        with _zero3_gathered(head):
+            return fn(*args, **kwargs)
     root = sharded_root(model)
     if root is None or _root_gathered(root):
         return fn(*args, **kwargs)
@@ -243,8 +300,16 @@ def on_rank0(write: Callable[[], object], *, what: str = "write", share: bool = 
 
 
 def any_sharded(module: nn.Module) -> bool:
-    """True if some parameter of `module` is a DTensor (FSDP2 holds it sharded)."""
-    return any(is_sharded(p) for p in module.parameters())
+    """True if some parameter of `module` is a DTensor (FSDP2 holds it sharded) or ZeRO-3 partitions it."""
+    return any(is_sharded(p) or is_zero3(p) for p in module.parameters())
+
+
+def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict(), with each ZeRO-3 parameter as the parameter itself (state_dict detaches it into an
+    empty local tensor), so that full_tensor can gather it."""
+    state = module.state_dict()
+    zero = {n: p for n, p in module.named_parameters(remove_duplicate=False) if is_zero3(p)}
+    return {k: zero.get(k, v) for k, v in state.items()} if zero else state
 
 
 def keeps_files(module: nn.Module) -> bool:
@@ -264,14 +329,35 @@ def full_state_dict(tensors: Mapping[str, torch.Tensor], *, cpu: bool = True) ->
     checkpoint written on rank 0 takes for the parameters."""
     out = {}
     for name, t in tensors.items():
-        full = full_tensor(t.detach())
+        full = full_tensor(t).detach()
         out[name] = full.to("cpu", copy=True) if cpu else full
     return out
 
 
+def _zero3_span(like: torch.Tensor) -> tuple[int, int]:
+    # ZeRO-3 splits the flattened parameter into equal, zero-padded pieces, rank r holding the r-th.
+    n = like.ds_tensor.numel()
+    start = torch.distributed.get_rank(group=like.ds_process_group) * n
+    return start, max(0, min(n, like.ds_numel - start))
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of t: a DTensor's local shard, a ZeRO-3 parameter's flat piece (padding left out),
+    t itself otherwise; the same layout local_part cuts from the whole tensor."""
+    if is_sharded(t):
+        return t.to_local()
+    if is_zero3(t):
+        return t.ds_tensor.detach()[:_zero3_span(t)[1]]
+    return t
+
+
 def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The piece of the whole tensor `full` that this rank holds of the DTensor `like` (torch.chunk along its
-    Shard dim; empty where this rank holds none); `full` itself when `like` is a plain tensor."""
+    Shard dim; empty where this rank holds none), or of the ZeRO-3 parameter `like` (a flat piece; see
+    local_tensor); `full` itself when `like` is a plain tensor."""
+    if is_zero3(like):
+        start, n = _zero3_span(like)
+        return full.reshape(-1)[start:start + n]
     if not is_sharded(like):
         return full
     from torch.distributed.tensor import Shard

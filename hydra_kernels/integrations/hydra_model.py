@@ -24,7 +24,7 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import full_tensor, gathered_call, load_full_, write_once
+from hydra_kernels.integrations.fsdp import full_shape, full_tensor, gathered_call, load_full_, whole, write_once
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -107,7 +107,7 @@ def lm_head_bias(model: nn.Module) -> torch.Tensor | None:
 
 def hidden_size(model: nn.Module) -> int:
     """D: the LM head's input size, i.e. the size of the final hidden states the reward and value heads read."""
-    return lm_head(model).weight.shape[1]
+    return full_shape(lm_head(model).weight)[1]
 
 
 def init_reward_head_(head: nn.Linear, generator: torch.Generator | None = None) -> nn.Linear:
@@ -268,7 +268,8 @@ class HydraModel(nn.Module):
         Materialises the logits; for log-probs over a large vocab use ops.linear_logprobs(hidden,
         self.lm_head_weight, ...) instead.
         """
-        return gathered_call(self, lambda: linear_f32(hidden, self.lm_head_weight, self.lm_head_bias))
+        return gathered_call(self, lambda: linear_f32(hidden, whole(self.lm_head_weight), whole(self.lm_head_bias)),
+                             lm_head=True)
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, kl: str | None = None,
                  ignore_index: int = -100):
@@ -279,9 +280,10 @@ class HydraModel(nn.Module):
         """
         from hydra_kernels.ops import linear_logprobs
         # The LM head is read inside the call: under FSDP2 it is gathered there (and again in backward).
-        return gathered_call(self, lambda: linear_logprobs(hidden, self.lm_head_weight, targets,
+        return gathered_call(self, lambda: linear_logprobs(hidden, whole(self.lm_head_weight), targets,
                                                            temperature=temperature, kl=kl,
-                                                           ignore_index=ignore_index, bias=self.lm_head_bias))
+                                                           ignore_index=ignore_index, bias=whole(self.lm_head_bias)),
+                             lm_head=True)
 
     def reward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward head at each sequence's last real token: hidden [..., B, T, D], attention_mask [B, T] → [..., B]
@@ -341,7 +343,7 @@ class HydraModel(nn.Module):
             "modules": list(info.modules), "conv1d": sorted(info.conv1d), "merged_into_base": list(info.merged),
             "model_type": getattr(cfg, "model_type", None),
             "base_model_name_or_path": base_directory(self.model)[0],
-            "hidden_size": self.hidden_size, "vocab_size": self.lm_head_weight.shape[0],
+            "hidden_size": self.hidden_size, "vocab_size": full_shape(self.lm_head_weight)[0],
             "heads": {"reward_head": "Linear(hidden, 1) at the last real token",
                       "value_head": "Linear(hidden, 1) per token"},
         }
@@ -352,15 +354,15 @@ class HydraModel(nn.Module):
         The base weights are not written: load with from_pretrained(save_dir, base=...). If an adapter was merged
         into the base in place (merge_adapter_into_base), write that base with merge(None, dir) and load on it.
         The safetensors header repeats adapters, r and alpha, so a hydra_config.json edited afterwards is refused
-        on load rather than applied to the tensors. Sharded with integrations.fsdp.shard, every rank calls it and
-        rank 0 writes (a failure there raises on every rank).
+        on load rather than applied to the tensors. Sharded with integrations.fsdp.shard or partitioned by a ZeRO-3
+        engine, every rank calls it and rank 0 writes (a failure there raises on every rank).
         """
         save_dir = Path(save_dir)
         info = self.patch
         tensors = ckpt.adapter_tensors(self.model)
         for head in _HEAD_NAMES:
             for name, p in getattr(self, head).named_parameters():
-                tensors[f"{head}.{name}"] = full_tensor(p.detach())
+                tensors[f"{head}.{name}"] = full_tensor(p).detach()
         meta = {"format": "pt", _META_LORA: json.dumps({"adapters": list(info.adapters), "r": info.r,
                                                          "alpha": info.alpha})}
         config = self._config_dict()

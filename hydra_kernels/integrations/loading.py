@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.fsdp import is_sharded, local_part
+from hydra_kernels.integrations.fsdp import is_sharded, is_zero3, local_part, local_tensor
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, PatchInfo, hydra_modules, merged_adapters
 
 __all__ = ["load_causal_lm", "check_safetensors_dir", "base_directory", "check_tokenizer_fits"]
@@ -138,12 +138,13 @@ def base_directory(model: nn.Module) -> tuple[str | None, str]:
     info = getattr(model, "hydra_patch", None)
     if isinstance(info, PatchInfo) and info.modules:
         path = info.modules[0]
-        mem = hydra_modules(model)[path].weight.detach()
+        weight = hydra_modules(model)[path].weight
         saved = _disk_tensor(directory, f"{path}.weight")
         if saved is not None:
             saved = saved.t() if path in info.conv1d else saved
-            if is_sharded(mem):                  # FSDP2: this rank's rows, compared without communication
-                saved, mem = local_part(saved, mem), mem.to_local()
+            mem = weight.detach()
+            if is_sharded(weight) or is_zero3(weight):   # this rank's part, compared without communication
+                saved, mem = local_part(saved, weight), local_tensor(weight)
             if tuple(saved.shape) != tuple(mem.shape) or not torch.equal(saved.to(mem.dtype), mem.cpu()):
                 return None, (f"its weight {path!r} differs from the one in {str(directory)!r} (the base was "
                               "changed in memory, or the directory was rewritten, since it was loaded)")

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.fsdp import gathered_call
+from hydra_kernels.integrations.fsdp import full_shape, gathered_call
 from hydra_kernels.nn.linear import BASE, HydraLinear
 from hydra_kernels.nn.streams import streams as streams_context
 from hydra_kernels.ops import check_lora_args, plain_eager
@@ -300,7 +300,7 @@ def check_token_ids(model: nn.Module, input_ids: torch.Tensor, name: str = "inpu
     probe = input_ids.reshape(-1)            # made here: a FakeTensor under FakeTensorMode (see plain_eager)
     if not plain_eager(probe) or (probe.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    V = weight.shape[0]
+    V = full_shape(weight)[0]
     bad = (probe < 0) | (probe >= V)
     if bool(bad.any()):
         first = int(probe[bad][0])

@@ -72,8 +72,8 @@ def export_peft(model: nn.Module, adapter: str, out_dir) -> Path:
     for path, layer in hydra_modules(model).items():
         i = layer.stream_indices([adapter])[0]
         # Whole stacks: FSDP2 holds them sharded (an all-gather per stack; every rank takes part).
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A.detach())[i]
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B.detach())[i]
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A).detach()[i]
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B).detach()[i]
     alpha = int(info.alpha) if float(info.alpha).is_integer() else info.alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",

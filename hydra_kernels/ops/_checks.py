@@ -28,6 +28,10 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=N
     if _is_dtensor(t):
         raise ValueError(f"{name}: a sharded DTensor (a parameter FSDP2 has not gathered); call the op inside the "
                          "module's forward, or through integrations.fsdp.gathered_call, which gathers it")
+    if getattr(t, "ds_id", None) is not None and t.numel() == 0 and getattr(t, "ds_numel", 0) > 0:
+        raise ValueError(f"{name}: a parameter DeepSpeed ZeRO-3 has partitioned (shape {tuple(t.ds_shape)}, empty "
+                         "here); call the op inside the module's forward, or through integrations.fsdp.gathered_call("
+                         "..., lm_head=True) with integrations.fsdp.whole(weight)")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hydra_kernels.integrations.fsdp import gathered_call
+from hydra_kernels.integrations.fsdp import gathered_call, whole
 from hydra_kernels.integrations.hydra_model import lm_head_bias, lm_head_weight
 from hydra_kernels.ops.matmul import linear_f32
 from hydra_kernels.rlhf.rollout import Rollout
@@ -84,8 +84,8 @@ def logits_f32(model, h: torch.Tensor) -> torch.Tensor:
     bf16 model that is rounded to bf16, which makes the old log-probs (and the reference's, and the KL) those
     of another distribution than the one the rollout sampled from (DESIGN.md pitfall)."""
     # The head is read inside the call: under FSDP2 (integrations.fsdp) it is gathered there.
-    return gathered_call(model, lambda: _LogitsF32.apply(h, lm_head_weight(model, allow_bias=True),
-                                                         lm_head_bias(model)))
+    return gathered_call(model, lambda: _LogitsF32.apply(h, whole(lm_head_weight(model, allow_bias=True)),
+                                                         whole(lm_head_bias(model))), lm_head=True)
 
 
 __all__ = ["Scores", "response_targets", "response_hidden", "apply_head", "logits_f32", "IGNORE_INDEX"]

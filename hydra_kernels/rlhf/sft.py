@@ -32,7 +32,7 @@ from hydra_kernels import ops
 from hydra_kernels.integrations import (check_tokenizer_fits, decoder_forward, load_causal_lm, merge_adapter_into_base,
                                         patch_model, unpatch_model)
 from hydra_kernels.integrations.checkpoint import gathered_copy, load_safetensors
-from hydra_kernels.integrations.fsdp import gathered_call
+from hydra_kernels.integrations.fsdp import gathered_call, whole
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
@@ -96,8 +96,8 @@ def _lm_logprob_sum(model, h: torch.Tensor, batch: TokenBatch) -> tuple[torch.Te
     x = h[:, :-1]
     # The head is read inside the call: under FSDP2 (integrations.fsdp) it is gathered there.
     logp, _, _ = gathered_call(model, lambda: ops.linear_logprobs(
-        x.reshape(1, -1, x.shape[-1]), lm_head_weight(model, allow_bias=True), targets.reshape(-1), kl=None,
-        ignore_index=IGNORE_INDEX, bias=lm_head_bias(model)))
+        x.reshape(1, -1, x.shape[-1]), whole(lm_head_weight(model, allow_bias=True)), targets.reshape(-1), kl=None,
+        ignore_index=IGNORE_INDEX, bias=whole(lm_head_bias(model))), lm_head=True)
     return logp.sum(), int((targets != IGNORE_INDEX).sum())
 
 

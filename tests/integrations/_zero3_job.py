@@ -1,0 +1,119 @@
+"""Run under torchrun (2 processes, gloo, DS_ACCELERATOR=cpu): a HydraModel in a DeepSpeed ZeRO-3 engine against
+one process.
+
+argv[1]: a directory shared by the ranks. Each rank builds the same model twice: one copy stays a plain
+single-process reference (rank 0 writes its files; it runs the whole batch), the other goes into a ZeRO-3
+engine (every parameter partitioned across the ranks) and runs this rank's half of the batch. Checked:
+save_pretrained, merge (the actor merged; the base as it is, tied embeddings included) and export_peft write
+the same tensors and JSON as the reference; a write that fails on rank 0 raises on every rank; an op given the
+partitioned LM head directly raises ValueError naming it; the gradients of a streams forward + backward
+(fused log-probs with the KL through the LM head, value and reward heads), and the trainable parameters after
+three SGD steps, equal the reference's. Prints "ZERO3 OK" at the end.
+"""
+import datetime
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+from hydra_kernels import ops
+from hydra_kernels.integrations.fsdp import full_tensor, is_zero3
+from tests.integrations._fsdp_job import B, batch, build, loss_of
+from tests.integrations._fsdp_save_job import same_files, tied_hydra
+
+TOL = 2e-5                                               # max |Δ| / max |ref|, fp32 (reduction order differs)
+LR, STEPS = 0.1, 3
+
+
+def engine_of(hydra):
+    params = [p for p in hydra.parameters() if p.requires_grad]
+    # DeepSpeed clips gradients to norm 1.0 unless told otherwise; the reference does not clip.
+    config = {"train_micro_batch_size_per_gpu": B // dist.get_world_size(), "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+    engine, *_ = deepspeed.initialize(model=hydra, optimizer=torch.optim.SGD(params, lr=LR), config=config)
+    assert all(is_zero3(p) and p.numel() == 0 for p in hydra.parameters()), "ZeRO-3 left a parameter whole"
+    return engine
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check_saving(root: Path, rank: int):
+    for tag, make in (("llama", build), ("qwen2-tied", tied_hydra)):
+        ref, zero = make(), make()
+        engine_of(zero)
+        want, got = root / tag / "ref", root / tag / "zero3"
+        if rank == 0:
+            ref.save_pretrained(want / "hydra")
+            ref.merge("actor", want / "merged")
+            ref.merge(None, want / "base")
+            ref.export_peft("critic", want / "peft")
+        zero.save_pretrained(got / "hydra")
+        zero.merge("actor", got / "merged")
+        zero.merge(None, got / "base")                   # makes got/base the model's base directory on every rank
+        zero.export_peft("critic", got / "peft")
+        dist.barrier()
+        if rank == 0:
+            for what in ("hydra", "merged", "base"):
+                same_files(want / what, got / what)
+            same_files(want / "peft", got / "peft", skip_keys=("base_model_name_or_path",))
+    foreign = root / "users-own"
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    dist.barrier()
+    try:
+        zero.merge("actor", foreign)
+    except ValueError as e:
+        assert "out_dir" in str(e), e
+    else:
+        raise AssertionError("merge into a foreign directory did not raise")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def check_training(rank: int, world: int):
+    ref, zero = build(), build()
+    engine = engine_of(zero)
+    ids, mask = batch()
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    h = zero.forward_streams(ids[rows], mask[rows], ("base", "actor"))
+    try:
+        ops.linear_logprobs(h[1], zero.lm_head_weight, ids[rows])
+    except ValueError as e:
+        assert "weight" in str(e) and "ZeRO-3" in str(e), e
+    else:
+        raise AssertionError("the partitioned LM head passed straight to an op did not raise")
+    ref_opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=LR)
+    trainable = [(n, p) for n, p in zero.named_parameters() if p.requires_grad]
+    want = dict(ref.named_parameters())
+    for step in range(STEPS):
+        ref_opt.zero_grad()
+        loss_of(ref, ids, mask).backward()
+        engine.backward(loss_of(zero, ids[rows], mask[rows]))    # ZeRO-3 averages the ranks' gradients
+        for n, p in trainable:
+            err = rel(safe_get_full_grad(p), want[n].grad)         # collective: every rank, same order
+            assert err <= TOL, (n, "step", step, err)
+        engine.step()
+        ref_opt.step()
+    for n, p in trainable:
+        err = rel(full_tensor(p), want[n].detach())
+        assert err <= TOL, (n, "after steps", err)
+
+
+def main():
+    # A short timeout: a rank that fails makes the others fail instead of waiting half an hour.
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    check_saving(Path(sys.argv[1]), rank)
+    check_training(rank, world)
+    dist.barrier()
+    print(f"rank {rank}: saving, gradients and steps under ZeRO-3 equal one process; ZERO3 OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()
