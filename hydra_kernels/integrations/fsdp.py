@@ -179,9 +179,12 @@ def _root_gathered(root: nn.Module) -> bool:
 
 def _zero3_head(model: nn.Module) -> list:
     """The LM head's ZeRO-3 parameters that are partitioned now (gathered_call gathers them), [] otherwise."""
-    lm = getattr(model, "model", model)          # a HydraModel holds its causal LM as .model
-    get = getattr(lm, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    head = None
+    for lm in (model, getattr(model, "model", None)):    # a causal LM, or the HydraModel holding one as .model
+        get = getattr(lm, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if head is not None:
+            break
     if head is None:
         return []
     return [p for p in head.parameters() if is_zero3(p) and p.ds_status.name == "NOT_AVAILABLE"]

@@ -40,7 +40,11 @@ class PolicyHandle:
         def step():
             h, past = decoder_forward(self.model, input_ids, attention_mask, position_ids, names, past_key_values,
                                       use_cache)
-            return last_logits(self.model.get_output_embeddings(), h[0]), h[0][:, -1], past
+            # The LM head's weight is read outside its module: ZeRO-3 gathers it for this call only (after the
+            # decoder's hooks are done with a tied embedding); under FSDP2 the outer call has gathered it.
+            logits = gathered_call(self.model, lambda: last_logits(self.model.get_output_embeddings(), h[0]),
+                                   lm_head=True)
+            return logits, h[0][:, -1], past
         # One gathered call under FSDP2 (integrations.fsdp): the decoder and the LM head's weight.
         return gathered_call(self.model, step)
 

@@ -7,8 +7,9 @@ engine (every parameter partitioned across the ranks) and runs this rank's half 
 save_pretrained, merge (the actor merged; the base as it is, tied embeddings included) and export_peft write
 the same tensors and JSON as the reference; a write that fails on rank 0 raises on every rank; an op given the
 partitioned LM head directly raises ValueError naming it; the gradients of a streams forward + backward
-(fused log-probs with the KL through the LM head, value and reward heads), and the trainable parameters after
-three SGD steps, equal the reference's. Prints "ZERO3 OK" at the end.
+(fused log-probs with the KL through the LM head, value and reward heads) at each of three SGD steps, and the
+trainable parameters after them, equal the reference's; then no-grad scoring and greedy generation (HydraModel's
+and the rollout's decoder) do too. Prints "ZERO3 OK" at the end.
 """
 import datetime
 import sys
@@ -21,6 +22,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from hydra_kernels import ops
 from hydra_kernels.integrations.fsdp import full_tensor, is_zero3
+from hydra_kernels.rlhf.models import PolicyHandle
+from hydra_kernels.rlhf.rollout import generate
 from tests.integrations._fsdp_job import B, batch, build, loss_of
 from tests.integrations._fsdp_save_job import same_files, tied_hydra
 
@@ -103,6 +106,28 @@ def check_training(rank: int, world: int):
     for n, p in trainable:
         err = rel(full_tensor(p), want[n].detach())
         assert err <= TOL, (n, "after steps", err)
+    return ref, zero
+
+
+def check_inference(ref, zero, rank: int):
+    """No-grad scoring (lm_logits, logprobs, the heads) and greedy generation (HydraModel.generate, the
+    rollout's decoder with its LM head read outside the module) on the whole batch, as one process."""
+    ids, mask = batch()
+    with torch.no_grad():
+        hz, hr = zero.forward_streams(ids, mask), ref.forward_streams(ids, mask)
+        assert rel(hz, hr) <= TOL
+        assert rel(zero.lm_logits(hz[1]), ref.lm_logits(hr[1])) <= TOL
+        lz, lr = zero.logprobs(hz[:2, :, :-1], ids[:, 1:], kl="k3"), ref.logprobs(hr[:2, :, :-1], ids[:, 1:], kl="k3")
+        assert all(rel(a, b) <= TOL for a, b in zip(lz, lr))
+        assert rel(zero.values(hz[2]), ref.values(hr[2])) <= TOL
+        assert rel(zero.reward(hz[0], mask), ref.reward(hr[0], mask)) <= TOL
+    want = ref.generate(ids, mask, stream="actor", max_new_tokens=3, do_sample=False, pad_token_id=0)
+    got = zero.generate(ids, mask, stream="actor", max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(want, got), (want, got)
+    kw = dict(max_new_tokens=3, eos_token_id=1, pad_token_id=0, temperature=0.0)
+    ro_ref = generate(PolicyHandle(ref.model, "critic"), ids, mask, **kw)
+    ro = generate(PolicyHandle(zero.model, "critic"), ids, mask, **kw)
+    assert torch.equal(ro.response_ids, ro_ref.response_ids)
 
 
 def main():
@@ -110,7 +135,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     check_saving(Path(sys.argv[1]), rank)
-    check_training(rank, world)
+    check_inference(*check_training(rank, world), rank)
     dist.barrier()
     print(f"rank {rank}: saving, gradients and steps under ZeRO-3 equal one process; ZERO3 OK", flush=True)
 
