@@ -18,8 +18,8 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from hydra_kernels.integrations.fsdp import (copy_row_, full_tensor, is_sharded, is_zero3, keeps_files, state_tensors,
-                                             write_once)
+from hydra_kernels.integrations.fsdp import (copy_row_, full_tensor, is_sharded, is_zero3, keeps_files, refuse_zero3,
+                                             state_tensors, write_once)
 from hydra_kernels.integrations.patch import MERGED_CONFIG_KEY, hydra_modules, patch_info
 
 __all__ = ["atomic_write", "atomic_write_json", "fsync_path", "atomic_save_safetensors", "load_safetensors",
@@ -193,6 +193,7 @@ def merge_adapter_into_base(model: nn.Module, adapter: str) -> None:
     info = patch_info(model)
     if adapter not in info.adapters:
         raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    refuse_zero3(model.parameters(), "merge_adapter_into_base")
     with torch.no_grad():
         for layer in hydra_modules(model).values():
             i = layer.stream_indices([adapter])[0]

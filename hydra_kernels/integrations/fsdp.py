@@ -43,7 +43,7 @@ __all__ = ["shard", "is_sharded", "sharded_root", "gathered_call", "full_tensor"
            "decoder_layers", "any_sharded",
            "keeps_files", "write_once", "full_state_dict", "load_full_", "local_part",
            "shard_like", "full_optimizer_state", "load_optimizer_state_",
-           "is_zero3", "full_shape", "whole", "state_tensors", "local_tensor"]
+           "is_zero3", "full_shape", "whole", "state_tensors", "local_tensor", "refuse_zero3"]
 
 # Attributes shard() sets: on the root, the method FSDP runs as a forward (CALL) and where to look for one of
 # the root group's parameters (PROBE); on a causal LM inside a sharded HydraModel, a weak reference to that root.
@@ -305,6 +305,14 @@ def on_rank0(write: Callable[[], object], *, what: str = "write", share: bool = 
 def any_sharded(module: nn.Module) -> bool:
     """True if some parameter of `module` is a DTensor (FSDP2 holds it sharded) or ZeRO-3 partitions it."""
     return any(is_sharded(p) or is_zero3(p) for p in module.parameters())
+
+
+def refuse_zero3(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """ValueError naming model if a DeepSpeed ZeRO-3 engine partitions one of `tensors`: writing into them
+    would miss the optimizer's fp32 partitions, which DeepSpeed keeps apart (its own utilities set those)."""
+    if any(is_zero3(t) for t in tensors):
+        raise ValueError(f"model: {what} into parameters a DeepSpeed ZeRO-3 engine partitions is not supported; "
+                         "do it on every rank before deepspeed.initialize (or use DeepSpeed's own checkpoints)")
 
 
 def state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ from torch import nn
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                enable_activation_checkpointing)
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import full_shape, full_tensor, gathered_call, load_full_, whole, write_once
+from hydra_kernels.integrations.fsdp import (full_shape, full_tensor, gathered_call, load_full_, refuse_zero3, whole,
+                                             write_once)
 from hydra_kernels.integrations.loading import base_directory, check_tokenizer_fits, load_causal_lm
 from hydra_kernels.integrations.patch import (BASE, PatchInfo, decoder_forward, hydra_modules, patch_info,
                                               patch_model, validate_streams)
@@ -445,6 +446,7 @@ class HydraModel(nn.Module):
         check_base: the adapters must have been trained on a base with the same adapters merged into it
         (merge_adapter_into_base, e.g. Hydra-SFT); otherwise "LoRA off" would be the wrong model.
         """
+        refuse_zero3(self.parameters(), "load_adapters")
         load_dir = Path(load_dir)
         cfg = self.read_config(load_dir)
         info = self.patch

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hydra_kernels.integrations import checkpoint as ckpt
-from hydra_kernels.integrations.fsdp import any_sharded, copy_row_, full_tensor, on_rank0, write_once
+from hydra_kernels.integrations.fsdp import any_sharded, copy_row_, full_tensor, on_rank0, refuse_zero3, write_once
 from hydra_kernels.integrations.patch import hydra_modules, patch_info
 
 __all__ = ["export_peft", "import_peft", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME"]
@@ -150,6 +150,7 @@ def import_peft(model: nn.Module, adapter: str, peft_dir) -> None:
     info = patch_info(model)
     if adapter not in info.adapters:
         raise ValueError(f"adapter: {adapter!r} is not one of the model's adapters {info.adapters}")
+    refuse_zero3(model.parameters(), "import_peft")
     peft_dir = Path(peft_dir)
     cfg_path, weights = peft_dir / PEFT_CONFIG_NAME, peft_dir / PEFT_WEIGHTS_NAME
     if not cfg_path.is_file():

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hydra_kernels.integrations.checkpoint import write_dir_atomically   # re-exported: rlhf writes its results with it
-from hydra_kernels.integrations.fsdp import full_state_dict, load_full_
+from hydra_kernels.integrations.fsdp import full_state_dict, load_full_, refuse_zero3
 from hydra_kernels.rlhf.config import config_to_dict
 
 FORMAT = "hydra_kernels.rlhf.checkpoint"
@@ -345,6 +345,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def copy_params_(target: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], source: str) -> None:
     """Copy saved tensors into parameters after checking names and shapes (nothing changes on error)."""
+    refuse_zero3(target.values(), "resuming")
     missing = [k for k in target if k not in saved]
     extra = [k for k in saved if k not in target]
     if missing or extra:

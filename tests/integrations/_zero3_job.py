@@ -5,10 +5,11 @@ argv[1]: a directory shared by the ranks. Each rank builds the same model twice:
 single-process reference (rank 0 writes its files; it runs the whole batch), the other goes into a ZeRO-3
 engine (every parameter partitioned across the ranks) and runs this rank's half of the batch. Checked:
 save_pretrained, merge (the actor merged; the base as it is, tied embeddings included) and export_peft write
-the same tensors and JSON as the reference; a write that fails on rank 0 raises on every rank; an op given the
+the same tensors and JSON as the reference; a write that fails on rank 0 raises on every rank; loading into a
+partitioned model is refused (ValueError); an op given the
 partitioned LM head directly raises ValueError naming it; the gradients of a streams forward + backward
 (fused log-probs with the KL through the LM head, value and reward heads) at each of three SGD steps, and the
-trainable parameters after them, equal the reference's; then no-grad scoring and greedy generation (HydraModel's
+trainable parameters after them (full_tensor, full_state_dict), equal the reference's; then no-grad scoring and greedy generation (HydraModel's
 and the rollout's decoder) do too. Prints "ZERO3 OK" at the end.
 """
 import datetime
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
 from hydra_kernels import ops
-from hydra_kernels.integrations.fsdp import full_tensor, is_zero3
+from hydra_kernels.integrations.fsdp import full_state_dict, full_tensor, is_zero3
 from hydra_kernels.rlhf.models import PolicyHandle
 from hydra_kernels.rlhf.rollout import generate
 from tests.integrations._fsdp_job import B, batch, build, loss_of
@@ -77,6 +78,12 @@ def check_saving(root: Path, rank: int):
     else:
         raise AssertionError("merge into a foreign directory did not raise")
     assert (foreign / "notes.txt").read_text() == "mine"
+    try:                                                 # loading goes before deepspeed.initialize
+        zero.load_adapters(got / "hydra")
+    except ValueError as e:
+        assert "ZeRO-3" in str(e) and "initialize" in str(e), e
+    else:
+        raise AssertionError("load_adapters into a ZeRO-3 model did not raise")
 
 
 def check_training(rank: int, world: int):
@@ -106,6 +113,9 @@ def check_training(rank: int, world: int):
     for n, p in trainable:
         err = rel(full_tensor(p), want[n].detach())
         assert err <= TOL, (n, "after steps", err)
+    # What a training checkpoint takes (rlhf.checkpoint): the whole trainable tensors, on every rank.
+    state = full_state_dict(dict(trainable))
+    assert all(rel(state[n], want[n].detach()) <= TOL for n, _ in trainable)
     return ref, zero
 
 
