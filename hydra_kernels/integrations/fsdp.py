@@ -86,6 +86,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     if is_sharded(t):
         return t.full_tensor()
     if is_zero3(t):
+        if t.ds_status.name == "AVAILABLE":     # whole here already (inside a forward, or kept whole): no gather,
+            return t.detach().clone()           # whose exit would partition it under the hooks holding it
         with _zero3_gathered([t]):
             return t.detach().clone()
     return t

@@ -1,16 +1,17 @@
 """Run under torchrun (2 processes, gloo, DS_ACCELERATOR=cpu): a HydraModel in a DeepSpeed ZeRO-3 engine against
 one process.
 
-argv[1]: a directory shared by the ranks. Each rank builds the same model twice: one copy stays a plain
-single-process reference (rank 0 writes its files; it runs the whole batch), the other goes into a ZeRO-3
-engine (every parameter partitioned across the ranks) and runs this rank's half of the batch. Checked:
-save_pretrained, merge (the actor merged; the base as it is, tied embeddings included) and export_peft write
-the same tensors and JSON as the reference; a write that fails on rank 0 raises on every rank; loading into a
-partitioned model is refused (ValueError); an op given the
-partitioned LM head directly raises ValueError naming it; the gradients of a streams forward + backward
-(fused log-probs with the KL through the LM head, value and reward heads) at each of three SGD steps, and the
-trainable parameters after them (full_tensor, full_state_dict), equal the reference's; then no-grad scoring and greedy generation (HydraModel's
-and the rollout's decoder) do too. Prints "ZERO3 OK" at the end.
+argv[1]: a directory shared by the ranks. Each rank builds the same model twice: one copy stays a plain reference,
+as one process has it (rank 0 writes its files; it runs the whole batch), the other goes into a ZeRO-3 engine
+(every parameter partitioned across the ranks) and runs this rank's half of the batch. Checked: save_pretrained,
+merge (the actor merged; the base as it is, tied embeddings included) and export_peft write the same tensors and
+JSON as the reference; a write that fails on rank 0 raises on every rank; loading into a partitioned model is
+refused (ValueError); an op given the partitioned LM head directly raises ValueError naming it; the gradients of a
+streams forward + backward (fused log-probs with the KL through the LM head, value and reward heads) at each of
+three SGD steps, and the trainable parameters after them (full_tensor, full_state_dict), equal the reference's;
+then no-grad scoring and greedy generation (HydraModel's and the rollout's decoder) do too, and saving the trained
+model (save_pretrained, merge) writes its tensors. Prints "ZERO3 OK" at
+the end.
 """
 import datetime
 import sys
@@ -20,6 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
+from safetensors.torch import load_file
 
 from hydra_kernels import ops
 from hydra_kernels.integrations.fsdp import full_state_dict, full_tensor, is_zero3
@@ -140,12 +142,32 @@ def check_inference(ref, zero, rank: int):
     assert torch.equal(ro.response_ids, ro_ref.response_ids)
 
 
+def check_saving_after_training(ref, zero, root: Path, rank: int):
+    """Saving once the engine has run forwards (ZeRO-3 then keeps small parameters gathered for good): the
+    files hold the trained tensors, as one process's within TOL."""
+    want, got = root / "trained" / "ref", root / "trained" / "zero3"
+    if rank == 0:
+        ref.save_pretrained(want / "hydra")
+        ref.merge("actor", want / "merged")
+    zero.save_pretrained(got / "hydra")
+    zero.merge("actor", got / "merged")
+    dist.barrier()
+    if rank == 0:
+        for what, name in (("hydra", "hydra_model.safetensors"), ("merged", "model.safetensors")):
+            x, y = load_file(str(want / what / name)), load_file(str(got / what / name))
+            assert x.keys() == y.keys(), what
+            for k in x:
+                assert rel(y[k], x[k]) <= TOL, (what, k, rel(y[k], x[k]))
+
+
 def main():
     # A short timeout: a rank that fails makes the others fail instead of waiting half an hour.
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     check_saving(Path(sys.argv[1]), rank)
-    check_inference(*check_training(rank, world), rank)
+    ref, zero = check_training(rank, world)
+    check_inference(ref, zero, rank)
+    check_saving_after_training(ref, zero, Path(sys.argv[1]), rank)
     dist.barrier()
     print(f"rank {rank}: saving, gradients and steps under ZeRO-3 equal one process; ZERO3 OK", flush=True)
 
