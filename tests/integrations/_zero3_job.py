@@ -7,11 +7,11 @@ as one process has it (rank 0 writes its files; it runs the whole batch), the ot
 merge (the actor merged; the base as it is, tied embeddings included) and export_peft write the same tensors and
 JSON as the reference; a write that fails on rank 0 raises on every rank; loading into a partitioned model is
 refused (ValueError); an op given the partitioned LM head directly raises ValueError naming it; the gradients of a
-streams forward + backward (fused log-probs with the KL through the LM head, value and reward heads) at each of
-three SGD steps, and the trainable parameters after them (full_tensor, full_state_dict), equal the reference's;
-then no-grad scoring and greedy generation (HydraModel's and the rollout's decoder) do too, and saving the trained
-model (save_pretrained, merge) writes its tensors. Prints "ZERO3 OK" at
-the end.
+streams forward + backward (fused log-probs with the KL through the LM head, value and reward heads; an untied and
+a tied LM head) at each of three SGD steps, and the trainable parameters after them (full_tensor,
+full_state_dict), equal the reference's; then no-grad scoring and greedy generation (HydraModel's and the
+rollout's decoder) do too, and saving the trained model (save_pretrained, merge) writes its tensors. Prints "ZERO3
+OK" at the end.
 """
 import datetime
 import sys
@@ -88,8 +88,8 @@ def check_saving(root: Path, rank: int):
         raise AssertionError("load_adapters into a ZeRO-3 model did not raise")
 
 
-def check_training(rank: int, world: int):
-    ref, zero = build(), build()
+def check_training(rank: int, world: int, make=build):
+    ref, zero = make(), make()
     engine = engine_of(zero)
     ids, mask = batch()
     rows = slice(rank * B // world, (rank + 1) * B // world)
@@ -165,6 +165,7 @@ def main():
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     check_saving(Path(sys.argv[1]), rank)
+    check_training(rank, world, tied_hydra)                   # the LM head is the input embedding
     ref, zero = check_training(rank, world)
     check_inference(ref, zero, rank)
     check_saving_after_training(ref, zero, Path(sys.argv[1]), rank)
