@@ -49,7 +49,7 @@ setup(
         "datasets>=2.19",
     ],
     # tensorboardX: TensorBoard event files (run.report_to) without tensorboard's server and its dependencies.
-    extras_require={"test": ["pytest>=7", "peft>=0.13", "tensorboardX"]},
+    extras_require={"test": ["pytest>=7", "peft>=0.13", "tensorboardX", "deepspeed>=0.16"]},
     entry_points={"console_scripts": ["hydra-rlhf=hydra_kernels.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

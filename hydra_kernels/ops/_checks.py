@@ -93,7 +93,7 @@ def check_lora_args(adapters, r, alpha, *, reserved: tuple[str, ...] = ()) -> tu
         raise ValueError(f"adapters: expected a sequence of adapter names, got {adapters!r}") from None
     if (len(set(names)) != len(names) or any(n in reserved for n in names)
             or not all(isinstance(n, str) and n for n in names)):
-        raise ValueError(f"adapters: need distinct non-empty names" +
+        raise ValueError("adapters: need distinct non-empty names" +
                          (f" other than {', '.join(map(repr, reserved))}" if reserved else "") + f", got {names!r}")
     return names, check_positive_int("r", r), check_positive_float("alpha", alpha)
 
