@@ -43,9 +43,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime as _dt
 import json
-import math
 import multiprocessing
 import os
 import pathlib
@@ -75,12 +75,17 @@ LAYOUTS = ("hydra", "j-hydra", "lora", "full", "trl-style")
 NAMES = {**bpv.VARIANT_NAMES, "trl-style": "TRL-style (peft)"}
 BUDGETS_GB = (80, 141)
 DEPTHS = (2, 3)             # decoder layers of the two ledger runs per batch (fit_row extrapolates in depth)
+BATCHES = (1, 2, 16, 32)    # the two lines per phase (fit_row)
+VERIFY_MAX_BATCH = 40       # fit_row verifies answers up to this batch (sampling costs a few ops per row)
 SHAPES = ("llama-7b", "llama-13b", "llama-70b")
 # The issue's setting: bf16 weights, fp32 adapters r = 128 on all linears, 256 + 256 tokens.
-FULL = dict(dtype="bfloat16", lora_r=128, prompt_len=256, response_len=256, batches=(1, 2))
-QUICK = dict(dtype="float32", lora_r=8, prompt_len=16, response_len=8, batches=(1, 2))
+FULL = dict(dtype="bfloat16", lora_r=128, prompt_len=256, response_len=256, batches=BATCHES)
+QUICK = dict(dtype="float32", lora_r=8, prompt_len=16, response_len=8, batches=BATCHES)
 # The real CPU comparison: mid-size model, fp32 (a few hundred MB a copy), short sequences, 1 thread.
 CPU_REAL = dict(model="llama-mid", dtype="float32", lora_r=16, prompt_len=64, response_len=32, batch=4, steps=2)
+# The GPU check: one real step (the second; the first compiles) vs the ledger, small enough for a 30 s share.
+GPU_CHECK = dict(model="llama-160m", layout="hydra", ckpt=False, dtype="bfloat16", lora_r=16, prompt_len=64,
+                 response_len=64, batch=8)
 QUICK_REAL = dict(model="tiny", dtype="float32", lora_r=8, prompt_len=16, response_len=8, batch=2, steps=2)
 
 
@@ -132,9 +137,12 @@ class Ledger(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.overloadpacket is torch.ops.aten.any:
             out.ledger_from_any = True
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.track(t)
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        else:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
         return out
 
     # --- MemProbe's interface
@@ -191,13 +199,9 @@ def build_layout(layout: str, model, head, cfg):
     """The PPO models of `layout` from `model` + `head`: a library variant, or the TRL-style layout."""
     from hydra_kernels.rlhf import build_ppo_models
     if layout != "trl-style":
-        return build_ppo_models(model, head, dataclass_replace(cfg, variant=layout))
+        return build_ppo_models(model, head, dataclasses.replace(cfg, variant=layout))
     return _trl_style_class().build(model, copy.deepcopy(head).float().requires_grad_(False),
-                                    dataclass_replace(cfg, variant="lora"))
-
-
-def dataclass_replace(cfg, **kw):
-    return cfg.model_copy(update=kw) if hasattr(cfg, "model_copy") else __import__("dataclasses").replace(cfg, **kw)
+                                    dataclasses.replace(cfg, variant="lora"))
 
 
 def _trl_style_class():
@@ -302,32 +306,73 @@ def ledger_step(spec: dict) -> dict:
     return out
 
 
-def fit_row(spec: dict, batches=(1, 2), depths=DEPTHS) -> dict:
-    """Ledger runs at batch b1, b2 and depth l1, l2 (decoder layers) -> per phase, at the preset's depth: fixed
-    bytes + bytes per sample, and the largest batch within each budget. Every term of a phase's peak (weights,
-    optimizer state, KV cache, saved activations) grows linearly with the number of identical decoder layers,
-    so the peak at full depth is the line through the two shallow runs (check_depth compares a full-depth run)."""
-    (b1, b2), (l1, l2) = batches, depths
+def depth_peaks(spec: dict, batch: int, depths=DEPTHS) -> dict:
+    """Ledger runs at `batch` and two depths (decoder layers), extrapolated to the preset's depth: every term of
+    a phase's peak (weights, optimizer state, KV cache, saved activations) grows linearly with the number of
+    identical decoder layers, so the peak at full depth is on the line through the two shallow runs
+    (check_depth compares a full-depth run)."""
+    l1, l2 = depths
     depth = bpv.MODELS[spec["model"]]["num_hidden_layers"]
-    runs = {(b, n): ledger_step({**spec, "batch": b, "layers": n}) for b in (b1, b2) for n in (l1, l2)}
+    r1, r2 = (ledger_step({**spec, "batch": batch, "layers": n}) for n in (l1, l2))
+    keys = [k for k in r1 if k.endswith("_bytes")]
+    return {k: r1[k] + (r2[k] - r1[k]) / (l2 - l1) * (depth - l1) for k in keys}
 
-    def at_depth(b, key):
-        lo, hi = runs[(b, l1)][key], runs[(b, l2)][key]
-        return lo + (hi - lo) / (l2 - l1) * (depth - l1)
-    row = {"runs": {f"b{b}_l{n}": r for (b, n), r in runs.items()}, "depth": depth, "depths": [l1, l2],
-           "weights_bytes": at_depth(b1, "weights_bytes"), "start_bytes": at_depth(b1, "start_bytes"),
-           "optimizer_state_bytes": at_depth(b1, "optimizer_state_bytes"),
-           "trainable_bytes": at_depth(b1, "trainable_bytes")}
+
+def fit_row(spec: dict, batches=BATCHES, depths=DEPTHS, verify_gb: int | None = None) -> dict:
+    """Per phase, two lines through the (depth-extrapolated) peaks: `small` through batches b1, b2 and `large`
+    through b3, b4. A phase's peak is the larger of two moments, one that grows slowly with the batch (e.g. the
+    optimizer step: gradients + state) and one that grows fast (the backward with every activation alive), so
+    peak(b) = max(small(b), large(b)). Reported: fixed = small's intercept (the step's bytes at no batch), per
+    sample = large's slope (what each further sample costs), the largest batch within each budget; verify_gb:
+    ledger runs at that budget's largest batch b and b + 1 check that b fits and b + 1 does not (for b up to
+    VERIFY_MAX_BATCH)."""
+    pts = {b: depth_peaks(spec, b, depths) for b in batches}
+    b1, b2, b3, b4 = batches
+    row = {"points": {str(b): p for b, p in pts.items()}, "depth": bpv.MODELS[spec["model"]]["num_hidden_layers"],
+           "depths": list(depths), "batches": list(batches)}
+    for k in ("weights_bytes", "start_bytes", "optimizer_state_bytes", "trainable_bytes"):
+        row[k] = pts[b1][k]
     for ph in PHASES:
-        p1, p2 = at_depth(b1, f"peak_{ph}_bytes"), at_depth(b2, f"peak_{ph}_bytes")
-        per = (p2 - p1) / (b2 - b1)
-        row[f"{ph}_per_sample_bytes"] = per
-        row[f"{ph}_fixed_bytes"] = p1 - b1 * per
+        key = f"peak_{ph}_bytes"
+        s_small = (pts[b2][key] - pts[b1][key]) / (b2 - b1)
+        s_large = (pts[b4][key] - pts[b3][key]) / (b4 - b3)
+        row[f"{ph}_lines"] = [[pts[b1][key] - b1 * s_small, s_small], [pts[b3][key] - b3 * s_large, s_large]]
+        row[f"{ph}_fixed_bytes"] = pts[b1][key] - b1 * s_small
+        row[f"{ph}_per_sample_bytes"] = s_large
     row["fixed_bytes"] = max(row[f"{ph}_fixed_bytes"] for ph in PHASES)
     row["per_sample_bytes"] = max(row[f"{ph}_per_sample_bytes"] for ph in PHASES)
     for gb in BUDGETS_GB:
         row[f"max_batch_{gb}gb"] = max_batch(row, gb * GB)
+    if verify_gb is not None and row[f"max_batch_{verify_gb}gb"] <= VERIFY_MAX_BATCH:
+        b = row[f"max_batch_{verify_gb}gb"]
+        chk = {}
+        for n in ((b, b + 1) if b > 0 else (1,)):
+            chk[str(n)] = max(depth_peaks(spec, n, depths)[f"peak_{ph}_bytes"] for ph in PHASES)
+        ok = (b == 0 or chk[str(b)] <= verify_gb * GB) and chk[str(b + 1 if b > 0 else 1)] > verify_gb * GB
+        row["verify"] = {"budget_gb": verify_gb, "step_peak_bytes": chk, "ok": ok}
     return row
+
+
+def peak_at(row: dict, ph: str, b: int) -> float:
+    return max(a + s * b for a, s in row[f"{ph}_lines"])
+
+
+def max_batch(row: dict, budget: float) -> int:
+    """The largest batch b whose fitted peak is within budget in every phase (0 if none fits; peak_at is
+    non-decreasing in b, so a bisection finds it)."""
+    def fits(b):
+        return all(peak_at(row, ph, b) <= budget for ph in PHASES)
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 10 ** 7:
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def check_depth(spec: dict, row: dict, batch: int = 1) -> dict:
@@ -335,21 +380,8 @@ def check_depth(spec: dict, row: dict, batch: int = 1) -> dict:
     full = ledger_step({**spec, "batch": batch})
     out = {"batch": batch, "full_depth": full}
     for ph in PHASES:
-        pred = row[f"{ph}_fixed_bytes"] + batch * row[f"{ph}_per_sample_bytes"]
-        out[f"{ph}_extrapolated_over_full"] = pred / full[f"peak_{ph}_bytes"]
+        out[f"{ph}_extrapolated_over_full"] = peak_at(row, ph, batch) / full[f"peak_{ph}_bytes"]
     return out
-
-
-def max_batch(row: dict, budget: float) -> int:
-    """The largest batch b with fixed + b * per_sample <= budget in every phase (0 if none fits)."""
-    best = None
-    for ph in PHASES:
-        fixed, per = row[f"{ph}_fixed_bytes"], row[f"{ph}_per_sample_bytes"]
-        if fixed > budget:
-            return 0
-        b = math.inf if per <= 0 else math.floor((budget - fixed) / per)
-        best = b if best is None else min(best, b)
-    return int(best) if best is not None and math.isfinite(best) else 10 ** 6
 
 
 # ================================================================================ the real CPU runs
@@ -567,9 +599,12 @@ def markdown(result: dict) -> str:
              "- ledger: every meta storage's bytes from creation to the death of its last reference (a "
              "TorchDispatchMode), peak per phase; attention modelled as flash attention (output + fp32 log-sum-exp "
              "saved, no [T, T] scores); the library's torch backend of every op; no allocator overhead, no CUDA "
-             "context. fixed / per sample: a line through batch "
-             f"{s['batches'][0]} and {s['batches'][1]}, per phase; the table's per-sample column is the largest "
-             "phase slope, the max batch is the largest batch whose every phase fits (1 GB = 1e9 bytes)", "",
+             "context. Each row: ledger runs at 2 and 3 decoder layers extrapolated linearly to the full depth, at "
+             f"batches {', '.join(map(str, s['batches']))}; per phase peak(b) = max(line through the first two, "
+             "line through the last two): fixed = the first line's intercept, per sample = the second line's slope "
+             "(the table's per-sample columns: the largest phase slope); max batch = the largest batch whose every "
+             "phase fits (1 GB = 1e9 bytes); at the first shape, ledger runs at that batch and one more check the "
+             f"80 GB answer where it is at most {VERIFY_MAX_BATCH} (`verify` in the JSON)", "",
              *headline_table(result), ""]
     lines += ["## Per phase (GB: fixed + per sample)", "",
               "| shape | layout | ckpt | weights | optimizer state | rollout | score | update |",
@@ -580,6 +615,13 @@ def markdown(result: dict) -> str:
             cells = [f"{_gb(r[f'{ph}_fixed_bytes'])} + {_gb(r[f'{ph}_per_sample_bytes'])}" for ph in PHASES]
             lines.append(f"| {shape} | {NAMES[layout]} | {ck} | {_gb(r['weights_bytes'])} | "
                          f"{_gb(r['optimizer_state_bytes'])} | " + " | ".join(cells) + " |")
+    ver = [(shape, key, r["verify"]) for shape, by in result["ledger"].items() for key, r in by.items()
+           if r.get("verify")]
+    if ver:
+        lines += ["", "Max-batch checks (ledger runs at the answer b and b + 1, step peak GB): " + "; ".join(
+            f"{shape} {NAMES[key.split('/')[0]]} ckpt {key.split('/')[1]}: " + ", ".join(
+                f"b={b} {v / GB:.2f}" for b, v in chk["step_peak_bytes"].items()) + (" ok" if chk["ok"] else " WRONG")
+            for shape, key, chk in ver)]
     dc = result.get("depth_check")
     if dc:
         lines += ["", f"Depth extrapolation check ({dc['shape']}, {NAMES[dc['layout']]}, ckpt {dc['ckpt']}, batch "
@@ -613,6 +655,59 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START, README_END = "<!-- memory-table:start -->", "<!-- memory-table:end -->"
+
+
+def readme_block(result: dict, source: str) -> list[str]:
+    """The README's headline memory table: per shape and layout, the largest batch within 80 / 141 GB and the
+    update's bytes per sample, at the better activation-checkpointing setting of each layout."""
+    s = result["settings"]
+    lines = [f"One PPO step at Llama shapes, {s['dtype']} weights, fp32 LoRA r = {s['lora_r']} on all linears, "
+             f"{s['prompt_len']} + {s['response_len']} tokens (ledger of every allocation on meta tensors, "
+             f"attention as flash attention; `{source}`, {result['meta']['date'][:10]}). Largest batch in "
+             "80 / 141 GB, and the update's GB per sample, each layout with activation checkpointing off / on:", "",
+             "| shape | layout | fixed GB | update GB / sample (off / on) | batch in 80 GB (off / on) | "
+             "batch in 141 GB (off / on) |", "|---|---|---|---|---|---|"]
+    for r in table_rows(result):
+        off, on = r["off"] or {}, r["on"] or {}
+
+        def pair(k, fmt):
+            return f"{fmt(off[k]) if off else '-'} / {fmt(on[k]) if on else '-'}"
+        lines.append(f"| {_label(r['shape'])} | "
+                     f"{NAMES[r['layout']]} | {_gb((off or on)['fixed_bytes'])} | "
+                     f"{pair('update_per_sample_bytes', _gb)} | {pair('max_batch_80gb', str)} | "
+                     f"{pair('max_batch_141gb', str)} |")
+    return lines
+
+
+def _label(shape: str) -> str:
+    """llama-7b -> Llama-7B; other presets as named."""
+    return "Llama-" + shape[6:].upper() if shape.startswith("llama-") and shape[6:-1].isdigit() else shape
+
+
+def update_readme(json_paths, readme: pathlib.Path = ROOT / "README.md") -> None:
+    """Rewrite the README's block between README_START and README_END from results JSONs (the first one's
+    settings and date; the ledger rows of all, later files adding shapes and rows the earlier ones lack)."""
+    json_paths = [json_paths] if isinstance(json_paths, str) else list(json_paths)
+    results = [json.loads(pathlib.Path(p).read_text()) for p in json_paths]
+    result = results[0]
+    for other in results[1:]:
+        if other["settings"] != result["settings"]:
+            raise ValueError(f"readme: {json_paths} were measured with different settings")
+        for shape, rows in other["ledger"].items():
+            for key, row in rows.items():
+                result["ledger"].setdefault(shape, {}).setdefault(key, row)
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"readme: {readme} has no {README_START} ... {README_END} block")
+    source = " + ".join(str(pathlib.Path(p).resolve().relative_to(ROOT))
+                        if pathlib.Path(p).resolve().is_relative_to(ROOT)
+                        else p for p in json_paths)
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_START + "\n" + "\n".join(readme_block(result, source)) + "\n" + README_END + tail)
+
+
 def write_outputs(result: dict, out_dir: str) -> tuple[pathlib.Path, pathlib.Path]:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -637,15 +732,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--real-steps", type=int, default=None, help="steps per real CPU row (the last is reported)")
     ap.add_argument("--repeats", type=int, default=3, help="real CPU rows per layout (interleaved)")
-    ap.add_argument("--no-real", action="store_true", help="skip the real CPU comparison")
+    ap.add_argument("--no-real", action="store_true", help="skip the real CPU comparison (the default where CUDA "
+                                                           "is available: the GPU check runs instead)")
+    ap.add_argument("--readme", metavar="JSON", nargs="+",
+                    help="only rewrite README.md's memory table from results JSONs (rows merged)")
     ap.add_argument("--depth-check", action="store_true",
                     help="one full-depth ledger run (the first shape, Hydra-PPO) vs the depth extrapolation")
-    ap.add_argument("--gpu-check", action="store_true", help="also one real GPU step vs the ledger (needs CUDA)")
+    ap.add_argument("--no-gpu-check", action="store_true",
+                    help="where CUDA is available, skip the real GPU step vs the ledger (run first by default)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.readme:
+        update_readme(args.readme)
+        return 0
     t0 = time.perf_counter()
     deadline = t0 + args.budget
     s = dict(QUICK if args.quick else FULL)
@@ -664,42 +766,45 @@ def main(argv=None) -> int:
     if args.real_steps:
         real["steps"] = args.real_steps
     # The real CPU comparison gets up to 40% of the budget, first (it decides two targets and validates).
-    if not args.no_real:
+    gpu = torch.cuda.is_available()
+    if not args.no_real and not gpu:
         try:
             result["cpu"] = cpu_comparison(real, args.repeats, t0 + 0.4 * args.budget)
         except Exception as e:                                # noqa: BLE001 - reported, the ledger still runs
             result["cpu_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"
         print(f"cpu comparison done (+{time.perf_counter() - t0:.0f} s)", flush=True)
-    if args.gpu_check and torch.cuda.is_available():
+    if gpu and not args.no_gpu_check:
         try:
-            result["gpu"] = gpu_check(dict(model="llama-1b", layout="hydra", ckpt=False, dtype="bfloat16",
-                                           lora_r=16, prompt_len=128, response_len=128, batch=8))
+            result["gpu"] = gpu_check(dict(GPU_CHECK))
         except Exception as e:                                # noqa: BLE001
             result["gpu_error"] = f"{type(e).__name__}: {e}"
+    # Order: what decides the targets first (7B, ckpt off, Hydra / LoRA / TRL-style), then the rest.
+    order = [(shape, ck, layout) for shape in shapes for ck in args.checkpointing for layout in args.layouts]
+    first = [(shapes[0], ck, lay) for ck in args.checkpointing for lay in ("hydra", "lora", "trl-style")]
+    order = [x for x in first if x in order] + [x for x in order if x not in first]
     for shape in shapes:
-        by = result["ledger"].setdefault(shape, {})
-        for ck in args.checkpointing:
-            for layout in args.layouts:
-                if time.perf_counter() > deadline:
-                    result["skipped"].append(f"{shape} {layout} ckpt {ck}: time budget spent")
-                    continue
-                t = time.perf_counter()
-                try:
-                    by[f"{layout}/{ck}"] = fit_row(dict(model=shape, layout=layout, ckpt=ck == "on", **{
-                        k: s[k] for k in ("dtype", "lora_r", "prompt_len", "response_len")}), s["batches"])
-                except Exception as e:                        # noqa: BLE001
-                    result["skipped"].append(f"{shape} {layout} ckpt {ck}: {type(e).__name__}: {e}")
-                    traceback.print_exc()
-                    continue
-                r = by[f"{layout}/{ck}"]
-                if args.depth_check and "depth_check" not in result and layout == "hydra":
-                    spec = dict(model=shape, layout=layout, ckpt=ck == "on",
-                                **{k: s[k] for k in ("dtype", "lora_r", "prompt_len", "response_len")})
-                    result["depth_check"] = {"shape": shape, "layout": layout, "ckpt": ck,
-                                             **check_depth(spec, r, s["batches"][0])}
-                print(f"{shape} {layout:<9} ckpt {ck:<3}: fixed {_gb(r['fixed_bytes'])} GB, per sample "
-                      f"{_gb(r['per_sample_bytes'])} GB, max batch 80 GB {r['max_batch_80gb']} "
-                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+        result["ledger"][shape] = {}
+    for shape, ck, layout in order:
+        by = result["ledger"][shape]
+        if time.perf_counter() > deadline:
+            result["skipped"].append(f"{shape} {layout} ckpt {ck}: time budget spent")
+            continue
+        t = time.perf_counter()
+        spec = dict(model=shape, layout=layout, ckpt=ck == "on",
+                    **{k: s[k] for k in ("dtype", "lora_r", "prompt_len", "response_len")})
+        try:
+            by[f"{layout}/{ck}"] = r = fit_row(spec, s["batches"], verify_gb=80 if shape == shapes[0] else None)
+        except Exception as e:                                # noqa: BLE001
+            result["skipped"].append(f"{shape} {layout} ckpt {ck}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            continue
+        print(f"{shape} {layout:<9} ckpt {ck:<3}: fixed {_gb(r['fixed_bytes'])} GB, per sample "
+              f"{_gb(r['per_sample_bytes'])} GB, max batch 80 GB {r['max_batch_80gb']} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        if args.depth_check and "depth_check" not in result and layout == "hydra":
+            result["depth_check"] = {"shape": shape, "layout": layout, "ckpt": ck,
+                                     **check_depth(spec, r, s["batches"][0])}
+        write_outputs(dict(result, targets=targets(result)), args.out)   # what is measured so far survives a kill
     result["targets"] = targets(result)
     result["meta"]["wall_s"] = time.perf_counter() - t0
     j, m = write_outputs(result, args.out)

@@ -100,10 +100,12 @@ def test_depth_extrapolation_matches_a_full_depth_run(bench, monkeypatch):
 
 
 def test_max_batch_and_targets(bench):
-    row = {"rollout_fixed_bytes": 20e9, "rollout_per_sample_bytes": 1e9, "score_fixed_bytes": 20e9,
-           "score_per_sample_bytes": 0.5e9, "update_fixed_bytes": 21e9, "update_per_sample_bytes": 6e9}
+    # update: the optimizer-step moment (30 GB + 0.1 GB a sample) vs the backward (21 GB + 6 GB a sample)
+    row = {"rollout_lines": [[20e9, 1e9], [20e9, 1e9]], "score_lines": [[20e9, 0.5e9], [20e9, 0.5e9]],
+           "update_lines": [[30e9, 0.1e9], [21e9, 6e9]]}
     assert bench.max_batch(row, 80e9) == 9                      # (80 - 21) / 6
-    assert bench.max_batch(dict(row, update_fixed_bytes=81e9), 80e9) == 0
+    assert bench.max_batch(row, 30.5e9) == 1                    # the flat moment decides at small batches
+    assert bench.max_batch(dict(row, update_lines=[[81e9, 0.0]]), 80e9) == 0
 
     def r(mb, upd):
         return {"max_batch_80gb": mb, "update_per_sample_bytes": upd}
@@ -123,3 +125,19 @@ def test_report_renders(bench, tiny_rows):
     res["targets"] = bench.targets(res)
     md = bench.markdown(res)
     assert "| tiny | Hydra-PPO |" in md and "TRL-style (peft)" in md and "## Targets" in md
+
+
+def test_readme_block_is_rewritten_in_place(bench, tiny_rows, tmp_path):
+    res = {"meta": {"date": "2026-01-01T00:00:00+00:00"}, "settings": dict(bench.QUICK),
+           "ledger": {"tiny": {f"{k}/on": v for k, v in tiny_rows.items()}}}
+    js = tmp_path / "r.json"
+    js.write_text(__import__("json").dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_START}\nold table\n{bench.README_END}\nafter\n")
+    bench.update_readme(str(js), readme)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
+    assert "| tiny | Hydra-PPO |" in text and text.count(bench.README_START) == 1
+    readme.write_text("no block\n")
+    with pytest.raises(ValueError, match="readme"):
+        bench.update_readme(str(js), readme)
