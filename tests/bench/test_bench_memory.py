@@ -77,7 +77,9 @@ def test_attention_is_modelled_as_flash(bench):
 @pytest.fixture(scope="module")
 def tiny_rows(bench):
     spec = dict(model="tiny", ckpt=False, dtype="float32", lora_r=8, prompt_len=8, response_len=4)
-    return {lay: bench.fit_row(dict(spec, layout=lay)) for lay in ("hydra", "lora", "trl-style")}
+    # tiny has 2 layers: depths (1, 2) end at its own depth; small batches keep the sampling loop short
+    return {lay: bench.fit_row(dict(spec, layout=lay), batches=(1, 2, 3, 4), depths=(1, 2))
+            for lay in ("hydra", "lora", "trl-style")}
 
 
 def test_one_base_holds_less_than_four_or_three(bench, tiny_rows):
@@ -93,7 +95,7 @@ def test_one_base_holds_less_than_four_or_three(bench, tiny_rows):
 def test_depth_extrapolation_matches_a_full_depth_run(bench, monkeypatch):
     monkeypatch.setitem(bench.bpv.MODELS, "tiny-4", dict(bench.bpv.MODELS["tiny"], num_hidden_layers=4))
     spec = dict(model="tiny-4", layout="hydra", ckpt=True, dtype="float32", lora_r=8, prompt_len=8, response_len=4)
-    row = bench.fit_row(spec, depths=(2, 3))
+    row = bench.fit_row(spec, batches=(1, 2, 3, 4), depths=(2, 3))
     chk = bench.check_depth(spec, row, batch=1)
     for ph in bench.PHASES:
         assert chk[f"{ph}_extrapolated_over_full"] == pytest.approx(1.0, rel=1e-6), ph
