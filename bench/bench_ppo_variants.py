@@ -85,6 +85,14 @@ MODELS = {
                      num_attention_heads=32, num_key_value_heads=4),
     "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32),
+    # Llama-2-13B's and Llama-2-70B's shapes (bench_memory.py's ledger: meta tensors only); llama-mid: a CPU-sized
+    # model (~60 M parameters, ~0.25 GB in fp32) for bench_memory.py's real runs.
+    "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40, num_key_value_heads=40),
+    "llama-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8),
+    "llama-mid": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8),
 }
 # Defaults. GPU: the numbers the GPU stage (bench/run_gpu.sh ppo) reports. QUICK: a CPU smoke run (--quick, or
 # any run without a GPU).
@@ -125,10 +133,11 @@ def make_prompts(n: int, prompt_len: int, vocab_size: int, seed: int = SEED) -> 
     return [" ".join(map(str, row)) for row in ids.tolist()]
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype, max_positions: int):
-    """A LlamaForCausalLM of preset `name` with random weights, created directly on `device` in `dtype`."""
+def build_model(name: str, device: torch.device, dtype: torch.dtype, max_positions: int, layers: int | None = None):
+    """A LlamaForCausalLM of preset `name` with random weights, created directly on `device` in `dtype`
+    (layers: that many decoder layers instead of the preset's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    shape = MODELS[name]
+    shape = dict(MODELS[name], **({} if layers is None else {"num_hidden_layers": layers}))
     cfg = LlamaConfig(**shape, max_position_embeddings=max(2048, max_positions), tie_word_embeddings=False,
                       pad_token_id=BenchTokenizer.pad_token_id, bos_token_id=BenchTokenizer.bos_token_id,
                       eos_token_id=None, rms_norm_eps=1e-5, attention_dropout=0.0)   # EOS: see BenchTokenizer
