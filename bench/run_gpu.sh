@@ -26,7 +26,7 @@
 #      linear_logprobs (LM head fused, 2 streams, 3584x152064, 4096 tokens, vs eager fp32, torch.compile, Liger if
 #      its wheel is carried, chunked), ppo (one PPO step, Hydra-PPO vs LoRA-PPO at llama-1b: peak memory and
 #      time), grpo (Hydra-GRPO vs a separate reference forward: bench/bench_grpo.py, skipped until it exists),
-#      memory (issue 16's ledger against the GPU: bench/bench_memory.py, skipped until it exists);
+#      memory (issue 16's ledger against the GPU: bench/bench_memory.py);
 #   3. what time is left: sweep_lora, sweep_logprobs, tune_cuda_lora.
 # Triton compilation and autotuning happen inside the steps that need them, so their time is counted there; the
 # compiled kernels (~/.triton/cache) and autotuning results (TRITON_CACHE_AUTOTUNING=1) are reused by later
