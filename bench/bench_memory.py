@@ -531,6 +531,19 @@ def _gb(b):
     return "-" if b is None else f"{b / GB:.2f}"
 
 
+FALLING = ("n/a: the fitted peak falls with the batch between the two largest batches (the optimizer step's "
+           "fixed peak dominates there), so no per-sample cost is measured")
+
+
+def _per_sample(b):
+    """Bytes per sample in GB; a negative slope is a fit artifact, shown as n/a* (footnote FALLING)."""
+    return "n/a*" if b is not None and b < 0 else _gb(b)
+
+
+def _footnote(lines: list[str]) -> list[str]:
+    return lines + ["", "\\* " + FALLING] if any("n/a*" in line for line in lines) else lines
+
+
 def table_rows(result: dict) -> list[dict]:
     rows = []
     for shape, by in result["ledger"].items():
@@ -551,9 +564,9 @@ def headline_table(result: dict) -> list[str]:
         def pair(k, fmt=_gb):
             return f"{fmt(off.get(k)) if off else '-'} / {fmt(on.get(k)) if on else '-'}"
         lines.append(f"| {r['shape']} | {NAMES[r['layout']]} | {_gb((off or on).get('fixed_bytes'))} | "
-                     f"{pair('per_sample_bytes')} | {pair('update_per_sample_bytes')} | "
+                     f"{pair('per_sample_bytes', _per_sample)} | {pair('update_per_sample_bytes', _per_sample)} | "
                      f"{pair('max_batch_80gb', str)} | {pair('max_batch_141gb', str)} |")
-    return lines
+    return _footnote(lines)
 
 
 def targets(result: dict) -> list[dict]:
@@ -630,7 +643,7 @@ def markdown(result: dict) -> str:
     for shape, by in result["ledger"].items():
         for key, r in by.items():
             layout, ck = key.split("/")
-            cells = [f"{_gb(r[f'{ph}_fixed_bytes'])} + {_gb(r[f'{ph}_per_sample_bytes'])}" for ph in PHASES]
+            cells = [f"{_gb(r[f'{ph}_fixed_bytes'])} + {_per_sample(r[f'{ph}_per_sample_bytes'])}" for ph in PHASES]
             lines.append(f"| {shape} | {NAMES[layout]} | {ck} | {_gb(r['weights_bytes'])} | "
                          f"{_gb(r['optimizer_state_bytes'])} | " + " | ".join(cells) + " |")
     ver = [(shape, key, r["verify"]) for shape, by in result["ledger"].items() for key, r in by.items()
@@ -697,9 +710,9 @@ def readme_block(result: dict, source: str) -> list[str]:
             return f"{fmt(off[k]) if off else '-'} / {fmt(on[k]) if on else '-'}"
         lines.append(f"| {_label(r['shape'])} | "
                      f"{NAMES[r['layout']]} | {_gb((off or on)['fixed_bytes'])} | "
-                     f"{pair('update_per_sample_bytes', _gb)} | {pair('max_batch_80gb', str)} | "
+                     f"{pair('update_per_sample_bytes', _per_sample)} | {pair('max_batch_80gb', str)} | "
                      f"{pair('max_batch_141gb', str)} |")
-    return lines
+    return _footnote(lines)
 
 
 def _label(shape: str) -> str:
