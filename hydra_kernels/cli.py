@@ -23,6 +23,7 @@ Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,7 +60,8 @@ def _selfcheck(args) -> int:
             fn()
         ms = (time.perf_counter() - t0) / 20 * 1e3
         ok &= err < 1e-5
-        print(f"{name:16s} {what}: rel err {err:.2e}, {ms:.3f} ms (cpu, torch backend){'' if err < 1e-5 else '  FAIL'}")
+        print(f"{name:16s} {what}: rel err {err:.2e}, {ms:.3f} ms (cpu, torch backend){'' if err < 1e-5 else '  FAIL'}",
+              file=args.stdout)
 
     torch.manual_seed(0)
     x, w, b = torch.randn(3 * 64, 256), torch.randn(384, 256) / 16, torch.randn(384)
@@ -105,7 +107,7 @@ def _demo(args) -> int:
         cfg = dataclasses.replace(cfg, out=args.out)
     pairs = [f"seed={args.seed}"] if args.seed is not None else []
     cfg = apply_demo_overrides(cfg, pairs + list(args.overrides))
-    run_demo(cfg, progress=not args.no_progress)
+    run_demo(cfg, progress=not args.no_progress, stream=args.stdout)
     return 0
 
 
@@ -137,7 +139,7 @@ def _sft(args) -> int:
     result = rlhf.hydra_sft(model, tok, demos, pairs, cfg)
     from hydra_kernels.rlhf.distributed import is_main
     if is_main():
-        print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2))
+        print(json.dumps({"output_dir": str(result.output_dir), **result.metrics}, indent=2), file=args.stdout)
     return 0
 
 
@@ -243,7 +245,7 @@ def _ppo(args) -> int:
     if args.samples:
         info["samples"] = _once(result.models, _samples, result.models, tok, prompts[:args.samples], cfg)
     if is_main():
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2), file=args.stdout)
     return 0
 
 
@@ -319,7 +321,7 @@ def _grpo(args) -> int:
     last = result.history[-1] if result.history else {}
     info.update({k: last.get(k) for k in ("reward", "reward_std", "kl", "completions/mean_length")})
     if is_main():
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2), file=args.stdout)
     return 0
 
 
@@ -516,8 +518,13 @@ def main(argv: list[str] | None = None) -> int:
             hf_bars.disable_progress_bar()
         else:
             hf_bars = None
+    # stdout carries the command's result (JSON, the demo's table) and nothing else: whatever the libraries print
+    # there while it runs (deepspeed's logger, imported by transformers' save_pretrained when installed) goes to
+    # stderr.
+    args.stdout = sys.stdout
     try:
-        return int(args.func(args) or 0)
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args.func(args) or 0)
     except ValueError as e:
         from hydra_kernels.rlhf.rewards import raised_by_reward_fn
         if raised_by_reward_fn(e):

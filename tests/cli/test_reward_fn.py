@@ -104,3 +104,16 @@ def test_merge_to_with_the_lora_variant_writes_the_merged_actor(local, tmp_path)
     assert json.loads(proc.stdout)["merged_policy"] == str(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
     assert not any("lora" in k for k in model.state_dict())
+
+
+def test_stdout_holds_only_the_result(local, tmp_path):
+    """What runs inside the command (a chatty reward function here; deepspeed's logger when it is installed)
+    prints to stderr: stdout is the result's JSON alone."""
+    (tmp_path / "chatty.py").write_text("def reward(prompts, completions, ended):\n"
+                                        "    print('[WARNING] scoring', len(prompts), 'rows')\n"
+                                        "    return [0.5] * len(prompts)\n")
+    _, paths = local
+    proc = _ppo(paths, tmp_path / "ppo", "--reward-fn", f"{tmp_path / 'chatty.py'}:reward")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["steps"] == 1
+    assert "[WARNING] scoring" in proc.stderr
