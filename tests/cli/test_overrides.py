@@ -1,5 +1,7 @@
 """key=value overrides of string settings (paths, names) keep the text as typed: as YAML, `runs/exp #2` would be
 runs/exp ('#' starts a comment), 007 would be 7, yes True and 0x10 16; `demo --out` likewise."""
+import sys
+
 import pytest
 
 from hydra_kernels import rlhf
@@ -42,9 +44,10 @@ def test_demo_out_keeps_the_text():
     from hydra_kernels.rlhf.demo import run as demo_run
     captured = {}
     real = demo_run.run_demo
-    demo_run.run_demo = lambda cfg, progress=True: captured.setdefault("cfg", cfg)
+    demo_run.run_demo = lambda cfg, progress=True, stream=None: captured.setdefault("cfg", cfg)
     try:
         args = build_parser().parse_args(["demo", "--quick", "--out", "runs/demo #2", "--seed", "3"])
+        args.stdout = sys.stdout                     # what main() sets: the stream the result goes to
         args.func(args)
     finally:
         demo_run.run_demo = real

@@ -38,6 +38,26 @@ def same_files(a: Path, b: Path, skip_keys=()):
             assert x == y, (name, x, y)
 
 
+def write_every_kind(hydra, out: Path) -> None:
+    hydra.save_pretrained(out / "hydra")
+    hydra.merge("actor", out / "merged")
+    hydra.merge(None, out / "base")                  # makes out/base the model's base directory on every rank
+    hydra.export_peft("critic", out / "peft")
+
+
+def save_like_one_process(ref, distributed_model, want: Path, got: Path, rank: int) -> None:
+    """`ref` (whole, written by rank 0) and `distributed_model` (written collectively by every rank) save,
+    merge and export the same files."""
+    if rank == 0:
+        write_every_kind(ref, want)
+    write_every_kind(distributed_model, got)
+    dist.barrier()
+    if rank == 0:
+        for what in ("hydra", "merged", "base"):
+            same_files(want / what, got / what)
+        same_files(want / "peft", got / "peft", skip_keys=("base_model_name_or_path",))
+
+
 def tied_hydra():
     torch.manual_seed(3)
     hydra = HydraModel.from_pretrained_base(make_model("qwen2"), adapters=("actor", "critic"), r=4, alpha=8)
@@ -52,20 +72,7 @@ def main():
     for tag, make in (("llama", build), ("qwen2-tied", tied_hydra)):
         ref, sharded = make(), shard(make())
         want, got = root / tag / "ref", root / tag / "sharded"
-        if rank == 0:
-            ref.save_pretrained(want / "hydra")
-            ref.merge("actor", want / "merged")
-            ref.merge(None, want / "base")
-            ref.export_peft("critic", want / "peft")
-        sharded.save_pretrained(got / "hydra")
-        sharded.merge("actor", got / "merged")
-        sharded.merge(None, got / "base")                # makes got/base the model's base directory on every rank
-        sharded.export_peft("critic", got / "peft")
-        dist.barrier()
-        if rank == 0:
-            for what in ("hydra", "merged", "base"):
-                same_files(want / what, got / what)
-            same_files(want / "peft", got / "peft", skip_keys=("base_model_name_or_path",))
+        save_like_one_process(ref, sharded, want, got, rank)
         # Loading into a sharded model: each rank copies its part (save_pretrained's and export_peft's files).
         loaded = shard(make())
         loaded.load_adapters(got / "hydra")
