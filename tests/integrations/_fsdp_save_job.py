@@ -58,6 +58,22 @@ def save_like_one_process(ref, distributed_model, want: Path, got: Path, rank: i
         same_files(want / "peft", got / "peft", skip_keys=("base_model_name_or_path",))
 
 
+def merge_into_foreign_dir_fails_everywhere(hydra, foreign: Path, rank: int) -> None:
+    """A merge into the user's own directory fails on rank 0 (it writes) and raises on every rank; the
+    directory is left as it was."""
+    if rank == 0:
+        foreign.mkdir()
+        (foreign / "notes.txt").write_text("mine")
+    dist.barrier()
+    try:
+        hydra.merge("actor", foreign)
+    except ValueError as e:
+        assert "out_dir" in str(e), e
+    else:
+        raise AssertionError("merge into a foreign directory did not raise")
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
 def tied_hydra():
     torch.manual_seed(3)
     hydra = HydraModel.from_pretrained_base(make_model("qwen2"), adapters=("actor", "critic"), r=4, alpha=8)
@@ -95,18 +111,7 @@ def main():
                     load_full_(p, torch.zeros_like(state[n]) + 0.5)
         assert all(bool((t == 0.5).all()) for t in full_state_dict(
             {n: p for n, p in sharded.named_parameters() if p.requires_grad}).values())
-    foreign = root / "users-own"
-    if rank == 0:
-        foreign.mkdir()
-        (foreign / "notes.txt").write_text("mine")
-    dist.barrier()
-    try:
-        sharded.merge("actor", foreign)
-    except ValueError as e:
-        assert "out_dir" in str(e), e
-    else:
-        raise AssertionError("merge into a foreign directory did not raise")
-    assert (foreign / "notes.txt").read_text() == "mine"
+    merge_into_foreign_dir_fails_everywhere(sharded, root / "users-own", rank)
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank}: save_pretrained, merge and export_peft under FSDP2 equal one process; SAVE OK", flush=True)

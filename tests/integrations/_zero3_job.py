@@ -28,7 +28,8 @@ from hydra_kernels.integrations.fsdp import full_state_dict, full_tensor, is_zer
 from hydra_kernels.rlhf.models import PolicyHandle
 from hydra_kernels.rlhf.rollout import generate
 from tests.integrations._fsdp_job import B, batch, build, loss_of
-from tests.integrations._fsdp_save_job import save_like_one_process, tied_hydra
+from tests.integrations._fsdp_save_job import (merge_into_foreign_dir_fails_everywhere, save_like_one_process,
+                                               tied_hydra)
 
 TOL = 2e-5                                               # max |Δ| / max |ref|, fp32 (reduction order differs)
 LR, STEPS = 0.1, 3
@@ -55,18 +56,7 @@ def check_saving(root: Path, rank: int):
         engine_of(zero)
         got = root / tag / "zero3"
         save_like_one_process(ref, zero, root / tag / "ref", got, rank)
-    foreign = root / "users-own"
-    if rank == 0:
-        foreign.mkdir()
-        (foreign / "notes.txt").write_text("mine")
-    dist.barrier()
-    try:
-        zero.merge("actor", foreign)
-    except ValueError as e:
-        assert "out_dir" in str(e), e
-    else:
-        raise AssertionError("merge into a foreign directory did not raise")
-    assert (foreign / "notes.txt").read_text() == "mine"
+    merge_into_foreign_dir_fails_everywhere(zero, root / "users-own", rank)
     try:                                                 # loading goes before deepspeed.initialize
         zero.load_adapters(got / "hydra")
     except ValueError as e:
