@@ -6,7 +6,10 @@ of each layout, built from a transformers LlamaConfig on the meta device (no wei
   hydra, j-hydra, lora, full   the library's variants (hydra_kernels.rlhf.variants)
   trl-style                    TRL's PPO with peft: a LoRA policy whose reference is the same copy with the
                                adapter off, a separate LoRA value model and a separate frozen reward model
-                               (3 copies; log-probs from materialised fp32 logits, old log-probs recomputed)
+                               (3 copies; log-probs from materialised fp32 logits, old log-probs recomputed,
+                               one backward of policy + value loss)
+The library's variants run with their defaults: hydra, lora and full backpropagate the actor's and the critic's
+losses one after the other (separate_backward).
 One PPO step = rollout (sampling response_len tokens with the KV cache), score (no grad: old and reference
 log-probs, KL, values, reward) and update (one minibatch of the whole batch: forward + backward + clipping +
 AdamW step). The optimizer state exists before the step (one warm-up AdamW step on zero gradients), so the
@@ -18,8 +21,10 @@ temporaries, and counts the bytes of every meta storage from its creation until 
   - attention as flash attention (O(T) memory: the output and the fp32 log-sum-exp are saved for backward,
     no [T, T] scores); meta tensors have no real kernel, so a registered transformers attention function
     produces exactly those tensors;
-  - the library's torch backend of every op (the one CPU and meta tensors run; the Triton kernels on a GPU
-    allocate no more than it does), the for-loop AdamW step (on CUDA the fused step: no temporaries either);
+  - the library's torch backend of every op (the one CPU and meta tensors run), temporaries included: the
+    library's custom ops run their torch kernels under the ledger (torch.library.get_kernel), not their fake
+    kernels; the Triton kernels on a GPU allocate no more than it does; the for-loop AdamW step (on CUDA the
+    fused step: no temporaries either);
   - no allocator effects (caching, fragmentation), no CUDA context, no CPU-side tensors.
 Data-dependent Python (.item(), bool(), .tolist()) reads fixed values: no row ends before response_len
 tokens, every finite-check passes.
@@ -29,7 +34,7 @@ peak(b) = fixed + b * per_sample; the largest batch that fits a budget is the la
 fitted peak <= budget (80 GB and 141 GB: 80e9 and 141e9 bytes).
 
 Validation: a real CPU run (mid-size Llama, fp32, a fresh forked process per row) measures the step's peak
-resident set above the process's baseline; the ledger predicts the same shapes; the ratio is reported. The same
+resident set above the process's baseline, less the file-backed pages (RssFile: library code paged in); the ledger predicts the same shapes; the ratio is reported. The same
 real runs time Hydra-PPO (old_logprobs=rollout) against the TRL-style layout, interleaved, 1 thread. On a GPU,
 --gpu-check runs one real step of a small shape and compares torch.cuda.max_memory_allocated with the ledger.
 
@@ -127,14 +132,22 @@ class Ledger(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            if args[0].dtype == torch.bool:
+        if func in _SCALAR_READS and args[0].device.type == "meta":
+            if args[0].dtype == torch.bool or func is torch.ops.aten.is_nonzero.default:
                 return False if getattr(args[0], "ledger_from_any", False) else bool(self.bool_value())
             return 1.0 if args[0].is_floating_point() else 1
         if (func is torch.ops.aten._to_copy.default and args[0].device.type == "meta"
                 and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"):
             return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
-        out = func(*args, **kwargs)
+        if func.namespace == "hydra_kernels" and OP_WORKSPACE:
+            # The library's own ops run their torch backend here, under the ledger, so the temporaries inside
+            # them (the chunked logits of linear_logprobs, rounded adapters) count; their fake kernels only
+            # allocate outputs.
+            with self:
+                out = torch.library.get_kernel(func, "CPU").call_boxed(
+                    torch.DispatchKeySet(torch.DispatchKey.CPU), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if func.overloadpacket is torch.ops.aten.any:
             out.ledger_from_any = True
         if isinstance(out, torch.Tensor):
@@ -156,6 +169,12 @@ class Ledger(TorchDispatchMode):
         out = {"peak_mib": self._peak / bpv.MIB, "peak_bytes": self._peak}
         self.reset()
         return out
+
+
+# bool(t) reaches a mode as is_nonzero inside the ops' kernels (re-entered below), as .item() elsewhere.
+_SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+# torch.library.get_kernel (torch >= 2.9) reaches the ops' torch backend; without it they count outputs only.
+OP_WORKSPACE = hasattr(torch.library, "get_kernel")
 
 
 # ------------------------------------------------------------------------------ attention as flash attention
@@ -213,8 +232,10 @@ def _trl_style_class():
     class TRLStylePPO(LoRAPPO):
         """TRL's PPOTrainer with a peft policy: the reference is the policy copy with its adapter off, the value
         model its own copy with a LoRA adapter, the reward model a frozen copy: 3 copies of the base. Scoring and
-        the update run LoRAPPO's code (separate forwards, materialised fp32 logits)."""
+        the update run LoRAPPO's code (separate forwards, materialised fp32 logits), the update one backward of
+        the summed loss (TRL's PolicyAndValueWrapper)."""
         variant = "trl-style"
+        separate_roles = False
 
         @classmethod
         def build(cls, model, reward_head, cfg):
@@ -408,7 +429,8 @@ def real_row(spec: dict) -> dict:
     torch.set_num_threads(1)
     trimmed = return_freed_memory() if spec.get("trim") else False
     probe = bpv.MemProbe(torch.device("cpu"))
-    base = probe.now_mib()
+    # Tensors, not code: the file-backed pages (libraries paged in as ops first run) are left out of every number.
+    base = probe.now_mib() - (probe.file_mib() or 0.0)
     P, R, B = spec["prompt_len"], spec["response_len"], spec["batch"]
     vocab = bpv.MODELS[spec["model"]]["vocab_size"]
     cfg = _config(spec)
@@ -420,13 +442,16 @@ def real_row(spec: dict) -> dict:
     trainer = bpv._trainer_class()(models, bpv.BenchTokenizer(vocab), bpv.make_prompts(B * spec["steps"], P, vocab),
                                    cfg, probe=probe)
     _warm_optimizer(trainer)
-    out = {"baseline_mib": base, "memory_source": probe.source, "trimmed": trimmed, "steps": []}
+    out = {"baseline_mib": base, "memory_source": probe.source + " less RssFile", "trimmed": trimmed, "steps": []}
     for s in range(spec["steps"]):
-        start = probe.now_mib()
+        start = probe.now_mib() - (probe.file_mib() or 0.0)
         m = trainer.step(s)
         rec = {"start_mib": start - base, **{f"time_{ph}_s": m[f"time/{ph}"] for ph in PHASES}}
         for ph in PHASES:
-            rec[f"peak_{ph}_mib"] = trainer.marks[ph]["peak_mib"] - base
+            mk = trainer.marks[ph]
+            # RssFile only grows during a phase, so at the mark it bounds the file pages at the peak from above.
+            rec[f"peak_{ph}_mib"] = mk["peak_mib"] - (mk.get("rss_file_mib") or 0.0) - base
+            rec[f"rss_file_{ph}_mib"] = mk.get("rss_file_mib")
         rec["peak_step_mib"] = max(rec[f"peak_{ph}_mib"] for ph in PHASES)
         rec["time_step_s"] = sum(rec[f"time_{ph}_s"] for ph in PHASES)
         out["steps"].append(rec)
@@ -664,12 +689,12 @@ def markdown(result: dict) -> str:
         lines += ["", "## Real CPU run (validation and time)", "",
                   f"{cs['model']} ({bpv.MODELS[cs['model']]}), {cs['dtype']}, batch {cs['batch']} x ({cs['prompt_len']} + "
                   f"{cs['response_len']}) tokens, LoRA r {cs['lora_r']}, 1 thread, each row a forked process, rows "
-                  f"interleaved; last of {cs['steps']} steps, median over repeats; peak: VmHWM per phase above the "
-                  "process's resident set before the model was built, from one run per layout with glibc's mmap "
+                  f"interleaved; last of {cs['steps']} steps, median over repeats; peak: VmHWM per phase less RssFile (code "
+                  "pages, not tensors) above the same before the model was built, from one run per layout with glibc's mmap "
                   "threshold fixed at 64 KiB (freed tensors leave the resident set; with glibc's defaults the "
                   "heap keeps an earlier step's high-water mark: the 'default malloc' column, from the timing "
-                  "runs). Hydra-PPO with old_logprobs=rollout; TRL-style recomputes the old log-probs (as TRL "
-                  "does).", "",
+                  "runs). Hydra-PPO with old_logprobs=rollout; TRL-style recomputes the old log-probs and "
+                  "runs one backward of policy + value loss (as TRL does).", "",
                   "| layout | timing runs | step s | peak MiB (real) | peak MiB (ledger) | ledger / real | "
                   "peak MiB (default malloc) |", "|---|---|---|---|---|---|---|"]
         for k, row in cpu["rows"].items():

@@ -208,12 +208,18 @@ class MemProbe:
             out = {"peak_mib": torch.cuda.max_memory_allocated(self.device) / MIB,
                    "peak_reserved_mib": torch.cuda.max_memory_reserved(self.device) / MIB}
         elif self.source == "cpu_vmhwm_per_phase":
-            out = {"peak_mib": self._status_mib("VmHWM")}
+            out = {"peak_mib": self._status_mib("VmHWM"), "rss_file_mib": self.file_mib()}
         else:
             import resource
-            out = {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            out = {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "rss_file_mib": self.file_mib()}
         self.reset()
         return out
+
+    def file_mib(self) -> float | None:
+        """cpu: the file-backed part of the resident set (RssFile: library code paged in as ops first run, not
+        tensors); None on a GPU."""
+        return None if self.cuda else self._status_mib("RssFile")
 
 
 def _trainer_class():

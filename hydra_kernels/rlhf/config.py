@@ -318,6 +318,9 @@ class PPOConfig(_Stage):
     old_logprobs: Literal["recompute", "rollout"] = setting(
         "recompute", "the update's old log-probs (and entropy): recompute: scored after the rollout; rollout: "
                      "recorded while sampling (as TRL), so scoring skips the actor (j-hydra: its values too)")
+    separate_backward: bool = setting(True, "one backward per role where actor and critic run apart (hydra, lora, "
+                                            "full): one role's activations alive at a time, the same gradients; "
+                                            "false: one backward of the summed loss (TRL's)")
     adaptive_kl: bool = setting(False, "Ziegler et al.'s proportional controller for β")
     kl_target: float = setting(6.0, "nats per sequence the adaptive controller aims for", gt=0)
     kl_horizon: int = setting(10000, "samples over which the controller moves β by up to 20%", ge=1)

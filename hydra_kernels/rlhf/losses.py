@@ -50,17 +50,27 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
              cliprange: float, cliprange_value: float, vf_coef: float, entropy_coef: float = 0.0):
     """policy loss + vf_coef·value loss − entropy_coef·entropy; returns (loss, stats of detached tensors).
 
+    logprobs None leaves out the policy's terms (and the entropy), values None the value loss: PPO's step then
+    sums the two parts' backwards (models.separate_roles).
+
     The stats are one minibatch's, under the names TRL's PPOTrainer logs their minibatch means with
     (loss/policy_avg, loss/value_avg, policy/approxkl_avg, policy/clipfrac_avg, val/clipfrac_avg, val/ratio,
     policy/entropy_avg when `entropy` is given), plus loss/total (TRL has none): the PPO step averages them
     over its minibatches."""
-    pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
-    vf, vf_stats = value_loss(values, old_values, returns, mask, cliprange_value)
-    loss = pg + vf_coef * vf
-    stats = {"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-             "val/ratio": pg_stats["ratio"], "loss/policy_avg": pg.detach(), "loss/value_avg": vf.detach(),
-             "val/clipfrac_avg": vf_stats["clipfrac"]}
-    if entropy is not None:
+    if logprobs is None and values is None:
+        raise ValueError("logprobs: both logprobs and values are None; nothing to train")
+    terms, stats = [], {}
+    if logprobs is not None:
+        pg, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+        terms.append(pg)
+        stats.update({"policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                      "val/ratio": pg_stats["ratio"], "loss/policy_avg": pg.detach()})
+    if values is not None:
+        vf, vf_stats = value_loss(values, old_values, returns, mask, cliprange_value)
+        terms.append(vf_coef * vf)
+        stats.update({"loss/value_avg": vf.detach(), "val/clipfrac_avg": vf_stats["clipfrac"]})
+    loss = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+    if logprobs is not None and entropy is not None:
         ent = entropy_bonus(entropy, mask)
         if entropy_coef:
             loss = loss - entropy_coef * ent

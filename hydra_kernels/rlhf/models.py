@@ -67,6 +67,10 @@ class PPOModels:
     """
     variant: str = ""
     hydra: HydraModel | None = None
+    # The actor's and the critic's losses reach disjoint parameters through separate forwards (hydra: two streams,
+    # lora and full: two copies); j-hydra's one adapter and one stream serve both. PPO then runs one backward per
+    # role (cfg.separate_backward): the same gradients, one role's activations alive at a time.
+    separate_roles: bool = True
 
     def __init__(self, reward_head: nn.Linear, value_head: nn.Linear | None):
         self.reward_head, self.value_head = reward_head, value_head
@@ -127,10 +131,19 @@ class PPOModels:
         actor is not run (a sampled estimator only)."""
         raise NotImplementedError
 
-    def forward(self, rollout, *, temperature: float, need_entropy: bool):
-        """The update's forward, with grad: (new log-probs [B, R], entropy [B, R] or None, values [B, R] or None
-        for a variant without a critic), fp32, 0 off the response mask."""
+    def forward(self, rollout, *, temperature: float, need_entropy: bool, roles: tuple[str, ...] = (ACTOR, CRITIC)):
+        """The update's forward, with grad, of `roles` (a non-empty subset of ("actor", "critic")): (new log-probs
+        [B, R], entropy [B, R] (need_entropy), values [B, R]), fp32, 0 off the response mask; None for what was
+        not asked for (values: also for a variant without a critic)."""
         raise NotImplementedError
+
+
+def check_roles(roles) -> tuple[bool, bool]:
+    """(actor asked for, critic asked for) of PPOModels.forward's `roles`; ValueError for anything else."""
+    roles = tuple(roles)
+    if not roles or any(r not in (ACTOR, CRITIC) for r in roles):
+        raise ValueError(f"roles: expected a non-empty subset of ('actor', 'critic'), got {roles!r}")
+    return ACTOR in roles, CRITIC in roles
 
     def export_policy(self, out_dir, tokenizer=None) -> Path:
         """Write the trained policy as a plain transformers directory (AutoModelForCausalLM loads it; the
@@ -184,6 +197,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-__all__ = ["PPOModels", "PolicyHandle", "Role", "last_logits", "load_model_and_tokenizer", "load_tokenizer",
+__all__ = ["PPOModels", "PolicyHandle", "Role", "check_roles", "last_logits", "load_model_and_tokenizer", "load_tokenizer",
            "load_causal_lm",
            "resolve_device", "BASE", "ACTOR", "CRITIC", "SHARED_VARIANTS"]

@@ -38,7 +38,7 @@ from hydra_kernels.rlhf.config import PPOConfig
 from hydra_kernels.rlhf.data import as_prompts, check_tokenizer, encode_prompt, left_pad, report_truncation
 from hydra_kernels.rlhf.logging import notice
 from hydra_kernels.rlhf.losses import ppo_loss
-from hydra_kernels.rlhf.models import PPOModels, resolve_device
+from hydra_kernels.rlhf.models import ACTOR, CRITIC, PPOModels, resolve_device
 from hydra_kernels.rlhf.optim import build_ppo_optimizer, clip_grad_norm_per_role
 from hydra_kernels.rlhf.rewards import RewardInputs, build_rewards, call_reward_fn, check_reward_head_trained
 from hydra_kernels.rlhf.rollout import Rollout, decode_responses, generate
@@ -209,25 +209,35 @@ class PPOTrainer:
         ratios: list[float] = []                 # each applied minibatch's mean ratio, for val/ratio_var
         n = 0
         lo, hi = distributed.block(cfg.mini_batch_size)      # this rank's rows of each minibatch
+        # One backward per role where the roles run apart: the same gradients, one role's activations alive.
+        parts = ((ACTOR,), (CRITIC,)) if cfg.separate_backward and models.separate_roles else ((ACTOR, CRITIC),)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=gen).to(self.device)
             for start in range(0, B, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
                 mine = idx[lo:hi]
                 sub = ro.select(mine)
-                # The entropy is always asked for: policy/entropy_avg is logged (TRL's), in the loss only with
-                # entropy_coef > 0.
-                logp, ent, values = models.forward(sub, temperature=cfg.temperature, need_entropy=True)
-                loss, st = ppo_loss(logp, scores.logprobs[mine], adv[mine], values, scores.values[mine],
-                                    returns[mine], sub.response_mask, ent, cliprange=cfg.cliprange,
-                                    cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-                                    entropy_coef=cfg.entropy_coef)
-                loss, st = _global_token_means(loss, st, sub.response_mask, mask[idx])
                 self.optimizer.zero_grad(set_to_none=True)
+                st: dict = {}
+                for roles in parts:
+                    # The entropy is always asked for: policy/entropy_avg is logged (TRL's), in the loss only with
+                    # entropy_coef > 0.
+                    logp, ent, values = models.forward(sub, temperature=cfg.temperature, need_entropy=True,
+                                                       roles=roles)
+                    loss, part = ppo_loss(logp, scores.logprobs[mine], adv[mine], values, scores.values[mine],
+                                          returns[mine], sub.response_mask, ent, cliprange=cfg.cliprange,
+                                          cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+                                          entropy_coef=cfg.entropy_coef)
+                    loss, part = _global_token_means(loss, part, sub.response_mask, mask[idx])
+                    st = {**st, **part, "loss/total": st.get("loss/total", 0.0) + part["loss/total"]}
+                    if not _finite(part["loss/total"]):
+                        break
+                    loss.backward()
+                    del loss, logp, ent, values          # this role's graph and outputs, before the next role's
                 if not _finite(st["loss/total"]):
+                    self.optimizer.zero_grad(set_to_none=True)
                     self._skip_minibatch(step, "loss")
                     continue
-                loss.backward()
                 self.engine.sync_grads()
                 if cfg.clip_grad_per_role:
                     norms = clip_grad_norm_per_role(self.roles, cfg.max_grad_norm)

@@ -27,7 +27,7 @@ from hydra_kernels.integrations.activation_checkpointing import enable_activatio
 from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
 from hydra_kernels.integrations.fsdp import any_sharded, full_state_dict, write_once
 from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, new_reward_head
-from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role
+from hydra_kernels.rlhf.models import ACTOR, BASE, CRITIC, PolicyHandle, PPOModels, Role, check_roles
 from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits_f32, response_hidden,
                                         response_targets)
 
@@ -131,14 +131,22 @@ class SharedPPO(PPOModels):
         scores = self.hydra.reward(h[0], mask)                 # reward model = LoRA off + reward head
         return Scores.masked(rollout, logp, ref_logp, kl, ent, values, scores)
 
-    def forward(self, rollout, *, temperature: float, need_entropy: bool):
-        h = self.hydra.forward_streams(rollout.input_ids, rollout.attention_mask, self.adapters, rollout.position_ids)
+    def forward(self, rollout, *, temperature: float, need_entropy: bool, roles: tuple[str, ...] = (ACTOR, CRITIC)):
+        actor, critic = check_roles(roles)
+        critic = critic and self.value_stream is not None
+        # The streams of the roles asked for, each once (j-hydra: the actor stream serves both).
+        streams = tuple(dict.fromkeys((ACTOR,) * actor + (self.value_stream,) * critic))
+        h = self.hydra.forward_streams(rollout.input_ids, rollout.attention_mask, streams, rollout.position_ids)
         hr = response_hidden(h, rollout)
-        logp, ent, _ = self.hydra.logprobs([hr[self.adapters.index(ACTOR)]], response_targets(rollout),
-                                           temperature=temperature, kl=None, ignore_index=IGNORE_INDEX)
-        values = self._values(hr, self.adapters)
         m = rollout.response_mask.float()
-        return logp[0] * m, (ent[0] * m if need_entropy else None), (None if values is None else values * m)
+        logp = ent = values = None
+        if actor:
+            lp, e, _ = self.hydra.logprobs([hr[streams.index(ACTOR)]], response_targets(rollout),
+                                           temperature=temperature, kl=None, ignore_index=IGNORE_INDEX)
+            logp, ent = lp[0] * m, (e[0] * m if need_entropy else None)
+        if critic:
+            values = self._values(hr, streams) * m
+        return logp, ent, values
 
 
 class HydraPPO(SharedPPO):
@@ -163,6 +171,7 @@ class JHydraPPO(SharedPPO):
     variant = "j-hydra"
     adapters = (ACTOR,)
     value_stream = ACTOR
+    separate_roles = False
 
     def sampled_value_head(self) -> nn.Linear:
         return self.value_head
@@ -338,18 +347,26 @@ class SeparatePPO(PPOModels):
         values = apply_head(self.value_head, response_hidden(h_cr, rollout))
         return Scores.masked(rollout, logp, ref_logp, kl, ent, values, scores)
 
-    def forward(self, rollout, *, temperature: float, need_entropy: bool):
-        targets = response_targets(rollout)
-        logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream), rollout))
-        if need_entropy:
-            # The logits serve as their own "reference" here: only log-prob and entropy are used.
-            logp, _, _, ent = ops.logprobs_and_kl(logits, logits.detach(), targets, temperature, "k1", IGNORE_INDEX)
-        else:
-            logp, ent = ops.token_logprobs(logits, targets, temperature, IGNORE_INDEX), None
-        values = apply_head(self.value_head, response_hidden(self._hidden(self.critic, rollout, self.critic_stream),
-                                                             rollout))
+    def forward(self, rollout, *, temperature: float, need_entropy: bool, roles: tuple[str, ...] = (ACTOR, CRITIC)):
+        actor, critic = check_roles(roles)
         m = rollout.response_mask.float()
-        return logp * m, (None if ent is None else ent * m), values * m
+        logp = ent = values = None
+        if actor:
+            targets = response_targets(rollout)
+            logits = logits_f32(self.actor, response_hidden(self._hidden(self.actor, rollout, self.actor_stream),
+                                                            rollout))
+            if need_entropy:
+                # The logits serve as their own "reference" here: only log-prob and entropy are used.
+                logp, _, _, ent = ops.logprobs_and_kl(logits, logits.detach(), targets, temperature, "k1",
+                                                      IGNORE_INDEX)
+                ent = ent * m
+            else:
+                logp = ops.token_logprobs(logits, targets, temperature, IGNORE_INDEX)
+            logp = logp * m
+        if critic:
+            values = apply_head(self.value_head, response_hidden(self._hidden(self.critic, rollout,
+                                                                              self.critic_stream), rollout)) * m
+        return logp, ent, values
 
 
 class LoRAPPO(SeparatePPO):

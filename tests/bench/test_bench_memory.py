@@ -1,6 +1,6 @@
 """bench/bench_memory.py: the ledger counts a known allocation sequence exactly (views and dead tensors
-included), models attention as flash attention (no [T, T] tensor), answers data-dependent reads; at tiny
-shapes Hydra-PPO's fixed bytes are below LoRA-PPO's and the TRL-style layout's; the max-batch arithmetic and
+included), models attention as flash attention (no [T, T] tensor), counts the library ops' temporaries, answers
+data-dependent reads; at tiny shapes Hydra-PPO's fixed bytes are below LoRA-PPO's and the TRL-style layout's; the max-batch arithmetic and
 the MET / MISSED decisions; the report renders."""
 import gc
 
@@ -72,6 +72,24 @@ def test_attention_is_modelled_as_flash(bench):
     assert ledger.peak()["peak_bytes"] < B * H * T * T * 4 / 4     # far below one fp32 [T, T] score matrix
     with pytest.raises(ValueError, match="query"):
         bench.flash_shape_attention(None, torch.zeros(1, 1, 2, 2), None, None, None)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "get_kernel"), reason="torch.library.get_kernel: torch >= 2.9")
+def test_library_ops_count_their_temporaries(bench):
+    from hydra_kernels import ops
+    T, V, D = 64, 1000, 32
+    ledger = bench.Ledger()
+    with ledger:
+        h = torch.empty(T, D, device="meta", requires_grad=True)
+        w = torch.empty(V, D, device="meta")
+        tg = torch.zeros(T, dtype=torch.long, device="meta")
+        ledger.reset()
+        logp, _, _ = ops.linear_logprobs(h, w, tg)
+        fwd = ledger.peak()["peak_bytes"] - ledger.live_bytes
+        logp.sum().backward()
+        bwd = ledger.peak()["peak_bytes"]
+    # The torch backend forms the [T, V] fp32 logits in chunks; a fake kernel would allocate the [T] outputs only.
+    assert fwd >= T * V * 4 and bwd >= T * V * 4, (fwd, bwd)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""What a PPO step keeps alive: the rounded 16-bit adapter copies of the no-grad phases end with them."""
+"""What a PPO step keeps alive: the rounded 16-bit adapter copies of the no-grad phases end with them; the update's
+saved activations are one role's at a time (separate_backward)."""
 import gc
 import weakref
 
@@ -7,6 +8,7 @@ import torch
 
 from hydra_kernels.nn import context
 from hydra_kernels.rlhf import build_ppo_models, new_reward_head
+from hydra_kernels.rlhf import losses as ppo_losses
 from hydra_kernels.rlhf import ppo as ppo_mod
 from hydra_kernels.rlhf.config import PPOConfig, load_config
 from tests.rlhf._tiny import CharTokenizer, tiny_model
@@ -101,7 +103,8 @@ def test_scoring_with_rollout_logprobs_runs_no_actor_stream(tmp_path, monkeypatc
     monkeypatch.setattr(hydra, "forward_streams", spy)
     trainer.step(0)
     assert seen[0] == streams                                          # scoring; then the update's forwards
-    assert len(seen) == 3 and seen[1:] == [trainer.models.adapters] * 2   # the two minibatch updates
+    per_minibatch = [("actor",), ("critic",)] if variant == "hydra" else [("actor",)]     # one backward per role
+    assert seen[1:] == per_minibatch * 2                               # the two minibatch updates
 
 
 def test_lora_scoring_with_rollout_logprobs_skips_the_actor_copy(tmp_path, monkeypatch):
@@ -121,3 +124,56 @@ def test_lora_scoring_with_rollout_logprobs_skips_the_actor_copy(tmp_path, monke
 def test_old_logprobs_from_the_rollout_refuse_the_full_kl():
     with pytest.raises(ValueError, match="old_logprobs"):
         load_config(PPOConfig, None, ["old_logprobs=rollout", "kl_estimator=full"])
+
+
+def _saved_peak_and_trained(tmp_path, variant, separate):
+    """One PPO step; the peak bytes of the tensors autograd holds for backward during it, and the trained
+    tensors after it."""
+    torch.manual_seed(0)                         # the LoRA A matrices are drawn when the model is patched
+    trainer = _trainer(tmp_path / str(separate), variant, torch.float32, [f"separate_backward={separate}"])
+    live, peak = [0], [0]
+
+    class Saved:                                 # one saved tensor; its bytes count while autograd holds it
+        def __init__(self, t):
+            self.t, self.n = t, t.untyped_storage().nbytes()
+            live[0] += self.n
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.n
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t):
+        trainer.step(0)
+    return peak[0], {k: p.detach().clone() for k, p in trainer.params.items()}
+
+
+@pytest.mark.parametrize("variant", ["hydra", "lora", "full"])
+def test_separate_backward_holds_one_role_and_trains_as_the_joint_one(tmp_path, variant):
+    sep_peak, sep = _saved_peak_and_trained(tmp_path, variant, True)
+    joint_peak, joint = _saved_peak_and_trained(tmp_path, variant, False)
+    for k in joint:
+        torch.testing.assert_close(sep[k], joint[k], rtol=0, atol=1e-6, msg=k)
+    torch.manual_seed(0)
+    init = _trainer(tmp_path / "init", variant, torch.float32).params
+    assert any(not torch.equal(joint[k], v) for k, v in init.items()), "the step trained nothing"
+    # The actor's graph (decoder + LM head) is the larger part: one role alone holds well under the joint total.
+    assert sep_peak < 0.75 * joint_peak, (sep_peak, joint_peak)
+
+
+def test_j_hydra_runs_one_backward_either_way(tmp_path):
+    peaks = [_saved_peak_and_trained(tmp_path, "j-hydra", s)[0] for s in (True, False)]
+    assert peaks[0] == peaks[1]
+
+
+def test_ppo_loss_parts_sum_to_the_joint_loss():
+    g = torch.Generator().manual_seed(0)
+    a, b, c, d, e, f = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(6))
+    mask = (torch.rand(3, 5, generator=g) > 0.3).double()
+    ent = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    kw = dict(cliprange=0.2, cliprange_value=0.3, vf_coef=0.1, entropy_coef=0.01)
+    joint, st = ppo_losses.ppo_loss(a, b, c, d, e, f, mask, ent, **kw)
+    pol, st_p = ppo_losses.ppo_loss(a, b, c, None, e, f, mask, ent, **kw)
+    val, st_v = ppo_losses.ppo_loss(None, b, c, d, e, f, mask, ent, **kw)
+    torch.testing.assert_close(pol + val, joint)
+    assert set(st_p) | set(st_v) == set(st) and set(st_p) & set(st_v) == {"loss/total"}
+    with pytest.raises(ValueError, match="logprobs"):
+        ppo_losses.ppo_loss(None, b, c, None, e, f, mask, **kw)
