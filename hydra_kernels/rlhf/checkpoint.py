@@ -164,12 +164,12 @@ class CheckpointSchedule:
 
 
 # Settings a resumed run may change: how long, where, on how many processes and how visibly it runs, and where
-# its inputs live; not what a step computes (activation checkpointing gives bitwise the same gradients; the
-# world size changes only the fp32 reduction order). Anything else would make
+# its inputs live; not what a step computes (activation checkpointing and lean activations give bitwise the same
+# gradients; the world size changes only the fp32 reduction order). Anything else would make
 # the resumed run silently differ from the one checkpointed: e.g. torch restores the optimizer's learning
 # rates from the checkpoint, so a changed lr would otherwise be ignored without a word.
 RESUMABLE_CHANGES = frozenset({
-    "steps", "epochs", "model.path", "model.tokenizer_path", "model.activation_checkpointing",
+    "steps", "epochs", "model.path", "model.tokenizer_path", "model.activation_checkpointing", "model.lean_activations",
     "data.sft_path", "data.preference_path", "data.prompt_path",
     "run.output_dir", "run.device", "run.checkpoint_every", "run.checkpoint_minutes", "run.keep_checkpoints",
     "run.resume", "run.progress", "run.metrics_file", "run.report_to", "run.threads", "model.trust_remote_code",

@@ -180,6 +180,9 @@ class ModelConfig(_Section):
     tokenizer_path: str | None = setting(None, "tokenizer directory; null = model.path")
     dtype: Literal[DTYPES] = setting("float32", "dtype of the parameters")
     activation_checkpointing: bool = setting(False, "recompute decoder-layer activations in backward (trained passes)")
+    lean_activations: bool = setting(True, "recompute RMSNorm's fp32 copies and the gated MLP's activation in "
+                                           "backward (Llama, Mistral, Qwen2/3): ~20% fewer bytes saved per token, "
+                                           "bitwise the same gradients")
     trust_remote_code: bool = setting(False, "run modelling code shipped in the model directory (transformers' "
                                              "trust_remote_code; still local files only)")
     allow_untested: bool = setting(False, "patch an architecture outside the tested list (integrations."

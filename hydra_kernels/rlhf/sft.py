@@ -35,6 +35,7 @@ from hydra_kernels.integrations.checkpoint import gathered_copy, load_safetensor
 from hydra_kernels.integrations.fsdp import gathered_call, whole
 from hydra_kernels.integrations.activation_checkpointing import (disable_activation_checkpointing,
                                                                  enable_activation_checkpointing)
+from hydra_kernels.integrations.lean_activations import disable_lean_activations, enable_lean_activations
 from hydra_kernels.integrations.hydra_model import hidden_size, lm_head_bias, lm_head_weight, new_reward_head
 from hydra_kernels.rlhf import distributed
 from hydra_kernels.rlhf.checkpoint import inputs_digest, write_dir_atomically
@@ -254,6 +255,8 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
                     target_modules=cfg.lora.target_modules, allow_untested=cfg.model.allow_untested)
     else:
         model.requires_grad_(True)
+    if cfg.model.lean_activations:
+        enable_lean_activations(model)              # bitwise the same; no_grad evaluation runs plain
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)      # training forwards recompute layers; no_grad evaluation does not
     sharded = distributed.shard([model], cfg.run)     # fsdp2; the head stays whole on every rank
@@ -453,6 +456,7 @@ def hydra_sft(model, tokenizer, demonstrations: Sequence[SFTExample], pairs: Seq
         merge_adapter_into_base(model, SFT_ADAPTER)
         unpatch_model(model)
     disable_activation_checkpointing(model)         # the returned model runs plain
+    disable_lean_activations(model)
     model.requires_grad_(False)
     head.requires_grad_(False)
     model.eval()

@@ -10,7 +10,8 @@ Each also trains a value head. The reward head is frozen; the value head starts 
 critic initialisation). CriticFree (GRPO and the other critic-free estimators) is one base with one adapter and
 no value head; its scoring forward runs only the streams a step needs. Dropout is off and every model is in
 eval() mode: old and new log-probs must come from the same function. With model.activation_checkpointing the
-trained models recompute decoder layers in backward.
+trained models recompute decoder layers in backward, with model.lean_activations (default) their norms and gated
+MLP activations.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import nn
 from hydra_kernels import ops
 from hydra_kernels.integrations import check_plain_logits, decoder_forward, disable_dropout, patch_model
 from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
+from hydra_kernels.integrations.lean_activations import enable_lean_activations
 from hydra_kernels.integrations.checkpoint import MERGE_FOREIGN, save_merged, write_dir_atomically
 from hydra_kernels.integrations.fsdp import any_sharded, full_state_dict, write_once
 from hydra_kernels.integrations.hydra_model import HydraModel, hidden_size, last_token_index, new_reward_head
@@ -35,6 +37,16 @@ from hydra_kernels.rlhf.scoring import (IGNORE_INDEX, Scores, apply_head, logits
 def _prepare(model: nn.Module) -> nn.Module:
     disable_dropout(model)
     return model.eval()
+
+
+def _trained_forwards(cfg, *models: nn.Module) -> None:
+    """What the models that run with grad recompute in backward: model.activation_checkpointing (whole decoder
+    layers) and model.lean_activations (norms and the gated MLP's activation)."""
+    for m in models:
+        if cfg.model.lean_activations:
+            enable_lean_activations(m)
+        if cfg.model.activation_checkpointing:
+            enable_activation_checkpointing(m)
 
 
 def _writable(tokenizer):
@@ -83,8 +95,7 @@ class SharedPPO(PPOModels):
             hydra.reward_head.bias.copy_(reward_head.bias)
         hydra.init_value_head_from_reward()
         hydra.reward_head.requires_grad_(False)
-        if cfg.model.activation_checkpointing:
-            enable_activation_checkpointing(model)
+        _trained_forwards(cfg, model)
         return cls(hydra)
 
     def policies(self) -> dict[str, PolicyHandle]:
@@ -285,9 +296,7 @@ class SeparatePPO(PPOModels):
         actor = _prepare(copy.deepcopy(model))
         critic = _prepare(copy.deepcopy(model))
         cls.make_trainable(actor, critic, cfg)
-        if cfg.model.activation_checkpointing:
-            enable_activation_checkpointing(actor)     # the frozen reference and reward model never run with grad
-            enable_activation_checkpointing(critic)
+        _trained_forwards(cfg, actor, critic)           # the frozen reference and reward model never run with grad
         return cls(reward_head, value_head, reference, reward_model, actor, critic)
 
     def policies(self) -> dict[str, PolicyHandle]:
