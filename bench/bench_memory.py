@@ -345,7 +345,7 @@ def fit_row(spec: dict, batches=BATCHES, depths=DEPTHS, verify_gb: int | None = 
     optimizer step: gradients + state) and one that grows fast (the backward with every activation alive), so
     peak(b) = max(small(b), large(b)). Reported: fixed = small's intercept (the step's bytes at no batch), per
     sample = large's slope (what each further sample costs), the largest batch within each budget; verify_gb:
-    ledger runs at that budget's largest batch b and b + 1 check that b fits and b + 1 does not (for b up to
+    that budget's answer is checked and corrected by ledger runs (verify_max_batch, for b up to
     VERIFY_MAX_BATCH)."""
     pts = {b: depth_peaks(spec, b, depths) for b in batches}
     b1, b2, b3, b4 = batches
@@ -365,13 +365,29 @@ def fit_row(spec: dict, batches=BATCHES, depths=DEPTHS, verify_gb: int | None = 
     for gb in BUDGETS_GB:
         row[f"max_batch_{gb}gb"] = max_batch(row, gb * GB)
     if verify_gb is not None and row[f"max_batch_{verify_gb}gb"] <= VERIFY_MAX_BATCH:
-        b = row[f"max_batch_{verify_gb}gb"]
-        chk = {}
-        for n in ((b, b + 1) if b > 0 else (1,)):
-            chk[str(n)] = max(depth_peaks(spec, n, depths)[f"peak_{ph}_bytes"] for ph in PHASES)
-        ok = (b == 0 or chk[str(b)] <= verify_gb * GB) and chk[str(b + 1 if b > 0 else 1)] > verify_gb * GB
-        row["verify"] = {"budget_gb": verify_gb, "step_peak_bytes": chk, "ok": ok}
+        verify_max_batch(spec, row, verify_gb, depths)
     return row
+
+
+def verify_max_batch(spec: dict, row: dict, budget_gb: int, depths=DEPTHS, max_moves: int = 8) -> None:
+    """Ledger runs at the fitted largest batch b and its neighbours move the answer to the largest batch that
+    fits by direct runs (b fits, b + 1 does not; at most max_moves steps): the two-line fit is off where a
+    phase's peak bends between the measured batches. row["verify"] records the fit's answer, every run's step
+    peak and ok (the fit was right); row[f"max_batch_{budget_gb}gb"] becomes the checked answer."""
+    budget, key = budget_gb * GB, f"max_batch_{budget_gb}gb"
+    fitted = b = row[key]
+    chk: dict[str, float] = {}
+
+    def peak(n: int) -> float:
+        if str(n) not in chk:
+            chk[str(n)] = max(depth_peaks(spec, n, depths)[f"peak_{ph}_bytes"] for ph in PHASES)
+        return chk[str(n)]
+    while b > 0 and abs(b - fitted) < max_moves and peak(b) > budget:
+        b -= 1
+    while abs(b - fitted) < max_moves and peak(b + 1) <= budget:
+        b += 1
+    row["verify"] = {"budget_gb": budget_gb, "fitted": fitted, "step_peak_bytes": chk, "ok": b == fitted}
+    row[key] = b
 
 
 def peak_at(row: dict, ph: str, b: int) -> float:
@@ -659,7 +675,7 @@ def markdown(result: dict) -> str:
              f"batches {', '.join(map(str, s['batches']))}; per phase peak(b) = max(line through the first two, "
              "line through the last two): fixed = the first line's intercept, per sample = the second line's slope "
              "(the table's per-sample columns: the largest phase slope); max batch = the largest batch whose every "
-             "phase fits (1 GB = 1e9 bytes); at the first shape, ledger runs at that batch and one more check the "
+             "phase fits (1 GB = 1e9 bytes); at the first shape, ledger runs around that batch check and correct the "
              f"80 GB answer where it is at most {VERIFY_MAX_BATCH} (`verify` in the JSON)", "",
              *headline_table(result), ""]
     lines += ["## Per phase (GB: fixed + per sample)", "",
@@ -674,10 +690,12 @@ def markdown(result: dict) -> str:
     ver = [(shape, key, r["verify"]) for shape, by in result["ledger"].items() for key, r in by.items()
            if r.get("verify")]
     if ver:
-        lines += ["", "Max-batch checks (ledger runs at the answer b and b + 1, step peak GB): " + "; ".join(
-            f"{shape} {NAMES[key.split('/')[0]]} ckpt {key.split('/')[1]}: " + ", ".join(
-                f"b={b} {v / GB:.2f}" for b, v in chk["step_peak_bytes"].items()) + (" ok" if chk["ok"] else " WRONG")
-            for shape, key, chk in ver)]
+        lines += ["", "Max-batch checks (ledger runs around the fitted answer, step peak GB; the table shows the "
+                  "checked answer): " + "; ".join(
+                      f"{shape} {NAMES[key.split('/')[0]]} ckpt {key.split('/')[1]}: " + ", ".join(
+                          f"b={b} {v / GB:.2f}" for b, v in sorted(chk["step_peak_bytes"].items(), key=lambda x: int(x[0])))
+                      + (" (fit right)" if chk["ok"] else f" (fit said {chk.get('fitted')})")
+                      for shape, key, chk in ver)]
     dc = result.get("depth_check")
     if dc:
         lines += ["", f"Depth extrapolation check ({dc['shape']}, {NAMES[dc['layout']]}, ckpt {dc['ckpt']}, batch "

@@ -40,7 +40,8 @@ rewards    reward sources for PPO and GRPO: reward functions (PPO's (prompts, co
 variants   build_ppo_models(model, reward_head, cfg) -> models.PPOModels, one small object per variant
            (HydraPPO, JHydraPPO, LoRAPPO, FullPPO): .policy("actor"|"reference"), .named_trainable(),
            .roles(), .score(rollout, *, temperature, kl_estimator) -> scoring.Scores (old/ref log-probs, KL,
-           entropy, values, scores), .forward(rollout, *, temperature, need_entropy) (the update's, with grad).
+           entropy, values, scores), .forward(rollout, *, temperature, need_entropy, roles) (the update's, with
+           grad, of the roles asked for: "actor", "critic").
 models     load_model_and_tokenizer(cfg.model); new_reward_head(model) (integrations.hydra_model's).
 rollout    generate(models.policy(...), prompt_ids, prompt_mask, *, max_new_tokens, eos_token_id, pad_token_id,
            temperature, top_p, generator) -> Rollout;

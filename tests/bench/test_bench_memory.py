@@ -138,6 +138,22 @@ def test_max_batch_and_targets(bench):
     assert not {x["id"]: x for x in bench.targets(res)}["memory.batch_vs_lora"]["ok"]   # 21 < 30
 
 
+def test_max_batch_is_corrected_by_ledger_runs(bench, monkeypatch):
+    # A concave step peak (8 GB a sample first, 6 later): the fitted answer 4 is too small, 5 fits, 6 does not.
+    peaks = {1: 50, 2: 58, 3: 65, 4: 71, 5: 77, 6: 83, 7: 89}
+    monkeypatch.setattr(bench, "depth_peaks", lambda spec, n, depths: {
+        f"peak_{ph}_bytes": peaks[n] * 1e9 if ph == "update" else 1.0 for ph in bench.PHASES})
+    row = {"max_batch_80gb": 4}
+    bench.verify_max_batch({}, row, 80)
+    assert row["max_batch_80gb"] == 5 and row["verify"]["fitted"] == 4 and not row["verify"]["ok"]
+    row = {"max_batch_80gb": 7}
+    bench.verify_max_batch({}, row, 80)
+    assert row["max_batch_80gb"] == 5 and set(row["verify"]["step_peak_bytes"]) == {"7", "6", "5"}
+    row = {"max_batch_80gb": 5}
+    bench.verify_max_batch({}, row, 80)
+    assert row["max_batch_80gb"] == 5 and row["verify"]["ok"]
+
+
 def test_report_renders(bench, tiny_rows):
     res = {"meta": {"date": "2026-01-01T00:00:00+00:00", "machine": "m", "versions": {"torch": torch.__version__},
                     "commit": None, "command": "python bench/bench_memory.py --quick"},
