@@ -39,12 +39,14 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
         if a < 0:
             continue
         xa[rows] = x[rows].float() @ lora_A[a].float().T
-        # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
-        delta = scaling[a] * (xa[rows] @ lora_B[a].float().T)
+        # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit. In place: one
+        # fp32 [rows, N] temporary, not three.
+        delta = (xa[rows] @ lora_B[a].float().T).mul_(scaling[a])
         if y.dtype in (torch.float32, torch.float64):
             y[rows].add_(delta)                 # the same roundings as below, without the copies (decoding on CPU)
         else:
-            y[rows] = (y[rows].float() + delta).to(y.dtype)
+            y[rows] = delta.add_(y[rows])
+        del delta                               # before the next stream's
     return y, xa
 
 
@@ -61,7 +63,9 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters,
         dB[a] += scaling[a] * (g.T @ xa[rows])
         dA[a] += scaling[a] * (gB.T @ x[rows].float())
         if need_dx:
-            dx[rows] = (dx[rows].float() + scaling[a] * (gB @ lora_A[a].to(x.dtype).float())).to(dx.dtype)
+            # dx + s·(gB·A) in fp32, rounded once; in place: one fp32 [rows, K] temporary, not three.
+            dx[rows] = (gB @ lora_A[a].to(x.dtype).float()).mul_(scaling[a]).add_(dx[rows])
+        del g, gB                               # before the next stream's
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
 
 
