@@ -34,7 +34,8 @@ peak(b) = fixed + b * per_sample; the largest batch that fits a budget is the la
 fitted peak <= budget (80 GB and 141 GB: 80e9 and 141e9 bytes).
 
 Validation: a real CPU run (mid-size Llama, fp32, a fresh forked process per row) measures the step's peak
-resident set above the process's baseline, less the file-backed pages (RssFile: library code paged in); the ledger predicts the same shapes; the ratio is reported. The same
+resident set above the process's baseline, less the file-backed pages (RssFile: library code paged in); the
+ledger predicts the same shapes; the ratio is reported. The same
 real runs time Hydra-PPO (old_logprobs=rollout) against the TRL-style layout, interleaved, 1 thread. On a GPU,
 --gpu-check runs one real step of a small shape and compares torch.cuda.max_memory_allocated with the ledger.
 

@@ -137,6 +137,13 @@ class PPOModels:
         not asked for (values: also for a variant without a critic)."""
         raise NotImplementedError
 
+    def export_policy(self, out_dir, tokenizer=None) -> Path:
+        """Write the trained policy as a plain transformers directory (AutoModelForCausalLM loads it; the
+        tokenizer too, when given): the actor adapter merged into its base (hydra, j-hydra, lora), or the
+        actor copy itself (full). An existing out_dir is replaced only if it is an earlier model directory
+        (ValueError naming out_dir otherwise, nothing written). Returns the directory."""
+        raise NotImplementedError
+
 
 def check_roles(roles) -> tuple[bool, bool]:
     """(actor asked for, critic asked for) of PPOModels.forward's `roles`; ValueError for anything else."""
@@ -144,13 +151,6 @@ def check_roles(roles) -> tuple[bool, bool]:
     if not roles or any(r not in (ACTOR, CRITIC) for r in roles):
         raise ValueError(f"roles: expected a non-empty subset of ('actor', 'critic'), got {roles!r}")
     return ACTOR in roles, CRITIC in roles
-
-    def export_policy(self, out_dir, tokenizer=None) -> Path:
-        """Write the trained policy as a plain transformers directory (AutoModelForCausalLM loads it; the
-        tokenizer too, when given): the actor adapter merged into its base (hydra, j-hydra, lora), or the
-        actor copy itself (full). An existing out_dir is replaced only if it is an earlier model directory
-        (ValueError naming out_dir otherwise, nothing written). Returns the directory."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------------------------ loading
