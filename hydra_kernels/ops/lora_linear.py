@@ -31,6 +31,17 @@ __all__ = ["lora_linear"]
 
 
 # ----------------------------------------------------------------------------------------- torch backend
+# The torch loop upcasts rows to fp32 a chunk at a time: whole-stream fp32 copies of x and dy ([rows, 11008] at
+# Llama-7B) would be the largest temporaries of an update with activation checkpointing; the Triton kernels
+# upcast tiles in registers. 2**23 elements = 32 MiB per fp32 temporary.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _row_chunks(rows: slice, width: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    return [slice(i, min(i + step, rows.stop)) for i in range(rows.start, rows.stop, step)]
+
+
 def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
     y = F.linear(x, weight, bias)
     xa = torch.zeros(x.shape[0], lora_A.shape[1], device=x.device, dtype=torch.float32)
@@ -38,15 +49,16 @@ def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
         a = stream_adapters[s]
         if a < 0:
             continue
-        xa[rows] = x[rows].float() @ lora_A[a].float().T
-        # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit. In place: one
-        # fp32 [rows, N] temporary, not three.
-        delta = (xa[rows] @ lora_B[a].float().T).mul_(scaling[a])
-        if y.dtype in (torch.float32, torch.float64):
-            y[rows].add_(delta)                 # the same roundings as below, without the copies (decoding on CPU)
-        else:
-            y[rows] = delta.add_(y[rows])
-        del delta                               # before the next stream's
+        A, B = lora_A[a].float(), lora_B[a].float()
+        for c in _row_chunks(rows, max(x.shape[1], y.shape[1])):
+            xa[c] = x[c].float() @ A.T
+            # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
+            delta = (xa[c] @ B.T).mul_(scaling[a])
+            if y.dtype in (torch.float32, torch.float64):
+                y[c].add_(delta)                # the same roundings as below, without the copies (decoding on CPU)
+            else:
+                y[c] = delta.add_(y[c])
+            del delta                           # before the next chunk's
     return y, xa
 
 
@@ -58,14 +70,17 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, stream_adapters,
         a = stream_adapters[s]
         if a < 0:
             continue
-        g = dy[rows].float()
-        gB = g @ lora_B[a].to(x.dtype).float()                       # [m, r]; the B the forward used
-        dB[a] += scaling[a] * (g.T @ xa[rows])
-        dA[a] += scaling[a] * (gB.T @ x[rows].float())
-        if need_dx:
-            # dx + s·(gB·A) in fp32, rounded once; in place: one fp32 [rows, K] temporary, not three.
-            dx[rows] = (gB @ lora_A[a].to(x.dtype).float()).mul_(scaling[a]).add_(dx[rows])
-        del g, gB                               # before the next stream's
+        A, B = lora_A[a].to(x.dtype).float(), lora_B[a].to(x.dtype).float()     # the adapters the forward used
+        for c in _row_chunks(rows, max(x.shape[1], dy.shape[1])):
+            g = dy[c].float()
+            gB = g @ B                                                  # [m, r]
+            dB[a] += scaling[a] * (g.T @ xa[c])
+            del g
+            dA[a] += scaling[a] * (gB.T @ x[c].float())
+            if need_dx:
+                # dx + s·(gB·A) in fp32, rounded once; in place: one fp32 [m, K] temporary, not three.
+                dx[c] = (gB @ A).mul_(scaling[a]).add_(dx[c])
+            del gB                              # before the next chunk's
     return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype)
 
 
