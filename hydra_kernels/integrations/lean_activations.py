@@ -5,9 +5,11 @@ a fifth of that are tensors the backward can recompute for almost nothing:
 - RMSNorm (transformers' LlamaRMSNorm and its copies) saves the fp32 upcast of its input (4 bytes per unit);
   recomputed in backward it keeps its bf16 input instead (2; the residual stream is not otherwise kept);
 - the gated MLP's act_fn(gate) * up saves the activation's output besides gate and up (2 bytes per intermediate
-  unit, 5.4 per hidden unit at Llama's 11008 / 4096); recomputed from gate and up, only those stay.
-Each runs under torch.utils.checkpoint (non-reentrant) whenever grad mode is on: forward and gradients are the
-same ops on the same inputs, so they are bitwise those of the plain modules. Under no_grad nothing changes.
+  unit, 5.4 per hidden unit at Llama's 11008 / 4096); recomputed from gate and up, only those stay. With SiLU
+  (_SiluMul) its backward also works in place: 4 intermediate-sized tensors at its peak instead of 6.
+Each runs under torch.utils.checkpoint (non-reentrant), or _SiluMul, whenever grad mode is on: forward and
+gradients are the same ops on the same inputs, so they are bitwise those of the plain modules. Under no_grad
+nothing changes.
 
 Only classes whose forward is exactly that computation are touched (LEAN_NORMS, LEAN_MLPS: Llama, Mistral, Qwen2,
 Qwen3); others (GPT-2's LayerNorm, Gemma's (1 + weight) norm) are left as they are. As activation_checkpointing
@@ -19,7 +21,9 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from hydra_kernels.integrations.fsdp import is_zero3
@@ -49,10 +53,37 @@ def _act_mul(act_fn, gate, up):
     return act_fn(gate) * up
 
 
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up saving gate and up only. Its backward needs 4 [tokens, intermediate] tensors (gate, up, the
+    incoming gradient, one more) where autograd through a recomputation needs 6: d gate goes into a new tensor,
+    then silu(gate) and d up overwrite the saved gate. The gradients are autograd's bit for bit (the same ops).
+    Overwriting a saved tensor bumps its version: a second backward through the same graph raises autograd's
+    "modified by an inplace operation" error instead of reading it."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        d_gate = grad * up
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
+        d_up = F.silu(gate, inplace=True).mul_(grad)
+        return d_gate, d_up
+
+
+SILU_ACTS = ("SiLU", "SiLUActivation")      # torch's and transformers' modules computing F.silu
+
+
 def _lean_mlp_forward(self, x):
     if not _recompute(self, x):
         return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
+    if type(self.act_fn).__name__ in SILU_ACTS and gate.requires_grad and up.requires_grad:
+        return self.down_proj(_SiluMul.apply(gate, up))
     return self.down_proj(checkpoint(_act_mul, self.act_fn, gate, up, use_reentrant=False))
 
 
