@@ -6,8 +6,9 @@ of each layout, built from a transformers LlamaConfig on the meta device (no wei
   hydra, j-hydra, lora, full   the library's variants (hydra_kernels.rlhf.variants)
   trl-style                    TRL's PPO with peft: a LoRA policy whose reference is the same copy with the
                                adapter off, a separate LoRA value model and a separate frozen reward model
-                               (3 copies; log-probs from materialised fp32 logits, old log-probs recomputed,
-                               one backward of policy + value loss)
+                               (3 copies; peft's LoRA layers, fp32 adapters on the 16-bit base as
+                               get_peft_model keeps them; log-probs from materialised fp32 logits, old log-probs
+                               recomputed, one backward of policy + value loss)
 The library's variants run with their defaults: hydra, lora and full backpropagate the actor's and the critic's
 losses one after the other (separate_backward).
 One PPO step = rollout (sampling response_len tokens with the KV cache), score (no grad: old and reference
@@ -60,6 +61,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 import weakref
 from unittest import mock
 
@@ -225,16 +227,20 @@ def build_layout(layout: str, model, head, cfg):
 
 
 def _trl_style_class():
-    from hydra_kernels.rlhf.models import BASE
+    from peft import LoraConfig, get_peft_model
+    from hydra_kernels.rlhf.models import PolicyHandle
     from hydra_kernels.rlhf.variants import LoRAPPO, SeparatePPO
     from hydra_kernels.integrations.activation_checkpointing import enable_activation_checkpointing
     from hydra_kernels.integrations import disable_dropout
 
     class TRLStylePPO(LoRAPPO):
-        """TRL's PPOTrainer with a peft policy: the reference is the policy copy with its adapter off, the value
-        model its own copy with a LoRA adapter, the reward model a frozen copy: 3 copies of the base. Scoring and
-        the update run LoRAPPO's code (separate forwards, materialised fp32 logits), the update one backward of
-        the summed loss (TRL's PolicyAndValueWrapper)."""
+        """TRL's PPOTrainer with a peft policy: the reference is the policy copy with its adapter off
+        (PeftModel.disable_adapter()), the value model its own copy with a LoRA adapter, the reward model a frozen
+        copy: 3 copies of the base. The adapters are peft's LoRA layers as get_peft_model makes them (fp32 on a
+        16-bit base: each adapted linear upcasts its input for lora_A and keeps that copy for backward). Scoring
+        and the update run SeparatePPO's code (separate forwards, materialised fp32 logits), the update one
+        backward of the summed loss (TRL's PolicyAndValueWrapper). actor_stream / critic_stream only label which
+        copy runs: every call of the copies runs their peft adapter, except the reference's."""
         variant = "trl-style"
         separate_roles = False
 
@@ -245,18 +251,28 @@ def _trl_style_class():
                 return m.eval()
             value_head = copy.deepcopy(reward_head).requires_grad_(True)
             reward_model = prep(model).requires_grad_(False)
-            actor, critic = prep(copy.deepcopy(model)), prep(copy.deepcopy(model))
-            cls.make_trainable(actor, critic, cfg)
+            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                              target_modules=cfg.lora.target_modules)
+            with warnings.catch_warnings():      # peft reads transformers' deprecated is_gradient_checkpointing
+                warnings.simplefilter("ignore", FutureWarning)
+                peft_actor, peft_critic = [get_peft_model(prep(copy.deepcopy(model)).requires_grad_(False), lora)
+                                           for _ in range(2)]
+            actor, critic = peft_actor.base_model.model, peft_critic.base_model.model
             if cfg.model.activation_checkpointing:
                 enable_activation_checkpointing(actor)
                 enable_activation_checkpointing(critic)
-            return cls(reward_head, value_head, actor, reward_model, actor, critic)
+            out = cls(reward_head, value_head, actor, reward_model, actor, critic)
+            out.peft_actor = (peft_actor,)         # a tuple: not registered as a submodule of `out`
+            return out
+
+        def policies(self):
+            return {"actor": PolicyHandle(self.actor, None)}
 
         def _hidden(self, model, rollout, stream):
-            # The reference is the policy's copy with the adapter off (peft's disable_adapter()).
             if model is self.reference and stream is None:
-                stream = BASE
-            return SeparatePPO._hidden(model, rollout, stream)
+                with self.peft_actor[0].disable_adapter():
+                    return SeparatePPO._hidden(model, rollout, None)
+            return SeparatePPO._hidden(model, rollout, None)
 
     return TRLStylePPO
 

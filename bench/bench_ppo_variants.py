@@ -506,10 +506,11 @@ def _versions() -> dict:
     import bench_logprobs as common
     from importlib.metadata import PackageNotFoundError, version
     v = common.versions()
-    try:
-        v["transformers"] = version("transformers")
-    except PackageNotFoundError:
-        v["transformers"] = None
+    for name in ("transformers", "peft"):
+        try:
+            v[name] = version(name)
+        except PackageNotFoundError:
+            v[name] = None
     return v
 
 
