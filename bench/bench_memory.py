@@ -555,17 +555,18 @@ def _median(xs):
 
 
 # ================================================================================= the GPU check
-def gpu_check(spec: dict) -> dict:
+def gpu_check(spec: dict, device: str = "cuda") -> dict:
     """One real step on the GPU (bf16) vs the ledger at the same shapes: torch.cuda.max_memory_allocated per
-    phase above the memory allocated before the model was built."""
+    phase above the memory allocated before the model was built (device="cpu": the same code on the CPU's
+    resident set, which tests run)."""
     from hydra_kernels.rlhf import new_reward_head
     from hydra_kernels.rlhf.run import seed_everything
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     probe = bpv.MemProbe(dev)
     base = probe.now_mib()
     P, R, B = spec["prompt_len"], spec["response_len"], spec["batch"]
     vocab = bpv.MODELS[spec["model"]]["vocab_size"]
-    cfg = _config({**spec, "device": "cuda"})
+    cfg = _config({**spec, "device": device})
     seed_everything(bpv.SEED)
     model = bpv.build_model(spec["model"], dev, getattr(torch, spec["dtype"]), P + R)
     head = new_reward_head(model, torch.Generator(device=dev).manual_seed(bpv.SEED + 1))

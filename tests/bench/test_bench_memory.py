@@ -110,6 +110,14 @@ def test_one_base_holds_less_than_four_or_three(bench, tiny_rows):
         assert r["optimizer_state_bytes"] > 0
 
 
+def test_gpu_check_runs_its_code_on_the_cpu(bench):
+    """The GPU run's check (a real step vs the ledger) runs where no GPU exists, on the CPU's probe."""
+    spec = dict(bench.GPU_CHECK, model="tiny", dtype="float32", lora_r=4, prompt_len=8, response_len=4, batch=2)
+    out = bench.gpu_check(spec, device="cpu")
+    assert set(out["real_peak_mib"]) == set(out["ledger_peak_mib"]) == set(bench.PHASES)
+    assert all(v > 0 for v in out["ledger_peak_mib"].values()) and out["ledger_over_real"] > 0
+
+
 def test_depth_extrapolation_matches_a_full_depth_run(bench, monkeypatch):
     monkeypatch.setitem(bench.bpv.MODELS, "tiny-4", dict(bench.bpv.MODELS["tiny"], num_hidden_layers=4))
     spec = dict(model="tiny-4", layout="hydra", ckpt=True, dtype="float32", lora_r=8, prompt_len=8, response_len=4)
