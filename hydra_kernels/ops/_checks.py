@@ -15,6 +15,8 @@ TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _is_dtensor(t) -> bool:
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:    # the common case, without the import
+        return False
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor

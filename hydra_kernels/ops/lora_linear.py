@@ -44,21 +44,24 @@ def _row_chunks(rows: slice, width: int) -> list[slice]:
 
 def _torch_forward(x, weight, bias, lora_A, lora_B, scaling, stream_adapters):
     y = F.linear(x, weight, bias)
-    xa = torch.zeros(x.shape[0], lora_A.shape[1], device=x.device, dtype=torch.float32)
+    xa = torch.empty(x.shape[0], lora_A.shape[1], device=x.device, dtype=torch.float32)   # base rows: unspecified
+    width = max(x.shape[1], y.shape[1])
     for s, rows in enumerate(split_streams(x.shape[0], len(stream_adapters))):
         a = stream_adapters[s]
         if a < 0:
             continue
         A, B = lora_A[a].float(), lora_B[a].float()
-        for c in _row_chunks(rows, max(x.shape[1], y.shape[1])):
-            xa[c] = x[c].float() @ A.T
-            # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
-            delta = (xa[c] @ B.T).mul_(scaling[a])
-            if y.dtype in (torch.float32, torch.float64):
-                y[c].add_(delta)                # the same roundings as below, without the copies (decoding on CPU)
+        for c in _row_chunks(rows, width):
+            xa_c = torch.mm(x[c].float(), A.t(), out=xa[c])
+            if y.dtype == torch.float32:
+                y[c].addmm_(xa_c, B.t(), alpha=scaling[a])      # decoding on CPU: one op, no temporary
+            elif y.dtype == torch.float64:
+                y[c].add_(torch.mm(xa_c, B.t()), alpha=scaling[a])
             else:
+                # Added in fp32 and rounded once; with lora_B == 0 this returns the base rows bit for bit.
+                delta = torch.mm(xa_c, B.t()).mul_(scaling[a])
                 y[c] = delta.add_(y[c])
-            del delta                           # before the next chunk's
+                del delta                       # before the next chunk's
     return y, xa
 
 
