@@ -79,7 +79,7 @@ def test_torch_backend_row_chunks_match_reference(monkeypatch, dtype, chunk_rows
     monkeypatch.setattr(ll_mod, "CHUNK_ELEMENTS", chunk_rows * max(K, N))
     layout = (1, -1, 0)
     x, w, b, A, B = make(rows_per_stream * 3, K, N, n, r, dtype)
-    adapters = (A.float(), B.float()) if dtype != torch.float32 else (A, B)
+    adapters = (A.float(), B.float())                    # fp32 masters (the same tensors at fp32)
     dy = torch.randn(rows_per_stream * 3, N).to(dtype)
     y_ref, dx_ref, dA_ref, dB_ref = ref_forward_backward(x, w, b, A, B, [1.7, 0.6], layout, dy)
     xg = x.clone().requires_grad_(True)
@@ -252,7 +252,6 @@ def test_strided_bias(backend):
 
 # --- the eager no-grad fast path (the op's forward called directly when nothing needs grad or compiles):
 # what the registered op gives, bit for bit, with the same autograd flags; tracing tools still work ---
-
 
 
 def make_fast(rows, K, N, n, r, dtype, adapter_dtype=None, seed=0):
